@@ -1,0 +1,1 @@
+//! arpo-env-sim (work in progress: see its issue).

@@ -1,0 +1,1 @@
+//! arpo-env-vmware (work in progress: see its issue).

@@ -1,0 +1,1 @@
+//! arpo-grpo (work in progress: see its issue).

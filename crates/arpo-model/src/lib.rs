@@ -1,0 +1,1 @@
+//! arpo-model (work in progress: see its issue).

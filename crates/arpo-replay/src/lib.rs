@@ -1,0 +1,1 @@
+//! arpo-replay (work in progress: see its issue).

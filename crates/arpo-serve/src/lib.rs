@@ -1,0 +1,1 @@
+//! arpo-serve (work in progress: see its issue).

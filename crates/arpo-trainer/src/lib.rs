@@ -1,0 +1,1 @@
+//! arpo-trainer (work in progress: see its issue).

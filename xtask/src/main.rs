@@ -1,0 +1,87 @@
+//! `cargo xtask <command>`: the ARPO-rs command line.
+//!
+//! Each command lives in its own module with its own `Args`; `main` only dispatches.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench_model;
+mod compare;
+mod eval;
+mod osworld_coverage;
+mod parse_response;
+mod predict;
+mod select_tasks;
+mod serve;
+mod sft;
+mod sim_guest;
+mod sim_show;
+mod test_env;
+mod test_server;
+mod train;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "ARPO-rs: train UI-TARS GUI agents with ARPO", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run ARPO training (default: the embedded desktop and the tiny base model).
+    Train(train::Args),
+    /// Evaluate a model on a task split; prints success rate and writes a JSON report.
+    Eval(eval::Args),
+    /// Print evaluation reports side by side.
+    Compare(compare::Args),
+    /// ARPO task selection: keep the tasks the base model solves at least once.
+    SelectTasks(select_tasks::Args),
+    /// Supervised fine-tuning on oracle demonstrations of the embedded desktop.
+    Sft(sft::Args),
+    /// Serve a UI-TARS model over the OpenAI-compatible API.
+    Serve(serve::Args),
+    /// Check a running model server end to end with a real screenshot.
+    TestServer(test_server::Args),
+    /// Run one task on an environment (VMware VM, remote guest) with a model.
+    TestEnv(test_env::Args),
+    /// Parse one UI-TARS response from stdin into actions (JSON).
+    ParseResponse(parse_response::Args),
+    /// Run the model once on a screenshot and an instruction.
+    Predict(predict::Args),
+    /// Benchmark the model (prefill, decode, training step); prints JSON.
+    BenchModel(bench_model::Args),
+    /// Serve the OSWorld guest HTTP protocol over the simulated desktop.
+    SimGuest(sim_guest::Args),
+    /// Write a simulated task's screenshots (and its oracle solution's) as PNG files.
+    SimShow(sim_show::Args),
+    /// Count how many tasks of an OSWorld task set are fully supported.
+    OsworldCoverage(osworld_coverage::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::SelectTasks(a) => select_tasks::run(a),
+        Command::Sft(a) => sft::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::TestServer(a) => test_server::run(a),
+        Command::TestEnv(a) => test_env::run(a),
+        Command::ParseResponse(a) => parse_response::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::BenchModel(a) => bench_model::run(a),
+        Command::SimGuest(a) => sim_guest::run(a),
+        Command::SimShow(a) => sim_show::run(a),
+        Command::OsworldCoverage(a) => osworld_coverage::run(a),
+    }
+}
+
+/// The answer of a command whose implementation has not landed yet.
+fn not_built_yet(command: &str) -> Result<()> {
+    anyhow::bail!(
+        "`cargo xtask {command}` is not built yet in this checkout; see the open issues (README, \"Status\")"
+    )
+}
