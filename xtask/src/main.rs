@@ -21,7 +21,11 @@ mod test_server;
 mod train;
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "ARPO-rs: train UI-TARS GUI agents with ARPO", version)]
+#[command(
+    name = "cargo xtask",
+    about = "ARPO-rs: train UI-TARS GUI agents with ARPO",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -92,7 +92,10 @@ pub enum Action {
     /// `type(content='...')`; a trailing `\n` submits (presses enter).
     Type { content: String },
     /// `scroll(start_box=..., direction='down')`; without a point, at the pointer.
-    Scroll { point: Option<Point>, direction: ScrollDirection },
+    Scroll {
+        point: Option<Point>,
+        direction: ScrollDirection,
+    },
     /// `wait()`: let the screen settle.
     Wait,
     /// `finished()` or `finished(content='...')`: the task is done (ends the episode).

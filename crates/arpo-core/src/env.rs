@@ -28,7 +28,11 @@ pub enum EnvError {
     NotReset,
     /// The environment did not answer in time.
     #[error("{operation} timed out after {seconds} s: {hint}")]
-    Timeout { operation: String, seconds: f64, hint: String },
+    Timeout {
+        operation: String,
+        seconds: f64,
+        hint: String,
+    },
     /// The environment is unreachable or broken; it needs a reset (or a restart) before reuse.
     #[error("environment unavailable during {operation}: {reason}")]
     Unavailable { operation: String, reason: String },

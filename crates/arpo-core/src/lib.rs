@@ -25,6 +25,7 @@
 //! ```
 
 mod action;
+mod chat;
 mod env;
 mod observation;
 mod policy;
@@ -34,6 +35,7 @@ mod task;
 mod trajectory;
 
 pub use action::{Action, Point, ScrollDirection};
+pub use chat::{ChatMessage, ContentPart, Role};
 pub use env::{EnvError, Environment, Step};
 pub use observation::{ImageFormat, Observation, Screenshot};
 pub use policy::{Policy, PolicyError, SamplingParams};

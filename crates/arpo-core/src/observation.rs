@@ -26,7 +26,11 @@ impl std::fmt::Debug for Screenshot {
 
 impl Screenshot {
     pub fn new(bytes: Vec<u8>, width: u32, height: u32) -> Self {
-        Self { bytes, width, height }
+        Self {
+            bytes,
+            width,
+            height,
+        }
     }
 
     /// The image format told by the leading magic bytes, if it is one we accept.
@@ -74,6 +78,9 @@ pub struct Observation {
 
 impl Observation {
     pub fn from_screenshot(screenshot: Screenshot) -> Self {
-        Self { screenshot, accessibility_tree: None }
+        Self {
+            screenshot,
+            accessibility_tree: None,
+        }
     }
 }

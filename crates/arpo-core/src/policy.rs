@@ -21,13 +21,25 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: -1, max_tokens: 256, seed: None }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: -1,
+            max_tokens: 256,
+            seed: None,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: -1, max_tokens, seed: None }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: -1,
+            max_tokens,
+            seed: None,
+        }
     }
 }
 

@@ -94,8 +94,14 @@ impl Trajectory {
     pub fn context_at(&self, i: usize) -> AgentContext {
         AgentContext {
             instruction: self.instruction.clone(),
-            screenshots: self.turns[..=i].iter().map(|t| t.screenshot.clone()).collect(),
-            responses: self.turns[..i].iter().map(|t| t.response.text.clone()).collect(),
+            screenshots: self.turns[..=i]
+                .iter()
+                .map(|t| t.screenshot.clone())
+                .collect(),
+            responses: self.turns[..i]
+                .iter()
+                .map(|t| t.response.text.clone())
+                .collect(),
         }
     }
 }

@@ -1,3 +1,7 @@
 //! The UI-TARS text protocol: prompts, response parsing, and actions written back as text.
 //!
-//! (Being filled in by the workspace-foundation issue.)
+//! (Prompt builder and parser: being filled in by the workspace-foundation issue.)
+
+mod resize;
+
+pub use resize::{ResizeError, smart_resize};
