@@ -1,1 +1,10 @@
-//! arpo-env-vmware (work in progress: see its issue).
+//! OSWorld tasks on VMware VMs.
+//!
+//! - [`vmrun`]: VMware's `vmrun` command line, with a timeout on every call and typed errors.
+
+mod error;
+pub mod pyautogui;
+pub mod vmrun;
+
+pub use error::VmwareError;
+pub use vmrun::{HostType, Vmrun, VmrunConfig, VmrunFailure};
