@@ -1,10 +1,95 @@
-//! `cargo xtask parse-response`.
+//! `cargo xtask parse-response`: one UI-TARS response on stdin, its actions as JSON on stdout.
 
-use anyhow::Result;
+use std::io::Read as _;
+
+use anyhow::{Context as _, Result, bail};
+use arpo_core::protocol::{
+    CoordinateSystem, ParseConfig, UI_TARS_MAX_PIXELS, UI_TARS_MIN_PIXELS, parse_response,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Coords {
+    /// 0..1000 across the screen (Qwen2-VL models: UI-TARS-2B/7B).
+    Relative,
+    /// Pixels of the smart-resized image (Qwen2.5-VL models: UI-TARS-1.5).
+    Absolute,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Screen size of the environment, WIDTHxHEIGHT.
+    #[arg(long, default_value = "1920x1080", value_parser = parse_size)]
+    screen: (u32, u32),
+    /// The coordinate convention of the model that wrote the response.
+    #[arg(long, value_enum, default_value = "relative")]
+    coords: Coords,
+    /// With --coords absolute: the size of the screenshot given to the model, before its
+    /// processor's smart_resize (default: the screen size).
+    #[arg(long, value_parser = parse_size)]
+    image_size: Option<(u32, u32)>,
+    /// With --coords absolute: smart_resize's max_pixels.
+    #[arg(long, default_value_t = UI_TARS_MAX_PIXELS)]
+    max_pixels: u64,
+    /// With --coords absolute: smart_resize's min_pixels.
+    #[arg(long, default_value_t = UI_TARS_MIN_PIXELS)]
+    min_pixels: u64,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    crate::not_built_yet("parse-response")
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT (e.g. 1920x1080)"))?;
+    let side = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                format!("{s:?} is not WIDTHxHEIGHT with positive integers (e.g. 1920x1080)")
+            })
+    };
+    Ok((side(w)?, side(h)?))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (width, height) = args.screen;
+    let coordinates = match args.coords {
+        Coords::Relative => {
+            if args.image_size.is_some() {
+                bail!("--image-size only applies to --coords absolute");
+            }
+            CoordinateSystem::Relative1000
+        }
+        Coords::Absolute => {
+            let (iw, ih) = args.image_size.unwrap_or(args.screen);
+            CoordinateSystem::absolute_for_image(iw, ih, args.min_pixels, args.max_pixels)
+                .context("cannot derive the model's coordinate space from --image-size")?
+        }
+    };
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading the response from stdin (it must be UTF-8)")?;
+    let config = ParseConfig::new(coordinates, width, height);
+    match parse_response(&text, &config) {
+        Ok(parsed) => {
+            let out = serde_json::json!({
+                "thought": parsed.thought,
+                "reflection": parsed.reflection,
+                "action_summary": parsed.action_summary,
+                "coordinates": coordinates,
+                "actions": parsed.actions,
+                "raw_actions": parsed.raw_actions,
+                // The pyautogui program comes with arpo-env-vmware's code generator (its own
+                // issue); until that lands there is none to print.
+                "pyautogui": serde_json::Value::Null,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("parse error: {e}");
+            std::process::exit(2);
+        }
+    }
 }
