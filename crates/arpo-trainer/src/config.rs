@@ -1,0 +1,990 @@
+//! The training configuration: the seed's YAML structure (`data`, `algorithm`, `worker.actor`,
+//! `worker.rollout`, `env`, `trainer`), every field with a default, unknown keys rejected with
+//! their full path, values validated, and `--set a.b.c=value` overrides.
+//!
+//! Loading goes through a YAML tree: overrides are applied to the tree first, then the tree is
+//! deserialized with [`serde_path_to_error`] so an unknown or mistyped key is reported as
+//! `worker.rollout.temprature` rather than "unknown field".
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainerError;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub data: DataConfig,
+    pub algorithm: AlgorithmConfig,
+    pub worker: WorkerConfig,
+    pub env: EnvConfig,
+    pub trainer: TrainerConfig,
+}
+
+/// `data`: which tasks, how many per step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training tasks: `sim:train`, `sim:heldout` (the embedded desktop's splits) or the path of a
+    /// task index (`{domain: [ids]}` JSON, or a JSON list of tasks).
+    pub train_files: String,
+    /// Held-out tasks for validation (same forms as `train_files`); empty: no validation set.
+    pub val_files: String,
+    /// Keep only the first N training tasks (the seed's 8-task subset); 0 keeps all.
+    pub max_tasks: usize,
+    /// Tasks per training step; each is rolled out `worker.rollout.n` times.
+    pub rollout_batch_size: usize,
+    /// Shuffle the task order every epoch (seeded).
+    pub shuffle: bool,
+    /// Seed of everything random in the run (task order, sampling, replay draws).
+    pub seed: u64,
+    /// Longest prompt in tokens the model accepts (longer episodes are cut from the left by the model).
+    pub max_prompt_length: usize,
+    /// Longest response in tokens (generation stops there).
+    pub max_response_length: usize,
+    /// Image preprocessing bounds (`smart_resize`).
+    pub max_pixels: u64,
+    pub min_pixels: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train_files: "sim:train".into(),
+            val_files: String::new(),
+            max_tasks: 0,
+            rollout_batch_size: 8,
+            shuffle: true,
+            seed: 1,
+            max_prompt_length: 32768,
+            max_response_length: 256,
+            max_pixels: 2_116_800,
+            min_pixels: 3136,
+        }
+    }
+}
+
+/// Advantage estimators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvEstimator {
+    /// `(r - mean) / (std + eps)` within the group (the reference).
+    Grpo,
+    /// Dr. GRPO: `r - mean`, no std division.
+    DrGrpo,
+    /// Leave-one-out baseline.
+    Rloo,
+}
+
+/// KL penalty estimators (only used when `disable_kl` is false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlPenalty {
+    Kl,
+    LowVarKl,
+}
+
+/// `algorithm`: advantages, KL, replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlgorithmConfig {
+    pub adv_estimator: AdvEstimator,
+    /// ARPO's experience replay; `false` is plain GRPO with the run otherwise identical.
+    pub enable_replay: bool,
+    /// No KL term and no reference model (the reference setting).
+    pub disable_kl: bool,
+    pub use_kl_loss: bool,
+    pub kl_penalty: KlPenalty,
+    pub kl_coef: f64,
+    pub replay: ReplayConfig,
+}
+
+impl Default for AlgorithmConfig {
+    fn default() -> Self {
+        Self {
+            adv_estimator: AdvEstimator::Grpo,
+            enable_replay: true,
+            disable_kl: true,
+            use_kl_loss: false,
+            kl_penalty: KlPenalty::LowVarKl,
+            kl_coef: 0.0,
+            replay: ReplayConfig::default(),
+        }
+    }
+}
+
+/// `algorithm.replay`: the replay buffer's knobs (the reference's values by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// Stored successes per task (FIFO).
+    pub capacity: usize,
+    /// An episode is stored when its evaluation is above this.
+    pub success_threshold: f64,
+    /// A group is "all failed" when the std of its evaluations is below this ...
+    pub fail_std: f64,
+    /// ... and their mean below this.
+    pub fail_mean: f64,
+    /// How many rollouts of an all-failed group are replaced (the reference: 1, the first).
+    pub inject_per_group: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 8,
+            success_threshold: 0.1,
+            fail_std: 0.05,
+            fail_mean: 0.2,
+            inject_per_group: 1,
+        }
+    }
+}
+
+/// `worker`: the actor (learner) and the rollout (sampler).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub actor: ActorConfig,
+    pub rollout: RolloutConfig,
+}
+
+/// How the per-token loss is aggregated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LossAggMode {
+    /// Token mean per trajectory, then mean over trajectories (the reference with micro-batch 1).
+    #[serde(rename = "seq-mean-token-mean")]
+    SeqMeanTokenMean,
+    /// Token mean over the whole mini-batch (DAPO).
+    #[serde(rename = "token-mean")]
+    TokenMean,
+}
+
+/// `worker.actor`: the update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorConfig {
+    /// Groups (tasks) per optimizer step; a step's `rollout_batch_size` tasks make
+    /// `rollout_batch_size / global_batch_size` optimizer steps.
+    pub global_batch_size: usize,
+    /// Trajectories per forward/backward (gradient accumulation over the rest).
+    pub micro_batch_size_per_device_for_update: usize,
+    /// Trajectories per forward when computing old log-probs.
+    pub micro_batch_size_per_device_for_experience: usize,
+    pub max_grad_norm: f64,
+    pub clip_ratio_low: f64,
+    pub clip_ratio_high: f64,
+    pub clip_ratio_dual: f64,
+    pub loss_agg_mode: LossAggMode,
+    /// Passes over each batch (the reference: 1).
+    pub ppo_epochs: usize,
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        Self {
+            global_batch_size: 8,
+            micro_batch_size_per_device_for_update: 1,
+            micro_batch_size_per_device_for_experience: 1,
+            max_grad_norm: 1.0,
+            clip_ratio_low: 0.2,
+            clip_ratio_high: 0.3,
+            clip_ratio_dual: 3.0,
+            loss_agg_mode: LossAggMode::SeqMeanTokenMean,
+            ppo_epochs: 1,
+            model: ModelConfig::default(),
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+/// `worker.actor.model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// An HF-layout directory (config.json, safetensors, tokenizer.json).
+    pub model_path: PathBuf,
+    /// Train the vision tower too (full fine-tuning only).
+    pub freeze_vision_tower: bool,
+    pub enable_gradient_checkpointing: bool,
+    pub trust_remote_code: bool,
+    /// `f32` (CPU) or `bf16` (GPU).
+    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub lora: LoraConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::from("fixtures/models/uitars-tiny-base"),
+            freeze_vision_tower: false,
+            enable_gradient_checkpointing: false,
+            trust_remote_code: false,
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            lora: LoraConfig::default(),
+        }
+    }
+}
+
+/// `worker.actor.model.lora`: rank 0 means full fine-tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+/// `worker.actor.optim`: AdamW.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Fraction of the total optimizer steps spent on a linear warmup.
+    pub lr_warmup_ratio: f64,
+    pub strategy: String,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-6,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            lr_warmup_ratio: 0.0,
+            strategy: "adamw".into(),
+        }
+    }
+}
+
+/// `worker.rollout`: sampling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Rollouts per task (the group size).
+    pub n: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// -1: no top-k cut.
+    pub top_k: i64,
+    /// Screenshots kept in the prompt (oldest dropped, their text kept).
+    pub limit_images: usize,
+    /// Sample from an OpenAI-compatible server instead of the in-process model.
+    pub use_external_server: bool,
+    pub server_url: String,
+    /// The served model name sent in requests (empty: the server's default).
+    pub server_model: String,
+    /// Settings for validation rollouts.
+    pub val_override_config: ValOverride,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            n: 8,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: -1,
+            limit_images: 15,
+            use_external_server: false,
+            server_url: "http://localhost:9000/v1".into(),
+            server_model: String::new(),
+            val_override_config: ValOverride::default(),
+        }
+    }
+}
+
+/// `worker.rollout.val_override_config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValOverride {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub n: usize,
+}
+
+impl Default for ValOverride {
+    fn default() -> Self {
+        Self {
+            temperature: 0.5,
+            top_p: 1.0,
+            n: 1,
+        }
+    }
+}
+
+/// Where episodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvProvider {
+    /// The embedded simulated desktop (`arpo-env-sim`).
+    Sim,
+    /// OSWorld VMs under VMware (`arpo-env-vmware`).
+    Vmware,
+    /// OSWorld guest servers reached by URL (`arpo-env-vmware`'s remote client).
+    Remote,
+}
+
+/// `env`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnvConfig {
+    pub provider: EnvProvider,
+    /// Environments running in parallel.
+    pub num_envs: usize,
+    /// Turns per episode.
+    pub max_steps: usize,
+    /// Attempts at `reset` before a rollout is dropped (and recorded).
+    pub reset_retries: usize,
+    /// Screen size `[width, height]` (0: the provider's default).
+    pub screen_size: [u32; 2],
+    /// Coordinates the model writes: `relative` (0..1000, UI-TARS / Qwen2-VL) or `absolute`
+    /// (pixels of the smart-resized image, UI-TARS-1.5 / Qwen2.5-VL).
+    pub coordinates: String,
+    pub vmware: VmwareConfig,
+    pub remote: RemoteConfig,
+}
+
+impl Default for EnvConfig {
+    fn default() -> Self {
+        Self {
+            provider: EnvProvider::Sim,
+            num_envs: 4,
+            max_steps: 15,
+            reset_retries: 8,
+            screen_size: [0, 0],
+            coordinates: "relative".into(),
+            vmware: VmwareConfig::default(),
+            remote: RemoteConfig::default(),
+        }
+    }
+}
+
+/// `env.vmware`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmwareConfig {
+    /// The `.vmx` of each VM (one per environment; `num_envs` at most this many).
+    pub vm_paths: Vec<PathBuf>,
+    /// `vmrun` (looked up on PATH when bare).
+    pub vmrun: String,
+    /// `fusion` (macOS) or `ws` (Workstation).
+    pub host_type: String,
+    pub snapshot_name: String,
+    pub headless: bool,
+    /// Pause the VM while the model thinks (an idle guest locks its screen otherwise).
+    pub pause_during_inference: bool,
+    /// OSWorld task JSONs (`evaluation_examples`).
+    pub examples_dir: PathBuf,
+}
+
+impl Default for VmwareConfig {
+    fn default() -> Self {
+        Self {
+            vm_paths: Vec::new(),
+            vmrun: "vmrun".into(),
+            host_type: "fusion".into(),
+            snapshot_name: "init_state".into(),
+            headless: true,
+            pause_during_inference: true,
+            examples_dir: PathBuf::from("evaluation_examples"),
+        }
+    }
+}
+
+/// `env.remote`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Base URLs of OSWorld guest servers (`http://host:5000`), one per environment.
+    pub guest_urls: Vec<String>,
+}
+
+/// `trainer`: run control and outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Epochs over the training tasks.
+    pub total_episodes: usize,
+    pub project_name: String,
+    pub experiment_name: String,
+    pub logger: Vec<String>,
+    pub n_gpus_per_node: usize,
+    pub nnodes: usize,
+    pub use_cpu: bool,
+    /// Validate every N epochs (0 or less: never).
+    pub val_freq: i64,
+    pub val_before_train: bool,
+    /// Save a checkpoint every N epochs (0 or less: only at the end).
+    pub save_freq: i64,
+    /// Checkpoints kept (0 or less: all).
+    pub save_limit: i64,
+    /// `checkpoints/`: checkpoints go to `<save_checkpoint_path>/<experiment_name>/epoch_<N>/`.
+    pub save_checkpoint_path: PathBuf,
+    /// `results/`: metrics go to `<results_path>/<experiment_name>/`.
+    pub results_path: PathBuf,
+    /// `logs/`: `training.log` goes there.
+    pub logs_path: PathBuf,
+    /// Resume from this checkpoint directory (or `latest`), empty: start fresh.
+    pub load_checkpoint_path: String,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            total_episodes: 5,
+            project_name: "arpo".into(),
+            experiment_name: "uitars_arpo".into(),
+            logger: vec!["console".into()],
+            n_gpus_per_node: 0,
+            nnodes: 1,
+            use_cpu: true,
+            val_freq: -1,
+            val_before_train: false,
+            save_freq: 1,
+            save_limit: -1,
+            save_checkpoint_path: PathBuf::from("checkpoints"),
+            results_path: PathBuf::from("results"),
+            logs_path: PathBuf::from("logs"),
+            load_checkpoint_path: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses YAML text, applies `overrides` (`a.b.c=value`), and validates.
+    pub fn from_yaml_str(text: &str, overrides: &[String]) -> Result<Self, TrainerError> {
+        let mut tree: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| TrainerError::ConfigSyntax {
+                reason: e.to_string(),
+            })?;
+        if tree.is_null() {
+            tree = serde_yaml::Value::Mapping(Default::default());
+        }
+        for o in overrides {
+            apply_override(&mut tree, o)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            TrainerError::ConfigKey {
+                path,
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a YAML file, applies `overrides`, and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, TrainerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::from_yaml_str(&text, overrides).map_err(|e| e.in_file(path))
+    }
+
+    /// The configuration as YAML (what a run saves beside its results).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks every value; the error lists all problems, each with the key and what is allowed.
+    pub fn validate(&self) -> Result<(), TrainerError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                problems.push(msg);
+            }
+        };
+        let d = &self.data;
+        check(
+            !d.train_files.trim().is_empty(),
+            "data.train_files must name the training tasks (`sim:train` or a task index path)"
+                .into(),
+        );
+        check(
+            d.rollout_batch_size >= 1,
+            format!(
+                "data.rollout_batch_size must be at least 1 (got {})",
+                d.rollout_batch_size
+            ),
+        );
+        check(
+            d.max_response_length >= 1,
+            "data.max_response_length must be at least 1".into(),
+        );
+        check(
+            d.min_pixels <= d.max_pixels,
+            format!(
+                "data.min_pixels ({}) must not exceed data.max_pixels ({})",
+                d.min_pixels, d.max_pixels
+            ),
+        );
+        let a = &self.algorithm;
+        check(
+            a.kl_coef >= 0.0 && a.kl_coef.is_finite(),
+            format!("algorithm.kl_coef must be >= 0 (got {})", a.kl_coef),
+        );
+        check(
+            a.disable_kl || a.kl_coef > 0.0,
+            "algorithm.kl_coef must be > 0 when algorithm.disable_kl is false".into(),
+        );
+        let r = &a.replay;
+        check(
+            r.capacity >= 1,
+            "algorithm.replay.capacity must be at least 1".into(),
+        );
+        check(
+            (0.0..=1.0).contains(&r.success_threshold),
+            format!(
+                "algorithm.replay.success_threshold must be in [0, 1] (got {})",
+                r.success_threshold
+            ),
+        );
+        check(
+            r.fail_std >= 0.0 && r.fail_mean.is_finite(),
+            "algorithm.replay.fail_std must be >= 0 and fail_mean finite".into(),
+        );
+        let act = &self.worker.actor;
+        check(
+            act.global_batch_size >= 1,
+            "worker.actor.global_batch_size must be at least 1".into(),
+        );
+        check(
+            d.rollout_batch_size % act.global_batch_size.max(1) == 0,
+            format!(
+                "data.rollout_batch_size ({}) must be a multiple of worker.actor.global_batch_size ({})",
+                d.rollout_batch_size, act.global_batch_size
+            ),
+        );
+        check(
+            act.micro_batch_size_per_device_for_update >= 1
+                && act.micro_batch_size_per_device_for_experience >= 1,
+            "worker.actor.micro_batch_size_per_device_for_* must be at least 1".into(),
+        );
+        check(
+            act.max_grad_norm > 0.0,
+            format!(
+                "worker.actor.max_grad_norm must be > 0 (got {})",
+                act.max_grad_norm
+            ),
+        );
+        check(
+            (0.0..1.0).contains(&act.clip_ratio_low),
+            format!(
+                "worker.actor.clip_ratio_low must be in [0, 1) (got {})",
+                act.clip_ratio_low
+            ),
+        );
+        check(
+            act.clip_ratio_high >= 0.0,
+            format!(
+                "worker.actor.clip_ratio_high must be >= 0 (got {})",
+                act.clip_ratio_high
+            ),
+        );
+        check(
+            act.clip_ratio_dual > 1.0,
+            format!(
+                "worker.actor.clip_ratio_dual must be > 1 (got {})",
+                act.clip_ratio_dual
+            ),
+        );
+        check(
+            act.ppo_epochs >= 1,
+            "worker.actor.ppo_epochs must be at least 1".into(),
+        );
+        let m = &act.model;
+        check(
+            matches!(m.dtype.as_str(), "f32" | "bf16" | "f16"),
+            format!(
+                "worker.actor.model.dtype must be f32, bf16 or f16 (got {:?})",
+                m.dtype
+            ),
+        );
+        check(
+            m.device == "cpu" || m.device == "cuda" || m.device.starts_with("cuda:"),
+            format!(
+                "worker.actor.model.device must be cpu, cuda or cuda:N (got {:?})",
+                m.device
+            ),
+        );
+        check(
+            m.lora.rank == 0 || m.lora.alpha > 0.0,
+            "worker.actor.model.lora.alpha must be > 0 when lora.rank > 0".into(),
+        );
+        check(
+            (0.0..1.0).contains(&m.lora.dropout),
+            "worker.actor.model.lora.dropout must be in [0, 1)".into(),
+        );
+        let o = &act.optim;
+        check(
+            o.lr > 0.0 && o.lr.is_finite(),
+            format!("worker.actor.optim.lr must be > 0 (got {})", o.lr),
+        );
+        check(
+            o.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            format!(
+                "worker.actor.optim.betas must both be in [0, 1) (got {:?})",
+                o.betas
+            ),
+        );
+        check(
+            o.weight_decay >= 0.0,
+            "worker.actor.optim.weight_decay must be >= 0".into(),
+        );
+        check(
+            (0.0..=1.0).contains(&o.lr_warmup_ratio),
+            "worker.actor.optim.lr_warmup_ratio must be in [0, 1]".into(),
+        );
+        check(
+            o.strategy == "adamw",
+            format!(
+                "worker.actor.optim.strategy must be adamw (got {:?})",
+                o.strategy
+            ),
+        );
+        let ro = &self.worker.rollout;
+        check(
+            ro.n >= 1,
+            format!("worker.rollout.n must be at least 1 (got {})", ro.n),
+        );
+        check(
+            ro.temperature >= 0.0,
+            format!(
+                "worker.rollout.temperature must be >= 0 (got {})",
+                ro.temperature
+            ),
+        );
+        check(
+            ro.top_p > 0.0 && ro.top_p <= 1.0,
+            format!("worker.rollout.top_p must be in (0, 1] (got {})", ro.top_p),
+        );
+        check(
+            ro.limit_images >= 1,
+            "worker.rollout.limit_images must be at least 1".into(),
+        );
+        check(
+            !ro.use_external_server
+                || ro.server_url.starts_with("http://")
+                || ro.server_url.starts_with("https://"),
+            format!(
+                "worker.rollout.server_url must be an http(s) URL when use_external_server is true (got {:?})",
+                ro.server_url
+            ),
+        );
+        check(
+            ro.val_override_config.n >= 1 && ro.val_override_config.temperature >= 0.0,
+            "worker.rollout.val_override_config needs n >= 1 and temperature >= 0".into(),
+        );
+        let e = &self.env;
+        check(
+            e.num_envs >= 1,
+            format!("env.num_envs must be at least 1 (got {})", e.num_envs),
+        );
+        check(
+            e.max_steps >= 1,
+            format!("env.max_steps must be at least 1 (got {})", e.max_steps),
+        );
+        check(
+            e.reset_retries >= 1,
+            "env.reset_retries must be at least 1".into(),
+        );
+        check(
+            matches!(e.coordinates.as_str(), "relative" | "absolute"),
+            format!(
+                "env.coordinates must be relative or absolute (got {:?})",
+                e.coordinates
+            ),
+        );
+        check(
+            e.provider != EnvProvider::Vmware || !e.vmware.vm_paths.is_empty(),
+            "env.vmware.vm_paths must list at least one .vmx when env.provider is vmware".into(),
+        );
+        check(
+            e.provider != EnvProvider::Vmware || e.vmware.vm_paths.len() >= e.num_envs,
+            format!(
+                "env.num_envs ({}) is more than the VMs in env.vmware.vm_paths ({})",
+                e.num_envs,
+                e.vmware.vm_paths.len()
+            ),
+        );
+        check(
+            e.provider != EnvProvider::Remote || e.remote.guest_urls.len() >= e.num_envs,
+            format!(
+                "env.remote.guest_urls must list one URL per environment (num_envs {}, urls {})",
+                e.num_envs,
+                e.remote.guest_urls.len()
+            ),
+        );
+        let t = &self.trainer;
+        check(
+            t.total_episodes >= 1,
+            "trainer.total_episodes must be at least 1".into(),
+        );
+        check(
+            !t.experiment_name.is_empty()
+                && !t.experiment_name.contains(['/', '\\'])
+                && t.experiment_name != ".."
+                && t.experiment_name != ".",
+            format!(
+                "trainer.experiment_name must be a plain directory name (got {:?})",
+                t.experiment_name
+            ),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(TrainerError::ConfigInvalid { problems })
+        }
+    }
+
+    /// The sampling settings of training rollouts.
+    pub fn train_sampling(&self) -> arpo_core::SamplingParams {
+        let r = &self.worker.rollout;
+        arpo_core::SamplingParams {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            max_tokens: self.data.max_response_length,
+            seed: None,
+        }
+    }
+
+    /// The sampling settings of validation rollouts (`val_override_config`).
+    pub fn val_sampling(&self) -> arpo_core::SamplingParams {
+        let v = &self.worker.rollout.val_override_config;
+        arpo_core::SamplingParams {
+            temperature: v.temperature,
+            top_p: v.top_p,
+            top_k: self.worker.rollout.top_k,
+            max_tokens: self.data.max_response_length,
+            seed: None,
+        }
+    }
+
+    /// `<save_checkpoint_path>/<experiment_name>`.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.trainer
+            .save_checkpoint_path
+            .join(&self.trainer.experiment_name)
+    }
+
+    /// `<results_path>/<experiment_name>`.
+    pub fn results_dir(&self) -> PathBuf {
+        self.trainer
+            .results_path
+            .join(&self.trainer.experiment_name)
+    }
+}
+
+/// Applies one `a.b.c=value` override to a YAML tree; `value` is parsed as YAML
+/// (`1e-6`, `true`, `[0.9, 0.99]`, `text`). Missing intermediate mappings are created; a key
+/// that does not exist in the schema is then rejected by deserialization, with its path.
+pub fn apply_override(tree: &mut serde_yaml::Value, spec: &str) -> Result<(), TrainerError> {
+    let bad = |reason: &str| TrainerError::ConfigOverride {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| bad("expected KEY=VALUE, like worker.actor.optim.lr=1e-6"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(bad("the key must be dotted names, like trainer.save_freq"));
+    }
+    let value: serde_yaml::Value = serde_yaml::from_str(value)
+        .map_err(|e| bad(&format!("the value is not valid YAML: {e}")))?;
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => {
+                *node = serde_yaml::Value::Mapping(Default::default());
+                match node {
+                    serde_yaml::Value::Mapping(m) => m,
+                    _ => return Err(bad("internal: mapping expected")),
+                }
+            }
+            _ => {
+                return Err(bad(&format!(
+                    "{} is a value, not a section",
+                    parts[..i].join(".")
+                )));
+            }
+        };
+        let k = serde_yaml::Value::String((*part).to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map
+            .entry(k)
+            .or_insert(serde_yaml::Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_yaml_gives_the_reference_defaults() {
+        let c = Config::from_yaml_str("", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        // The reference's numbers (ARPO.md).
+        assert_eq!(c.worker.actor.clip_ratio_low, 0.2);
+        assert_eq!(c.worker.actor.clip_ratio_high, 0.3);
+        assert_eq!(c.worker.actor.clip_ratio_dual, 3.0);
+        assert_eq!(c.worker.actor.optim.lr, 1e-6);
+        assert_eq!(c.worker.actor.optim.weight_decay, 1e-2);
+        assert_eq!(c.algorithm.replay.capacity, 8);
+        assert_eq!(c.env.max_steps, 15);
+        assert_eq!(c.worker.rollout.val_override_config.temperature, 0.5);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_full_path() {
+        let err = Config::from_yaml_str("worker:\n  rollout:\n    temprature: 0.7\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.rollout.temprature"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_its_path() {
+        let err = Config::from_yaml_str("env:\n  num_envs: many\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("env.num_envs"), "{err}");
+    }
+
+    #[test]
+    fn set_overrides_apply_and_parse_as_yaml() {
+        let c = Config::from_yaml_str(
+            "worker:\n  actor:\n    optim:\n      lr: 1.0e-5\n",
+            &[
+                "worker.actor.optim.lr=1e-6".into(),
+                "algorithm.enable_replay=false".into(),
+                "worker.actor.optim.betas=[0.9, 0.95]".into(),
+                "trainer.experiment_name=grpo_run".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.worker.actor.optim.lr, 1e-6);
+        assert!(!c.algorithm.enable_replay);
+        assert_eq!(c.worker.actor.optim.betas, [0.9, 0.95]);
+        assert_eq!(c.trainer.experiment_name, "grpo_run");
+    }
+
+    #[test]
+    fn set_with_a_typo_names_the_key() {
+        let err = Config::from_yaml_str("", &["worker.actor.optim.lrr=1e-6".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.actor.optim.lrr"), "{err}");
+    }
+
+    #[test]
+    fn set_without_equals_is_rejected() {
+        let err = Config::from_yaml_str("", &["worker.actor.optim.lr".into()]).unwrap_err();
+        assert!(matches!(err, TrainerError::ConfigOverride { .. }));
+    }
+
+    #[test]
+    fn set_into_a_scalar_is_rejected() {
+        // Present in the file: the override itself is refused.
+        let err = Config::from_yaml_str("env:\n  num_envs: 2\n", &["env.num_envs.x=1".into()])
+            .unwrap_err();
+        assert!(err.to_string().contains("env.num_envs is a value"), "{err}");
+        // Absent: the tree gets a section there, which deserialization refuses by path.
+        let err = Config::from_yaml_str("", &["env.num_envs.x=1".into()]).unwrap_err();
+        assert!(err.to_string().contains("env.num_envs"), "{err}");
+    }
+
+    #[test]
+    fn validation_lists_every_problem_with_its_key() {
+        let err = Config::from_yaml_str(
+            "",
+            &[
+                "worker.rollout.n=0".into(),
+                "env.num_envs=0".into(),
+                "worker.rollout.top_p=1.5".into(),
+            ],
+        )
+        .unwrap_err();
+        match err {
+            TrainerError::ConfigInvalid { problems } => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                assert!(problems[0].starts_with("worker.rollout.n"));
+            }
+            other => panic!("expected ConfigInvalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn batch_sizes_must_divide() {
+        let err = Config::from_yaml_str(
+            "",
+            &[
+                "data.rollout_batch_size=3".into(),
+                "worker.actor.global_batch_size=2".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("must be a multiple"), "{err}");
+    }
+
+    #[test]
+    fn config_round_trips_through_yaml() {
+        let c = Config::from_yaml_str(
+            "",
+            &[
+                "env.provider=vmware".into(),
+                "env.vmware.vm_paths=[a.vmx]".into(),
+                "env.num_envs=1".into(),
+            ],
+        )
+        .unwrap();
+        let back = Config::from_yaml_str(&c.to_yaml(), &[]).unwrap();
+        assert_eq!(c, back);
+    }
+}

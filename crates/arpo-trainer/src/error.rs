@@ -1,0 +1,84 @@
+//! The trainer's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can stop a training or evaluation run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// The config text is not YAML.
+    #[error("config is not valid YAML: {reason}")]
+    ConfigSyntax { reason: String },
+    /// A key is unknown or its value has the wrong type.
+    #[error("config key `{path}`: {reason} (see configs/embedded_default.yaml for every key)")]
+    ConfigKey { path: String, reason: String },
+    /// A `--set` override could not be applied.
+    #[error("--set {spec}: {reason}")]
+    ConfigOverride { spec: String, reason: String },
+    /// Values out of range.
+    #[error("invalid config:\n  - {}", problems.join("\n  - "))]
+    ConfigInvalid { problems: Vec<String> },
+    /// A config error, with the file it came from.
+    #[error("{path}: {source}")]
+    ConfigFile {
+        path: PathBuf,
+        #[source]
+        source: Box<TrainerError>,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    /// A task set could not be read.
+    #[error("task set {spec}: {reason}")]
+    Tasks { spec: String, reason: String },
+    /// The policy failed on a whole batch.
+    #[error("policy {policy} failed: {source}")]
+    Policy {
+        policy: String,
+        #[source]
+        source: arpo_core::PolicyError,
+    },
+    /// The learner (scoring, loss, optimizer, checkpoint) failed.
+    #[error("learner: {0}")]
+    Learner(String),
+    /// The pre-flight checks failed; each problem says how to fix it.
+    #[error("pre-flight check failed:\n  - {}", problems.join("\n  - "))]
+    Preflight { problems: Vec<String> },
+    /// A checkpoint or trainer state could not be used for `--resume`.
+    #[error("cannot resume from {path}: {reason}")]
+    Resume { path: PathBuf, reason: String },
+    /// Every rollout of a step was dropped: nothing to learn from.
+    #[error(
+        "step {step}: all {dropped} rollouts were dropped because the environment failed (last error: {last_error}); check the environment with `cargo xtask test-env`"
+    )]
+    AllRolloutsDropped {
+        step: u64,
+        dropped: usize,
+        last_error: String,
+    },
+    /// A piece of the system this command needs is not built in this checkout.
+    #[error("{what} is not available: {reason}")]
+    Missing { what: String, reason: String },
+}
+
+impl TrainerError {
+    /// Attaches the config file a config error came from.
+    pub fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            e @ (Self::ConfigSyntax { .. }
+            | Self::ConfigKey { .. }
+            | Self::ConfigOverride { .. }
+            | Self::ConfigInvalid { .. }) => Self::ConfigFile {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            },
+            e => e,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: path.into(),
+            reason: e.to_string(),
+        }
+    }
+}
