@@ -1,1 +1,9 @@
-//! arpo-env-sim (work in progress: see its issue).
+//! The embedded simulated desktop (work in progress: see its issue).
+
+pub mod desktop;
+mod error;
+pub mod font;
+pub mod pyautogui;
+pub mod render;
+
+pub use error::SimError;
