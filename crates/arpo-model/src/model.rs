@@ -1,0 +1,254 @@
+//! The whole Qwen2-VL model: vision tower + decoder, image features merged into the text.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Qwen2VlConfig;
+use crate::error::{ModelError, Result};
+use crate::rope::{RopeIndex, get_rope_index, inv_freq, mrope_cos_sin};
+use crate::text::{TextModel, causal_mask};
+use crate::vision::VisionTower;
+use crate::weights::{CONFIG_FILE, Weights};
+
+/// Qwen2-VL (`Qwen2VLForConditionalGeneration`) on candle.
+#[derive(Debug, Clone)]
+pub struct Qwen2Vl {
+    pub config: Qwen2VlConfig,
+    pub vision: VisionTower,
+    pub text: TextModel,
+    pub(crate) inv_freq: Vec<f32>,
+}
+
+impl Qwen2Vl {
+    /// Loads `config.json` and the safetensors weights of a local model directory.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = Qwen2VlConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let weights = Weights::load_dir(dir, dtype, device)?;
+        Self::from_weights(config, weights)
+    }
+
+    /// Builds the model from named tensors (either weight spelling).
+    pub fn from_weights(config: Qwen2VlConfig, mut weights: Weights) -> Result<Self> {
+        let vision = VisionTower::load(&config.vision, &mut weights)?;
+        let text = TextModel::load(&config.text, &mut weights)?;
+        let left = weights.remaining();
+        if !left.is_empty() {
+            tracing::warn!(count = left.len(), first = %left[0], "unused weights in the checkpoint");
+        }
+        let inv_freq = inv_freq(config.text.head_dim(), config.text.rope_theta);
+        Ok(Self {
+            config,
+            vision,
+            text,
+            inv_freq,
+        })
+    }
+
+    /// A model of shape `config` with N(0, 0.02) weights (unit norms): for benchmarks.
+    pub fn random(config: Qwen2VlConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let shapes = param_shapes(&config);
+        let mut map = std::collections::HashMap::new();
+        for (name, shape) in shapes {
+            let t = if name.contains("norm") || name.contains("ln_q") {
+                if name.ends_with(".bias") {
+                    Tensor::zeros(shape.as_slice(), dtype, device)?
+                } else {
+                    Tensor::ones(shape.as_slice(), dtype, device)?
+                }
+            } else {
+                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?.to_dtype(dtype)?
+            };
+            map.insert(name, t);
+        }
+        Self::from_weights(config, Weights::from_map(map))
+    }
+
+    pub fn device(&self) -> &Device {
+        self.text.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.text.embed_tokens.dtype()
+    }
+
+    /// Every parameter as `(HF name, tensor)`, classic spelling (`model.layers.*`, `visual.*`).
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        self.vision.parameters(&mut out);
+        self.text.parameters(&mut out);
+        out
+    }
+
+    /// Vision features `[image tokens, hidden]` of all images.
+    pub fn image_features(&self, pixel_values: &Tensor, grid_thw: &[[usize; 3]]) -> Result<Tensor> {
+        Ok(self.vision.forward(pixel_values, grid_thw, false)?)
+    }
+
+    /// M-RoPE position ids of one sequence.
+    pub fn rope_index(&self, input_ids: &[u32], grid_thw: &[[usize; 3]]) -> Result<RopeIndex> {
+        get_rope_index(
+            input_ids,
+            self.config.image_token_id,
+            grid_thw,
+            self.config.vision.spatial_merge_size,
+        )
+    }
+
+    /// Text embeddings `[len, hidden]` of one sequence with its image tokens replaced, in order,
+    /// by the rows of `features` (a gather from `[text; features]`, so differentiable in both).
+    pub fn merge_embeddings(&self, input_ids: &[u32], features: Option<&Tensor>) -> Result<Tensor> {
+        let text = self.text.embed(input_ids)?;
+        let n_image = input_ids
+            .iter()
+            .filter(|&&t| t == self.config.image_token_id)
+            .count();
+        let n_feat = match features {
+            Some(f) => f.dim(0)?,
+            None => 0,
+        };
+        if n_image != n_feat {
+            return Err(ModelError::Input(format!(
+                "the prompt has {n_image} image tokens but the images give {n_feat} features"
+            )));
+        }
+        let Some(features) = features else {
+            return Ok(text);
+        };
+        let len = input_ids.len() as u32;
+        let mut k = 0u32;
+        let idx: Vec<u32> = input_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t == self.config.image_token_id {
+                    k += 1;
+                    len + k - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        let table = Tensor::cat(&[&text, &features.to_dtype(text.dtype())?], 0)?;
+        let idx = Tensor::from_vec(idx, input_ids.len(), text.device())?;
+        Ok(table.index_select(&idx, 0)?)
+    }
+
+    /// The whole-sequence forward without KV cache: logits `[len, vocab]` at every position.
+    ///
+    /// Built only from ops with a backward (differentiable in every parameter): the path the
+    /// trainer scores episodes with. `pixel_values` `[patches, c*t*p*p]` and `grid_thw` as the
+    /// image processor gives them; the image tokens of `input_ids` must match `grid_thw`.
+    pub fn forward(
+        &self,
+        input_ids: &[u32],
+        pixel_values: Option<&Tensor>,
+        grid_thw: &[[usize; 3]],
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, pixel_values, grid_thw, false)?;
+        Ok(self.text.logits(&hidden)?.squeeze(0)?)
+    }
+
+    /// Final-normed hidden states `[1, len, hidden]` of the whole sequence.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &[u32],
+        pixel_values: Option<&Tensor>,
+        grid_thw: &[[usize; 3]],
+        fused: bool,
+    ) -> Result<Tensor> {
+        if input_ids.is_empty() {
+            return Err(ModelError::Input("empty input_ids".into()));
+        }
+        let features = match pixel_values {
+            Some(pv) if !grid_thw.is_empty() => Some(self.vision.forward(pv, grid_thw, fused)?),
+            _ => None,
+        };
+        let x = self
+            .merge_embeddings(input_ids, features.as_ref())?
+            .unsqueeze(0)?;
+        let rope = self.rope_index(input_ids, grid_thw)?;
+        let (cos, sin) = mrope_cos_sin(
+            &[rope.positions],
+            &self.inv_freq,
+            &self.config.text.mrope_section,
+            self.device(),
+        )?;
+        let mask = causal_mask(input_ids.len(), DType::F32, self.device())?;
+        Ok(self
+            .text
+            .forward_hidden(&x, &cos, &sin, Some(&mask), None, fused)?)
+    }
+}
+
+/// Names and shapes of every weight of a checkpoint with this config (classic spelling; no
+/// `lm_head` when tied).
+pub fn param_shapes(c: &Qwen2VlConfig) -> Vec<(String, Vec<usize>)> {
+    let mut v = Vec::new();
+    let vc = &c.vision;
+    let e = vc.embed_dim;
+    v.push((
+        "visual.patch_embed.proj.weight".to_string(),
+        vec![
+            e,
+            vc.in_channels,
+            vc.temporal_patch_size,
+            vc.patch_size,
+            vc.patch_size,
+        ],
+    ));
+    for i in 0..vc.depth {
+        let p = format!("visual.blocks.{i}");
+        for n in ["norm1", "norm2"] {
+            v.push((format!("{p}.{n}.weight"), vec![e]));
+            v.push((format!("{p}.{n}.bias"), vec![e]));
+        }
+        for (n, o, inp) in [
+            ("attn.qkv", 3 * e, e),
+            ("attn.proj", e, e),
+            ("mlp.fc1", vc.mlp_dim(), e),
+            ("mlp.fc2", e, vc.mlp_dim()),
+        ] {
+            v.push((format!("{p}.{n}.weight"), vec![o, inp]));
+            v.push((format!("{p}.{n}.bias"), vec![o]));
+        }
+    }
+    let m = vc.spatial_merge_size * vc.spatial_merge_size * e;
+    v.push(("visual.merger.ln_q.weight".into(), vec![e]));
+    v.push(("visual.merger.ln_q.bias".into(), vec![e]));
+    v.push(("visual.merger.mlp.0.weight".into(), vec![m, m]));
+    v.push(("visual.merger.mlp.0.bias".into(), vec![m]));
+    v.push(("visual.merger.mlp.2.weight".into(), vec![vc.hidden_size, m]));
+    v.push(("visual.merger.mlp.2.bias".into(), vec![vc.hidden_size]));
+    let t = &c.text;
+    let (h, i) = (t.hidden_size, t.intermediate_size);
+    let (nq, nkv) = (
+        t.num_attention_heads * t.head_dim(),
+        t.num_key_value_heads * t.head_dim(),
+    );
+    v.push(("model.embed_tokens.weight".into(), vec![t.vocab_size, h]));
+    for l in 0..t.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, o, inp, bias) in [
+            ("self_attn.q_proj", nq, h, true),
+            ("self_attn.k_proj", nkv, h, true),
+            ("self_attn.v_proj", nkv, h, true),
+            ("self_attn.o_proj", h, nq, false),
+            ("mlp.gate_proj", i, h, false),
+            ("mlp.up_proj", i, h, false),
+            ("mlp.down_proj", h, i, false),
+        ] {
+            v.push((format!("{p}.{n}.weight"), vec![o, inp]));
+            if bias {
+                v.push((format!("{p}.{n}.bias"), vec![o]));
+            }
+        }
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    v.push(("model.norm.weight".into(), vec![h]));
+    if !t.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![t.vocab_size, h]));
+    }
+    v
+}

@@ -1,0 +1,172 @@
+//! The building blocks every projection and norm of the model goes through.
+//!
+//! All forwards here use ops that have a backward in candle 0.11 (see CANDLE-TRAPS.md), so the
+//! whole-sequence forward is differentiable. The training code extends these types (LoRA,
+//! frozen-weight ops); keep every linear projection of the model a [`Linear`].
+
+use candle_core::{D, DType, Module, Result, Tensor};
+
+/// `y = x W^T + b`, weight `[out, in]` as stored by PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d.get(1).copied().unwrap_or(1))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Flatten leading dims so the product is one 2-D gemm with a transposed weight.
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// RMSNorm in f32, written with basic ops (differentiable): `x / sqrt(mean(x^2) + eps) * w`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// LayerNorm with weight and bias, written with basic ops (differentiable).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// QuickGELU, `x * sigmoid(1.702 x)` (the ViT MLP's activation).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// `rotate_half`: `[x1, x2] -> [-x2, x1]` over the last dimension.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary embedding with basic ops: `x * cos + rotate_half(x) * sin` (cos/sin broadcast to x).
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn linear_matches_hand_computation() -> Result<()> {
+        let dev = Device::Cpu;
+        // W = [[1,2],[3,4],[5,6]], b = [0.5, 0, -1], x = [1, -1] -> [-0.5, -1, -2]
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?;
+        let b = Tensor::new(&[0.5f32, 0., -1.], &dev)?;
+        let lin = Linear::new(w, Some(b));
+        let y = lin.forward(&Tensor::new(&[[[1f32, -1.]]], &dev)?)?;
+        assert_eq!(y.dims(), &[1, 1, 3]);
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![-0.5, -1.0, -2.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn norms_match_hand_computation() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3f32, 4.]], &dev)?;
+        // rms = sqrt((9+16)/2) = sqrt(12.5); eps 0.
+        let rms = RmsNorm::new(Tensor::new(&[1f32, 2.], &dev)?, 0.0).forward(&x)?;
+        let r = 12.5f32.sqrt();
+        let got = rms.flatten_all()?.to_vec1::<f32>()?;
+        assert!((got[0] - 3.0 / r).abs() < 1e-6 && (got[1] - 8.0 / r).abs() < 1e-6);
+        // mean 3.5, var 0.25 -> [-1, 1] * w + b
+        let ln = LayerNorm::new(
+            Tensor::new(&[2f32, 3.], &dev)?,
+            Tensor::new(&[1f32, 0.], &dev)?,
+            0.0,
+        )
+        .forward(&x)?;
+        assert_eq!(ln.flatten_all()?.to_vec1::<f32>()?, vec![-1.0, 3.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn forwards_are_differentiable() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev)?;
+        let g = candle_core::Var::new(&[1.5f32, 0.5], &dev)?;
+        let lin = Linear::new(w.as_tensor().clone(), None);
+        let norm = RmsNorm::new(g.as_tensor().clone(), 1e-6);
+        let x = Tensor::new(&[[1f32, 2.0]], &dev)?;
+        let y = quick_gelu(&norm.forward(&lin.forward(&x)?)?)?;
+        let grads = y.sum_all()?.backward()?;
+        for v in [&w, &g] {
+            let gr = grads.get(v.as_tensor()).expect("gradient present");
+            let total = gr.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(total > 0.0, "zero gradient");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! The Qwen2 text decoder: GQA attention with M-RoPE, SwiGLU MLP, RMSNorm.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+
+use crate::config::TextConfig;
+use crate::error::Result as ModelResult;
+use crate::nn::{Linear, RmsNorm, apply_rotary};
+use crate::vision::{linear_from, softmax};
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// Keys and values of one layer, `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+/// The KV cache of a whole decoder.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); num_layers],
+        }
+    }
+
+    /// Cached length (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.k.as_ref())
+            .and_then(|k| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    pub config: TextConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// The output projection; shares `embed_tokens` when the checkpoint ties them.
+    pub lm_head: Linear,
+    /// Whether `lm_head` is `embed_tokens` (no `lm_head.weight` in the checkpoint).
+    pub tied: bool,
+}
+
+impl TextModel {
+    pub fn load(cfg: &TextConfig, w: &mut Weights) -> ModelResult<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let hd = cfg.head_dim();
+        let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let norm = |w: &mut Weights, n: &str| -> ModelResult<RmsNorm> {
+                Ok(RmsNorm::new(
+                    w.take(&format!("{p}.{n}.weight"), &[h])?,
+                    cfg.rms_norm_eps,
+                ))
+            };
+            layers.push(DecoderLayer {
+                q_proj: linear_from(w, &format!("{p}.self_attn.q_proj"), nq, h, true)?,
+                k_proj: linear_from(w, &format!("{p}.self_attn.k_proj"), nkv, h, true)?,
+                v_proj: linear_from(w, &format!("{p}.self_attn.v_proj"), nkv, h, true)?,
+                o_proj: linear_from(w, &format!("{p}.self_attn.o_proj"), h, nq, false)?,
+                gate_proj: linear_from(w, &format!("{p}.mlp.gate_proj"), i, h, false)?,
+                up_proj: linear_from(w, &format!("{p}.mlp.up_proj"), i, h, false)?,
+                down_proj: linear_from(w, &format!("{p}.mlp.down_proj"), h, i, false)?,
+                input_layernorm: norm(w, "input_layernorm")?,
+                post_attention_layernorm: norm(w, "post_attention_layernorm")?,
+            });
+        }
+        let norm = RmsNorm::new(w.take("model.norm.weight", &[h])?, cfg.rms_norm_eps);
+        // A checkpoint may carry lm_head even when tied (identical values); prefer it if present.
+        let tied = !w.contains("lm_head.weight");
+        let lm_head = if !tied {
+            Linear::new(w.take("lm_head.weight", &[cfg.vocab_size, h])?, None)
+        } else if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            return Err(crate::ModelError::MissingWeight {
+                name: "lm_head.weight".into(),
+            });
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            tied,
+        })
+    }
+
+    /// `(name, tensor)` of every parameter with HF names (`lm_head.weight` only when untied).
+    pub fn parameters(&self, out: &mut Vec<(String, Tensor)>) {
+        let lin = |out: &mut Vec<(String, Tensor)>, n: String, l: &Linear| {
+            out.push((format!("{n}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{n}.bias"), b.clone()));
+            }
+        };
+        out.push((
+            "model.embed_tokens.weight".into(),
+            self.embed_tokens.clone(),
+        ));
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            lin(out, format!("{p}.self_attn.q_proj"), &l.q_proj);
+            lin(out, format!("{p}.self_attn.k_proj"), &l.k_proj);
+            lin(out, format!("{p}.self_attn.v_proj"), &l.v_proj);
+            lin(out, format!("{p}.self_attn.o_proj"), &l.o_proj);
+            lin(out, format!("{p}.mlp.gate_proj"), &l.gate_proj);
+            lin(out, format!("{p}.mlp.up_proj"), &l.up_proj);
+            lin(out, format!("{p}.mlp.down_proj"), &l.down_proj);
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        if !self.tied {
+            out.push(("lm_head.weight".into(), self.lm_head.weight.clone()));
+        }
+    }
+
+    /// Token embeddings `[len, hidden]` (differentiable in the embedding table).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.embed_tokens.device())?;
+        self.embed_tokens.index_select(&idx, 0)
+    }
+
+    /// Runs the decoder over `x` `[batch, len, hidden]`; returns the final-normed hidden states.
+    ///
+    /// `cos`/`sin` are `[batch, 1, len, head_dim]`; `mask` (added to the scores) is
+    /// `[batch, 1, len, cached + len]`, or `None` for no masking. With `cache` the new keys
+    /// and values are appended to it.
+    pub fn forward_hidden(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = self.attention(
+                layer,
+                &layer.input_layernorm.forward(&x)?,
+                cos,
+                sin,
+                mask,
+                lc,
+                fused,
+            )?;
+            x = (x + a)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
+            let m = layer
+                .down_proj
+                .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+            x = (x + m)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits for hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, l, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let dtype = x.dtype();
+        let q = layer
+            .q_proj
+            .forward(x)?
+            .reshape((b, l, nh, hd))?
+            .transpose(1, 2)?;
+        let k = layer
+            .k_proj
+            .forward(x)?
+            .reshape((b, l, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = layer
+            .v_proj
+            .forward(x)?
+            .reshape((b, l, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
+        let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?
+            .to_dtype(dtype)?
+            .contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let k = match &c.k {
+                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                    None => k,
+                };
+                let v = match &c.v {
+                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                    None => v,
+                };
+                c.k = Some(k.clone());
+                c.v = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        let rep = nh / nkv;
+        // GQA without copying keys: query heads of one KV head are stacked along the rows.
+        let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, l, t))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax(&scores.to_dtype(DType::F32)?, fused)?.to_dtype(dtype)?;
+        let out = probs
+            .reshape((b, nkv, rep * l, t))?
+            .matmul(&v)?
+            .reshape((b, nh, l, hd))?
+            .transpose(1, 2)?
+            .reshape((b, l, nh * hd))?;
+        layer.o_proj.forward(&out)
+    }
+}
+
+/// The additive causal mask `[1, 1, len, len]` (0 on and below the diagonal, -inf above).
+pub fn causal_mask(len: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(v, (1, 1, len, len), device)?.to_dtype(dtype)
+}
+
+/// Picks the rows of `hidden` `[batch, len, h]` at `D::Minus2` index `pos`.
+pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
+    let l = hidden.dim(D::Minus2)?;
+    hidden.narrow(D::Minus2, l - 1, 1)
+}

@@ -1,0 +1,1 @@
+//! Training on top of the model: filled by the training issue (issue 4).
