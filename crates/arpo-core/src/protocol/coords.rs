@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn absolute_uses_the_smart_resized_size() {
-        let c = CoordinateSystem::uitars_absolute(1920, 1080).unwrap();
+        let c = CoordinateSystem::uitars_absolute(1920, 1080).expect("1920x1080 resizes");
         // 966/1932 * 1920 = 960, 546/1092 * 1080 = 540.
         let p = c.to_screen(966.0, 546.0, 1920, 1080);
         assert_eq!((p.x, p.y), (960.0, 540.0));

@@ -675,6 +675,10 @@ fn to_point(
     let p = config
         .coordinates
         .to_screen(x, y, config.screen_width, config.screen_height);
+    if !(p.x.is_finite() && p.y.is_finite()) {
+        // Only a hand-made `Absolute` system with a zero side gets here.
+        return Err(bad());
+    }
     let last = |side: u32| f64::from(side.max(1) - 1);
     Ok(Point::new(
         p.x.clamp(0.0, last(config.screen_width)),
@@ -729,7 +733,7 @@ mod tests {
     }
 
     fn actions(text: &str) -> Vec<Action> {
-        parse_response(text, &rel()).unwrap().actions
+        parse_response(text, &rel()).expect("parses").actions
     }
 
     #[test]
@@ -855,7 +859,7 @@ mod tests {
             "Reflection: it failed\nAction_Summary: retry the button\nAction: wait()",
             &rel(),
         )
-        .unwrap();
+        .expect("parses");
         assert_eq!(p.reflection.as_deref(), Some("it failed"));
         assert_eq!(p.action_summary.as_deref(), Some("retry the button"));
         assert_eq!(p.thought.as_deref(), Some("retry the button"));
