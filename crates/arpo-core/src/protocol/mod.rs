@@ -13,6 +13,28 @@
 //!   never evaluated. Failures are a typed [`ParseError`] with the byte offset.
 //! - [`format_action`] / [`format_response`]: the inverse, for demonstrations.
 //!
+//! # Choosing a template and a coordinate system
+//!
+//! | model | [`CoordinateSystem`] | [`PromptTemplate`] |
+//! |---|---|---|
+//! | UI-TARS-2B/7B-SFT/DPO (Qwen2-VL) | `Relative1000` | `OsworldCallUser` (OSWorld's agent) |
+//! | UI-TARS-1.5-7B (Qwen2.5-VL), ARPO | [`CoordinateSystem::uitars_absolute`] | `Arpo` (what ARPO trained with) or `ComputerUseDoubao` |
+//!
+//! The published prompts write points the same way whichever convention the model uses (the
+//! ARPO prompt lists `(x1,y1)` box tokens while its model answers in absolute pixels); what the
+//! convention changes is how the parser maps numbers to the screen.
+//!
+//! # Where we differ from ByteDance's reference parser
+//!
+//! `fixtures/ui_tars/golden.json` holds the reference's output on a 63-response corpus, and the
+//! tests hold us to it except where the reference is wrong or unsafe (each case is in
+//! `fixtures/ui_tars/responses.json` with its reason). In short, we also accept
+//! `<|box_start|>`-wrapped points, `Action:` without a space, `Thought:` followed by a newline,
+//! actions separated by single newlines, raw newlines in strings, and `point=` inside content is
+//! left alone; we reject unknown action names, actions without their required arguments,
+//! 3-number boxes and coordinates outside the model's space, all of which the reference passes
+//! on to its executor. Nothing is ever `eval`ed.
+//!
 //! # Example
 //!
 //! ```
