@@ -19,6 +19,7 @@
 //! # }
 //! ```
 
+pub mod chat;
 pub mod config;
 mod error;
 pub mod model;
@@ -30,6 +31,7 @@ pub mod train;
 pub mod vision;
 pub mod weights;
 
+pub use chat::{ChatTokenizer, TokenizedChat};
 pub use config::{GenerationConfig, PreprocessorConfig, Qwen2VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
 pub use model::Qwen2Vl;
