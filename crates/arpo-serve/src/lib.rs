@@ -11,6 +11,10 @@
 //! - [`Engine`] is the seam to the model: tokenization + "generate this batch".
 //!   [`ScriptedEngine`] is a deterministic stand-in (no weights) that the tests of the HTTP
 //!   layer use.
+//! - [`RemotePolicy`]: the [`Policy`](arpo_core::Policy) of the trainer over any
+//!   OpenAI-compatible server (this one, vLLM, SGLang): the same UI-TARS prompts as the local
+//!   policy, token ids and log-probs from the answer's `logprobs`, and LoRA pushes after
+//!   each update.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -31,6 +35,7 @@ mod batch;
 pub mod engine;
 mod error;
 mod images;
+pub mod remote;
 pub mod scripted;
 mod server;
 mod text;
@@ -41,5 +46,6 @@ pub use engine::{
 };
 pub use error::{ApiError, ServeError};
 pub use images::{ImageLimits, check_image, load_image_url};
+pub use remote::{RemotePolicy, RemotePolicyConfig, TokenMapper};
 pub use scripted::ScriptedEngine;
 pub use server::{ServeConfig, Server};

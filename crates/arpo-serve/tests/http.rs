@@ -922,3 +922,156 @@ async fn full_queue_answers_503_with_retry_after() -> TestResult {
     server.shutdown().await?;
     Ok(())
 }
+
+mod remote {
+    use super::*;
+    use arpo_core::protocol::{
+        CoordinateSystem, ParseConfig, PromptConfig, build_messages, parse_response,
+    };
+    use arpo_core::{Action, AgentContext, FinishReason, Policy};
+    use arpo_serve::api::TokenLogprob;
+    use arpo_serve::{RemotePolicy, RemotePolicyConfig, TokenMapper};
+
+    fn context(steps: usize) -> AgentContext {
+        AgentContext {
+            instruction: "Open the settings menu".into(),
+            screenshots: (0..=steps)
+                .map(|i| Screenshot::new(png(64, 48, i as u8 * 40), 64, 48))
+                .collect(),
+            responses: (0..steps)
+                .map(|i| format!("Thought: step {i}\nAction: click(start_box='(100,200)')"))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn remote_policy_matches_in_process_generation_and_parses() -> TestResult {
+        let engine = Arc::new(ScriptedEngine::default());
+        let server = start(engine.clone(), ServeConfig::default()).await;
+        let policy =
+            RemotePolicy::new(RemotePolicyConfig::new(server.base_url(), "ui-tars"), None)?;
+        let contexts = [context(0), context(1), context(2)];
+        let responses = policy.act(&contexts, &SamplingParams::greedy(256)).await?;
+        assert_eq!(responses.len(), 3);
+        for (ctx, response) in contexts.iter().zip(&responses) {
+            let messages = build_messages(ctx, &PromptConfig::default());
+            let (text, ids, lps) = in_process(&engine, &messages);
+            assert_eq!(response.text, text);
+            assert_eq!(response.token_ids, ids);
+            assert_eq!(response.logprobs, lps);
+            assert_eq!(response.token_ids.last(), Some(&IM_END));
+            assert_eq!(response.finish_reason, FinishReason::Stop);
+            // The prompt carries min(steps + 1, limit_images = 5) screenshots.
+            assert!(text.starts_with(&format!(
+                "Thought: I see {} screenshot(s).",
+                ctx.screenshots.len()
+            )));
+            let parsed = parse_response(
+                &response.text,
+                &ParseConfig::new(CoordinateSystem::Relative1000, 1000, 1000),
+            )?;
+            assert!(matches!(parsed.actions.as_slice(), [Action::Click { .. }]));
+        }
+        server.shutdown().await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn remote_policy_pushes_lora_adapters_and_reports_server_errors() -> TestResult {
+        let engine = Arc::new(ScriptedEngine::default());
+        let server = start(
+            engine,
+            ServeConfig {
+                api_key: Some("k".into()),
+                ..ServeConfig::default()
+            },
+        )
+        .await;
+        let mut config = RemotePolicyConfig::new(server.base_url(), "ui-tars");
+        let unauthorized = RemotePolicy::new(config.clone(), None)?;
+        let err = unauthorized
+            .act(&[context(0)], &SamplingParams::greedy(32))
+            .await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::InvalidInput(ref m)) if m.contains("401")),
+            "{err:?}"
+        );
+
+        config.api_key = Some("k".into());
+        let mut policy = RemotePolicy::new(config, None)?;
+        let before = policy
+            .act(&[context(1)], &SamplingParams::greedy(256))
+            .await?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("adapter_config.json"), "{}")?;
+        policy.push_lora_adapter("policy", dir.path()).await?;
+        policy.push_lora_adapter("policy", dir.path()).await?; // a second push replaces it
+        assert_eq!(policy.config().model, "policy");
+        let after = policy
+            .act(&[context(1)], &SamplingParams::greedy(256))
+            .await?;
+        assert_ne!(before[0].text, after[0].text);
+        assert!(
+            after[0]
+                .text
+                .starts_with("Thought: I see 2 screenshot(s) with policy.")
+        );
+
+        let err = policy
+            .load_lora_adapter("x", Path::new("/no/such/adapter"))
+            .await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::InvalidInput(ref m)) if m.contains("adapter_config.json")),
+            "{err:?}"
+        );
+        server.shutdown().await?;
+        Ok(())
+    }
+
+    use std::path::Path;
+
+    /// Without `token_id:` names (SGLang), ids come from the entries' bytes through the
+    /// model's byte-level vocabulary; the reference ids are the tokenizer's own encoding.
+    #[test]
+    fn token_bytes_map_back_to_the_tokenizers_ids() -> TestResult {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models/tiny-qwen2vl/tokenizer.json");
+        let mapper = TokenMapper::from_file(&path)?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| e.to_string())?;
+        let text = "Thought: click the é button\nAction: click(start_box='(12,34)')<|im_end|>";
+        let encoding = tokenizer.encode(text, false).map_err(|e| e.to_string())?;
+        let ids = encoding.get_ids();
+        assert!(ids.len() > 10);
+        for &id in ids {
+            // What a server puts in `bytes`: the token's raw bytes (the literal text of a special token).
+            let spelled = tokenizer.id_to_token(id).ok_or("id in vocab")?;
+            let bytes: Vec<u8> = if spelled.starts_with("<|") {
+                spelled.clone().into_bytes()
+            } else {
+                spelled.chars().map(|c| unbyte(c)).collect()
+            };
+            let entry = TokenLogprob {
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                logprob: -1.0,
+                bytes: Some(bytes),
+                top_logprobs: vec![],
+            };
+            assert_eq!(mapper.token_id(&entry), Some(id), "{spelled:?}");
+        }
+        Ok(())
+    }
+
+    /// The inverse of GPT-2's byte alphabet, written out from its definition.
+    fn unbyte(c: char) -> u8 {
+        let printable: Vec<u32> = (0x21..=0x7E)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let code = c as u32;
+        if printable.contains(&code) {
+            return code as u8;
+        }
+        let others: Vec<u32> = (0..256).filter(|b| !printable.contains(b)).collect();
+        others[(code - 256) as usize] as u8
+    }
+}
