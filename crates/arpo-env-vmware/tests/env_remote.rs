@@ -1,0 +1,381 @@
+//! The environment end to end over real HTTP against a scripted guest server: reset (setup
+//! steps), steps, evaluate on OSWorld's own task files; faults (500s, a hang, the server going
+//! down mid-episode) end the episode with a reason and leave the env reusable.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arpo_core::{Action, EnvError, Environment, Point, Task};
+use arpo_env_vmware::{EnvConfig, GuestClient, GuestConfig, OsworldEnv, OsworldTask, VmwareError};
+use serde_json::{Value, json};
+use support::{FakeGuest, Script};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/osworld/examples")
+        .join(rel)
+}
+
+fn task(rel: &str) -> Task {
+    let domain = rel.split('/').next();
+    OsworldTask::load(&fixture(rel))
+        .expect("task")
+        .to_task(domain)
+}
+
+fn config(cache: &Path) -> EnvConfig {
+    EnvConfig {
+        guest: GuestConfig {
+            request_timeout: Duration::from_secs(1),
+            execute_timeout: Duration::from_secs(1),
+            open_timeout: Duration::from_secs(1),
+            attempts: 3,
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+        },
+        cache_dir: cache.to_path_buf(),
+        client_password: "password".into(),
+        step_pause: Duration::ZERO,
+        wait_pause: Duration::ZERO,
+        reset_attempts: 2,
+        ready_timeout: Duration::from_secs(2),
+        ready_poll: Duration::from_millis(20),
+        settle: Duration::ZERO,
+        pause_between_steps: false,
+        download_timeout: Duration::from_secs(1),
+    }
+}
+
+fn guest() -> FakeGuest {
+    FakeGuest::start(Arc::new(Mutex::new(Script::default())))
+}
+
+fn set_output(g: &FakeGuest, command: Value, output: &str) {
+    g.state
+        .lock()
+        .expect("lock")
+        .outputs
+        .insert(command.to_string(), output.to_owned());
+}
+
+const IDLE_DELAY: &str = "os/bedcedc4-4d72-425e-ad62-21960b11fe0d.json";
+
+#[tokio::test]
+async fn exact_match_task_reset_step_evaluate() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    let t = task(IDLE_DELAY);
+
+    let first = env.reset(&t).await.expect("reset");
+    assert_eq!((first.screenshot.width, first.screenshot.height), (64, 48));
+    assert_eq!(env.screen_size(), (64, 48));
+
+    let step = env
+        .step(&Action::Click {
+            point: Point::new(10.0, 20.0),
+        })
+        .await
+        .expect("click");
+    assert!(!step.done);
+    let step = env
+        .step(&Action::Finished { content: None })
+        .await
+        .expect("finished");
+    assert!(step.done);
+
+    {
+        let s = g.state.lock().expect("lock");
+        // The task's setup step went to /setup/execute, the click to /execute with OSWorld's prefix.
+        assert_eq!(s.executed[0].0, "/setup/execute");
+        assert_eq!(
+            s.executed[0].1,
+            json!([
+                "python",
+                "-c",
+                "import pyautogui; import time; pyautogui.click(960, 540); time.sleep(0.5);"
+            ])
+        );
+        assert_eq!(
+            s.executed[1],
+            (
+                "/execute".to_string(),
+                json!([
+                    "python",
+                    "-c",
+                    "import pyautogui; import time; pyautogui.FAILSAFE = False; pyautogui.click(10, 20, button='left')"
+                ])
+            )
+        );
+        assert_eq!(s.executed.len(), 2, "finished runs nothing");
+    }
+
+    let gsettings = json!([
+        "gsettings",
+        "get",
+        "org.gnome.desktop.session",
+        "idle-delay"
+    ]);
+    set_output(&g, gsettings.clone(), "uint32 0\n");
+    let last = Action::Finished { content: None };
+    assert_eq!(env.evaluate(Some(&last)).await.expect("eval"), 1.0);
+    set_output(&g, gsettings, "uint32 300\n");
+    assert_eq!(env.evaluate(Some(&last)).await.expect("eval"), 0.0);
+    // A last FAIL scores 0 on a feasible task.
+    assert_eq!(
+        env.evaluate(Some(&Action::CallUser)).await.expect("eval"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn infeasible_scores_one_only_for_call_user() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    env.reset(&task("os/b3d4a89c-53f2-4d6b-8b6a-541fb5d205fa.json"))
+        .await
+        .expect("reset");
+    assert_eq!(
+        env.evaluate(Some(&Action::CallUser)).await.expect("eval"),
+        1.0
+    );
+    assert_eq!(
+        env.evaluate(Some(&Action::Finished { content: None }))
+            .await
+            .expect("eval"),
+        0.0
+    );
+    assert_eq!(env.evaluate(None).await.expect("eval"), 0.0);
+}
+
+#[tokio::test]
+async fn postconfig_stdout_feeds_cache_file_and_check_list_with_and() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    env.reset(&task(
+        "multi_apps/e1fc0df3-c8b9-4ee7-864c-d0b590d3aa56.json",
+    ))
+    .await
+    .expect("reset");
+    let grep = json!([
+        "grep",
+        "-nHr",
+        "languagetool",
+        "/home/user/.config/libreoffice/4/user/uno_packages/cache/uno_packages/"
+    ]);
+    let apt = json!(["apt", "list", "--installed"]);
+    set_output(
+        &g,
+        grep.clone(),
+        "x/description.xml:3:<identifier value=\"org.openoffice.languagetool.oxt\"/>\n",
+    );
+    set_output(
+        &g,
+        apt.clone(),
+        "zip/jammy 3.0\nopenjdk-11-jre/jammy-updates 11.0.20\n",
+    );
+    let done = Action::Finished { content: None };
+    assert_eq!(env.evaluate(Some(&done)).await.expect("eval"), 1.0);
+    // `and`: one failing metric fails the task.
+    set_output(&g, apt, "zip/jammy 3.0\n");
+    assert_eq!(env.evaluate(Some(&done)).await.expect("eval"), 0.0);
+    let s = g.state.lock().expect("lock");
+    let launched = &s.setup_calls[0];
+    assert_eq!(launched.0, "/setup/launch");
+    assert_eq!(
+        launched.1,
+        json!({"command": ["libreoffice", "--writer"], "shell": false})
+    );
+}
+
+#[tokio::test]
+async fn download_upload_activate_and_compare_text_file() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let rel = "vs_code/0ed39f63-6049-43d4-ba4d-5fa2fe04a951.json";
+    let raw = OsworldTask::load(&fixture(rel)).expect("task");
+    // Pre-fill the host download cache so no network is needed.
+    let url = raw.config[0].parameters["files"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let cached = arpo_env_vmware::setup::download_cache_path(
+        &cache.path().join("downloads"),
+        &url,
+        "/home/user/Desktop/vscode_replace_text.txt",
+    );
+    std::fs::create_dir_all(cached.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&cached, "a text line\n").expect("cache");
+
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    env.reset(&raw.to_task(Some("vs_code")))
+        .await
+        .expect("reset");
+    {
+        let s = g.state.lock().expect("lock");
+        assert_eq!(
+            s.uploads
+                .get("/home/user/Desktop/vscode_replace_text.txt")
+                .map(Vec::as_slice),
+            Some(&b"a text line\n"[..])
+        );
+        let endpoints: Vec<&str> = s.setup_calls.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(endpoints, ["/setup/launch", "/setup/activate_window"]);
+        assert_eq!(
+            s.setup_calls[1].1,
+            json!({"window_name": "Visual Studio Code", "strict": false, "by_class": false})
+        );
+    }
+    // The agent's edit, and the gold file the cloud_file getter keeps in the task cache.
+    g.state.lock().expect("lock").files.insert(
+        "/home/user/Desktop/vscode_replace_text.txt".into(),
+        b"a test line\n".to_vec(),
+    );
+    let task_cache = cache.path().join("tasks").join(&raw.id);
+    std::fs::write(
+        task_cache.join("vscode_replace_text_gold.txt"),
+        "a test line\n",
+    )
+    .expect("gold");
+    let done = Action::Finished { content: None };
+    assert_eq!(env.evaluate(Some(&done)).await.expect("eval"), 1.0);
+    // The postconfig saved with ctrl+s through /setup/execute.
+    assert!(
+        g.state
+            .lock()
+            .expect("lock")
+            .executed
+            .iter()
+            .any(|(ep, c)| ep == "/setup/execute"
+                && c[2]
+                    .as_str()
+                    .is_some_and(|s| s.contains("hotkey('ctrl', 's')")))
+    );
+    // A file missing in the guest scores 0.
+    g.state.lock().expect("lock").files.clear();
+    assert_eq!(env.evaluate(Some(&done)).await.expect("eval"), 0.0);
+}
+
+#[tokio::test]
+async fn unsupported_task_is_refused_before_touching_the_guest() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    let err = env
+        .reset(&task("chrome/e1e75309-3ddb-4d09-92ec-de869c928143.json"))
+        .await
+        .expect_err("unsupported");
+    match &err {
+        EnvError::Unsupported { reason, .. } => {
+            assert!(reason.contains("setup step chrome_open_tabs"), "{reason}");
+            assert!(reason.contains("metric compare_pdfs"), "{reason}");
+            assert!(reason.contains("getter pdf_from_url"), "{reason}");
+        }
+        other => panic!("wrong error {other:?}"),
+    }
+    assert_eq!(g.state.lock().expect("lock").requests, 0);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_end_the_episode_and_the_env_recovers() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    let t = task(IDLE_DELAY);
+    env.reset(&t).await.expect("reset");
+    let click = Action::Click {
+        point: Point::new(1.0, 1.0),
+    };
+    // Two 500s, then success: the retries hide them.
+    g.state.lock().expect("lock").fail_next = 2;
+    env.step(&click).await.expect("retried");
+    // Persistent 500s: the screenshot cannot be had, the episode ends with the reason.
+    g.state.lock().expect("lock").fail_next = 100;
+    let err = env.step(&click).await.expect_err("500s");
+    assert!(!err.episode_can_continue());
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    assert!(matches!(env.step(&click).await, Err(EnvError::NotReset)));
+    // Healthy again: the same env resets and runs.
+    g.state.lock().expect("lock").fail_next = 0;
+    env.reset(&t).await.expect("reset again");
+    env.step(&click).await.expect("step");
+}
+
+#[tokio::test]
+async fn a_hanging_guest_times_out_and_the_env_recovers() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    let t = task(IDLE_DELAY);
+    env.reset(&t).await.expect("reset");
+    g.state.lock().expect("lock").hang = true;
+    let started = Instant::now();
+    let err = env
+        .step(&Action::Press { key: "a".into() })
+        .await
+        .expect_err("hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, EnvError::Timeout { .. }), "{err:?}");
+    g.state.lock().expect("lock").hang = false;
+    env.reset(&t).await.expect("reset again");
+}
+
+#[tokio::test]
+async fn server_down_mid_episode_ends_it_and_a_restarted_server_is_used_again() {
+    let state = Arc::new(Mutex::new(Script::default()));
+    let mut g = FakeGuest::start(state.clone());
+    let addr = g.addr;
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    let t = task(IDLE_DELAY);
+    env.reset(&t).await.expect("reset");
+    g.stop();
+    let err = env
+        .step(&Action::Hotkey {
+            keys: vec!["ctrl".into(), "s".into()],
+        })
+        .await
+        .expect_err("down");
+    assert!(matches!(err, EnvError::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    // Down during reset: the reset fails with the reason, after its retries.
+    assert!(env.reset(&t).await.is_err());
+    let _g2 = FakeGuest::start_on(state, addr);
+    env.reset(&t).await.expect("reset on the restarted server");
+    env.step(&Action::Wait).await.expect("step");
+}
+
+#[tokio::test]
+async fn a_screenshot_that_is_not_an_image_is_rejected() {
+    let g = guest();
+    g.state.lock().expect("lock").bad_screenshot = Some(b"<html>oops</html>".to_vec());
+    let client = GuestClient::new(&g.url(), GuestConfig::default()).expect("client");
+    let err = client.screenshot().await.expect_err("not an image");
+    assert!(matches!(err, VmwareError::BadScreenshot { .. }), "{err:?}");
+    assert!(err.to_string().contains("neither PNG nor JPEG"), "{err}");
+}
+
+#[tokio::test]
+async fn off_screen_points_are_rejected_and_the_episode_goes_on() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    env.reset(&task(IDLE_DELAY)).await.expect("reset");
+    let err = env
+        .step(&Action::Click {
+            point: Point::new(500.0, 10.0),
+        })
+        .await
+        .expect_err("off screen");
+    assert!(err.episode_can_continue());
+    env.step(&Action::Wait).await.expect("still running");
+}

@@ -1,0 +1,269 @@
+//! A scripted OSWorld guest server for tests, with fault injection (500s, a hang, going down).
+//!
+//! It runs on its own thread and runtime, so that "down" really closes every connection.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Multipart, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+#[derive(Debug, Default)]
+pub struct Script {
+    /// Every `/execute` and `/setup/execute` command, in order, with its endpoint.
+    pub executed: Vec<(String, Value)>,
+    /// Other setup calls: (endpoint, JSON body).
+    pub setup_calls: Vec<(String, Value)>,
+    /// `/setup/upload`: path → bytes.
+    pub uploads: HashMap<String, Vec<u8>>,
+    /// Files `/file` serves.
+    pub files: HashMap<String, Vec<u8>>,
+    /// `/execute` outputs by command (JSON text of the command).
+    pub outputs: HashMap<String, String>,
+    /// The next N requests answer 500.
+    pub fail_next: u32,
+    /// Requests hang (60 s) while set.
+    pub hang: bool,
+    /// `/screenshot` answers this body instead of a PNG.
+    pub bad_screenshot: Option<Vec<u8>>,
+    pub requests: u32,
+}
+
+pub type Shared = Arc<Mutex<Script>>;
+
+pub fn png(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([30, 60, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
+/// Applies faults; `Some(response)` short-cuts the handler.
+async fn fault(state: &Shared) -> Option<Response> {
+    let hang = {
+        let mut s = state.lock().expect("lock");
+        s.requests += 1;
+        if s.fail_next > 0 {
+            s.fail_next -= 1;
+            return Some(
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(json!({"status": "error", "message": "injected"})),
+                )
+                    .into_response(),
+            );
+        }
+        s.hang
+    };
+    if hang {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    None
+}
+
+async fn screenshot(State(state): State<Shared>) -> Response {
+    if let Some(r) = fault(&state).await {
+        return r;
+    }
+    let bad = state.lock().expect("lock").bad_screenshot.clone();
+    match bad {
+        Some(body) => body.into_response(),
+        None => ([("content-type", "image/png")], png(64, 48)).into_response(),
+    }
+}
+
+async fn execute_at(state: Shared, endpoint: &str, body: Value) -> Response {
+    if let Some(r) = fault(&state).await {
+        return r;
+    }
+    let command = body.get("command").cloned().unwrap_or(Value::Null);
+    let mut s = state.lock().expect("lock");
+    s.executed.push((endpoint.to_owned(), command.clone()));
+    let output = s
+        .outputs
+        .get(&command.to_string())
+        .cloned()
+        .unwrap_or_default();
+    axum::Json(json!({"status": "success", "output": output, "error": "", "returncode": 0}))
+        .into_response()
+}
+
+async fn execute(State(state): State<Shared>, axum::Json(body): axum::Json<Value>) -> Response {
+    execute_at(state, "/execute", body).await
+}
+
+async fn setup_execute(
+    State(state): State<Shared>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    execute_at(state, "/setup/execute", body).await
+}
+
+async fn setup_call(state: Shared, endpoint: &str, body: Value) -> Response {
+    if let Some(r) = fault(&state).await {
+        return r;
+    }
+    state
+        .lock()
+        .expect("lock")
+        .setup_calls
+        .push((endpoint.to_owned(), body));
+    "ok".into_response()
+}
+
+async fn launch(State(s): State<Shared>, axum::Json(b): axum::Json<Value>) -> Response {
+    setup_call(s, "/setup/launch", b).await
+}
+async fn open_file(State(s): State<Shared>, axum::Json(b): axum::Json<Value>) -> Response {
+    setup_call(s, "/setup/open_file", b).await
+}
+async fn activate(State(s): State<Shared>, axum::Json(b): axum::Json<Value>) -> Response {
+    setup_call(s, "/setup/activate_window", b).await
+}
+async fn close(State(s): State<Shared>, axum::Json(b): axum::Json<Value>) -> Response {
+    setup_call(s, "/setup/close_window", b).await
+}
+
+async fn upload(State(state): State<Shared>, mut form: Multipart) -> Response {
+    if let Some(r) = fault(&state).await {
+        return r;
+    }
+    let mut path = None;
+    let mut data = None;
+    while let Ok(Some(field)) = form.next_field().await {
+        match field.name() {
+            Some("file_path") => path = field.text().await.ok(),
+            Some("file_data") => data = field.bytes().await.ok().map(|b| b.to_vec()),
+            _ => {}
+        }
+    }
+    match (path, data) {
+        (Some(p), Some(d)) => {
+            state.lock().expect("lock").uploads.insert(p, d);
+            "uploaded".into_response()
+        }
+        _ => (StatusCode::BAD_REQUEST, "file_path and file_data needed").into_response(),
+    }
+}
+
+async fn file(State(state): State<Shared>, body: Bytes) -> Response {
+    if let Some(r) = fault(&state).await {
+        return r;
+    }
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let Some(encoded) = text.strip_prefix("file_path=") else {
+        return (StatusCode::BAD_REQUEST, "file_path needed").into_response();
+    };
+    let path = decode_form(encoded);
+    match state.lock().expect("lock").files.get(&path) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => (StatusCode::NOT_FOUND, "File not found").into_response(),
+    }
+}
+
+fn decode_form(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("3F");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/screenshot", get(screenshot))
+        .route("/execute", post(execute))
+        .route("/setup/execute", post(setup_execute))
+        .route("/setup/launch", post(launch))
+        .route("/setup/open_file", post(open_file))
+        .route("/setup/activate_window", post(activate))
+        .route("/setup/close_window", post(close))
+        .route("/setup/upload", post(upload))
+        .route("/file", post(file))
+        .with_state(state)
+}
+
+/// A running fake guest; dropping it (or `stop`) shuts it down with all its connections.
+pub struct FakeGuest {
+    pub addr: SocketAddr,
+    pub state: Shared,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeGuest {
+    pub fn start(state: Shared) -> Self {
+        Self::start_on(state, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    pub fn start_on(state: Shared, addr: SocketAddr) -> Self {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .expect("bind");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("send");
+            rt.spawn(async move {
+                let _ = axum::serve(listener, router(st)).await;
+            });
+            let _ = stop_rx.recv();
+            rt.shutdown_background();
+        });
+        let addr = addr_rx.recv().expect("server address");
+        Self {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FakeGuest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
