@@ -22,6 +22,7 @@
 pub mod chat;
 pub mod config;
 mod error;
+pub mod generate;
 pub mod model;
 pub mod nn;
 pub mod processor;
@@ -34,6 +35,7 @@ pub mod weights;
 pub use chat::{ChatTokenizer, TokenizedChat};
 pub use config::{GenerationConfig, PreprocessorConfig, Qwen2VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
+pub use generate::{Generation, GenerationRequest, GenerationTimings};
 pub use model::Qwen2Vl;
 pub use processor::{ImageProcessor, ProcessedImages};
 pub use rope::{RopeIndex, get_rope_index};
