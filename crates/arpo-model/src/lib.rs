@@ -25,6 +25,7 @@ mod error;
 pub mod generate;
 pub mod model;
 pub mod nn;
+pub mod policy;
 pub mod processor;
 pub mod rope;
 pub mod text;
@@ -37,5 +38,6 @@ pub use config::{GenerationConfig, PreprocessorConfig, Qwen2VlConfig, TextConfig
 pub use error::{ModelError, Result};
 pub use generate::{Generation, GenerationRequest, GenerationTimings};
 pub use model::Qwen2Vl;
+pub use policy::{LocalPolicy, StepTimings, UiTars};
 pub use processor::{ImageProcessor, ProcessedImages};
 pub use rope::{RopeIndex, get_rope_index};
