@@ -32,6 +32,7 @@
 
 pub mod api;
 mod batch;
+mod check;
 pub mod engine;
 mod error;
 mod images;
@@ -40,6 +41,7 @@ pub mod scripted;
 mod server;
 mod text;
 
+pub use check::{ServerCheck, check_server};
 pub use engine::{
     Engine, EngineError, EngineFinish, EngineInfo, Flow, GeneratedToken, SequenceRequest,
     TokenPiece,

@@ -1075,3 +1075,60 @@ mod remote {
         others[(code - 256) as usize] as u8
     }
 }
+
+/// What `cargo xtask test-server` does, against the server with the fixture screenshot.
+#[tokio::test]
+async fn server_check_with_the_fixture_screenshot() -> TestResult {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/screenshots/desktop.png");
+    let shot = arpo_serve::check_image(std::fs::read(&path)?, &ImageLimits::default())
+        .map_err(|e| e.message)?;
+    assert_eq!((shot.width, shot.height), (640, 400));
+    let engine = Arc::new(ScriptedEngine::default());
+    let server = start(
+        engine,
+        ServeConfig {
+            api_key: Some("k".into()),
+            ..ServeConfig::default()
+        },
+    )
+    .await;
+    let check = arpo_serve::check_server(
+        &server.base_url(),
+        Some("k"),
+        None,
+        shot.clone(),
+        "Open the Documents folder",
+        256,
+    )
+    .await?;
+    assert_eq!(check.model, "ui-tars");
+    assert_eq!(check.health["status"], "ok");
+    assert!(
+        check
+            .response
+            .starts_with("Thought: I see 1 screenshot(s).\nAction: click(")
+    );
+    assert_eq!(check.finish_reason.as_deref(), Some("stop"));
+    let wrong_key =
+        arpo_serve::check_server(&server.base_url(), Some("x"), None, shot, "t", 8).await;
+    let message = wrong_key.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("401") && message.contains("api key"),
+        "{message}"
+    );
+    let addr = server.local_addr();
+    server.shutdown().await?;
+    let down = arpo_serve::check_server(
+        &format!("http://{addr}/v1"),
+        None,
+        None,
+        Screenshot::new(vec![], 1, 1),
+        "t",
+        8,
+    )
+    .await;
+    let message = down.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("is the server running"), "{message}");
+    Ok(())
+}
