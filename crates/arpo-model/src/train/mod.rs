@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod score;
+pub mod trainable;
 
 use std::path::PathBuf;
 
@@ -20,6 +22,9 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The model failed (shapes, inputs, loading).
+    #[error("model: {0}")]
+    Model(#[from] crate::ModelError),
     /// Reading or writing a file failed.
     #[error("{action} {path}: {source}")]
     Io {

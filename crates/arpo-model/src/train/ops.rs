@@ -31,7 +31,7 @@ fn cpu_len(s: &CpuStorage) -> Result<usize> {
 }
 
 /// A plain (untracked) tensor over a copy of `storage` viewed through `layout`.
-fn untracked(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
+pub(crate) fn untracked(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
     let len = cpu_len(storage)?;
     let full = Tensor::from_storage(
         Storage::Cpu(storage.clone()),
@@ -46,7 +46,7 @@ fn untracked(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
 }
 
 /// The CPU storage of `t` (made contiguous and exactly sized) and its shape.
-fn into_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn into_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
     let shape = t.shape().clone();
     let exact = {
