@@ -1,10 +1,103 @@
-//! `cargo xtask serve`.
+//! `cargo xtask serve`: the OpenAI-compatible UI-TARS server (the seed's `uitars_2b_server.py`).
 
-use anyhow::Result;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arpo_serve::{Engine, ImageLimits, ModelEngine, ServeConfig, Server};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A model directory (HF layout) or a Hugging Face repo id already in the local cache.
+    #[arg(long)]
+    model: String,
+    /// The address to listen on (loopback by default; 0.0.0.0 to accept other machines).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+    /// Require `Authorization: Bearer <KEY>` on every request.
+    #[arg(long, env = "ARPO_SERVE_API_KEY")]
+    api_key: Option<String>,
+    /// The name clients put in `model` (default: the --model argument).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most sequences generated together (1 turns dynamic batching off).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Most requests waiting; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest encoded image.
+    #[arg(long, default_value_t = 20 * 1024 * 1024)]
+    max_image_bytes: usize,
+    /// Largest image, width × height.
+    #[arg(long, default_value_t = 16384 * 28 * 28)]
+    max_image_pixels: u64,
+    /// Most images in one request.
+    #[arg(long, default_value_t = 16)]
+    max_images: usize,
+    /// Accept `file://` image urls for files under this directory.
+    #[arg(long)]
+    allowed_local_media_path: Option<PathBuf>,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N (cuda needs a build with candle's cuda feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    crate::not_built_yet("serve")
+pub fn run(args: Args) -> Result<()> {
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not an address",
+                args.host, args.port
+            )
+        })?;
+    println!(
+        "Loading {} ({}, {}) ...",
+        args.model, args.dtype, args.device
+    );
+    let started = std::time::Instant::now();
+    let engine = ModelEngine::load_named(&args.model, &args.dtype, &args.device)?;
+    let info = engine.info();
+    println!(
+        "✓ Model loaded on {} in {:.1} s (context {} tokens)",
+        info.device,
+        started.elapsed().as_secs_f64(),
+        info.max_context
+    );
+    let config = ServeConfig {
+        served_model_name: args.served_model_name.unwrap_or_else(|| args.model.clone()),
+        api_key: args.api_key,
+        max_batch: args.max_batch.max(1),
+        max_queue: args.max_queue.max(1),
+        image_limits: ImageLimits {
+            max_bytes: args.max_image_bytes,
+            max_pixels: args.max_image_pixels,
+            allowed_local_media_path: args.allowed_local_media_path,
+        },
+        max_images: args.max_images,
+        ..ServeConfig::default()
+    };
+    let name = config.served_model_name.clone();
+    let auth = config.api_key.is_some();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let server = Server::start(Arc::new(engine), config, addr).await?;
+        println!("Model name: {name}");
+        println!("Server: http://{}", server.local_addr());
+        println!("OpenAI base URL: {}", server.base_url());
+        if auth {
+            println!("API key required (Authorization: Bearer ...)");
+        }
+        println!("Ready to accept requests!");
+        server.run_until_ctrl_c().await?;
+        println!("Stopped.");
+        anyhow::Ok(())
+    })
 }

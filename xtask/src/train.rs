@@ -1,10 +1,253 @@
-//! `cargo xtask train`.
+//! `cargo xtask train`: the ARPO run of a config, end to end, in this process.
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arpo_core::{Environment, Policy};
+use arpo_serve::{RemotePolicy, RemotePolicyConfig};
+use arpo_trainer::model::{CandleLearner, load_local};
+use arpo_trainer::setup::{Envs, build_envs, load_tasks, preflight};
+use arpo_trainer::{Config, Progress, Trainer};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The run's YAML config (the seed's structure; see configs/).
+    #[arg(long, default_value = "configs/embedded_default.yaml")]
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set worker.actor.optim.lr=1e-6` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the latest checkpoint of the experiment, or from the `epoch_<N>` folder given.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<String>,
+    /// No progress bar; log lines on stderr instead.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Run the pre-flight checks, print the resolved config, and stop.
+    #[arg(long)]
+    pub check: bool,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    crate::not_built_yet("train")
+/// Logs to `<logs_path>/training.log` (everything at info) and to stderr (warnings, or
+/// everything with `quiet`). `RUST_LOG` overrides the file's level.
+pub fn init_logging(logs_dir: &Path, quiet: bool) -> Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, fmt};
+    std::fs::create_dir_all(logs_dir)
+        .with_context(|| format!("creating {}", logs_dir.display()))?;
+    let path = logs_dir.join("training.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let file_layer = fmt::layer()
+        .with_ansi(false)
+        .with_writer(Arc::new(file))
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    let stderr_level = if quiet { "info" } else { "warn" };
+    let stderr_layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(EnvFilter::new(stderr_level));
+    // A second call (tests, several runs in one process) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(file_layer)
+        .with(stderr_layer)
+        .try_init();
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = Config::load(&args.config, &args.set)?;
+    init_logging(&config.trainer.logs_path, args.quiet)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(train(config, args))
+}
+
+async fn train(config: Config, args: Args) -> Result<()> {
+    eprintln!(
+        "ARPO-rs train: experiment {} ({} on {}), config {}",
+        config.trainer.experiment_name,
+        config.worker.actor.model.model_path.display(),
+        match config.env.provider {
+            arpo_trainer::config::EnvProvider::Sim => "the embedded desktop",
+            arpo_trainer::config::EnvProvider::Vmware => "VMware",
+            arpo_trainer::config::EnvProvider::Remote => "remote guest servers",
+        },
+        args.config.display()
+    );
+    preflight(&config).await?;
+    if args.check {
+        println!("{}", config.to_yaml());
+        eprintln!("pre-flight checks passed");
+        return Ok(());
+    }
+    let train_tasks = load_tasks(&config.data.train_files, &config, config.data.max_tasks)?;
+    let val_tasks = load_tasks(&config.data.val_files, &config, config.data.max_tasks)?;
+    let steps_per_epoch = train_tasks
+        .len()
+        .div_ceil(config.data.rollout_batch_size.max(1));
+    let minibatches = config
+        .data
+        .rollout_batch_size
+        .div_ceil(config.worker.actor.global_batch_size.max(1));
+    let total_optimizer_steps = (config.trainer.total_episodes
+        * steps_per_epoch
+        * config.worker.actor.ppo_epochs
+        * minibatches) as u64;
+    let (local, learner) = load_local(&config, total_optimizer_steps)?;
+    let envs = build_envs(&config)?;
+    eprintln!(
+        "{} training tasks, {} held-out, {} environments, {} epochs of {} steps",
+        train_tasks.len(),
+        val_tasks.len(),
+        envs.len(),
+        config.trainer.total_episodes,
+        steps_per_epoch
+    );
+    let resume = args.resume.clone();
+    let quiet = args.quiet;
+    if config.worker.rollout.use_external_server {
+        let (remote, learner) = remote_policy(&config, learner).await?;
+        drop(local);
+        run_envs(config, &remote, envs, learner, train_tasks, val_tasks, resume, quiet).await
+    } else {
+        run_envs(config, &local, envs, learner, train_tasks, val_tasks, resume, quiet).await
+    }
+}
+
+/// Rollouts through an OpenAI-compatible server; after each update the new weights go to it
+/// (a LoRA adapter through `/v1/load_lora_adapter`, full weights through `/v1/reload_weights`).
+async fn remote_policy(
+    config: &Config,
+    mut learner: CandleLearner,
+) -> Result<(RemotePolicy, CandleLearner)> {
+    let r = &config.worker.rollout;
+    let mut remote_config = RemotePolicyConfig::new(r.server_url.trim_end_matches('/'), &r.server_model);
+    remote_config.prompt = arpo_trainer::model::prompt_config(config);
+    let mut policy = RemotePolicy::new(remote_config, None)?;
+    let push_dir = config.checkpoint_dir().join("server_push");
+    let pusher = policy.clone();
+    let lora = learner.trainable.lora_set().is_some();
+    const ADAPTER: &str = "arpo-policy";
+    let source = learner.source_dir.clone();
+    let mut push = move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), arpo_trainer::TrainerError> {
+        let fail = |e: String| arpo_trainer::TrainerError::Learner(format!("pushing weights to the server: {e}"));
+        if lora {
+            trainable
+                .save_adapter(&push_dir, &source.to_string_lossy(), None)
+                .map_err(|e| fail(e.to_string()))?;
+        } else {
+            trainable
+                .save(&push_dir, &source, None)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                if lora {
+                    let _ = pusher.unload_lora_adapter(ADAPTER).await;
+                    pusher.load_lora_adapter(ADAPTER, &push_dir).await
+                } else {
+                    pusher.reload_weights(&push_dir).await
+                }
+            })
+        })
+        .map_err(|e| fail(e.to_string()))
+    };
+    // The first push makes the server answer with the weights being trained from the start.
+    push(&learner.trainable)?;
+    if lora {
+        policy.set_model(ADAPTER);
+    }
+    learner.after_update = Some(Box::new(push));
+    Ok((policy, learner))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_envs<P: Policy + ?Sized>(
+    config: Config,
+    policy: &P,
+    envs: Envs,
+    learner: CandleLearner,
+    train_tasks: Vec<arpo_core::Task>,
+    val_tasks: Vec<arpo_core::Task>,
+    resume: Option<String>,
+    quiet: bool,
+) -> Result<()> {
+    match envs {
+        Envs::Sim(e) => {
+            run_with(config, policy, e, learner, train_tasks, val_tasks, resume, quiet).await
+        }
+        Envs::Osworld(e) => {
+            run_with(config, policy, e, learner, train_tasks, val_tasks, resume, quiet).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_with<P: Policy + ?Sized, E: Environment>(
+    config: Config,
+    policy: &P,
+    envs: Vec<E>,
+    learner: CandleLearner,
+    train_tasks: Vec<arpo_core::Task>,
+    val_tasks: Vec<arpo_core::Task>,
+    resume: Option<String>,
+    quiet: bool,
+) -> Result<()> {
+    let progress = if quiet {
+        Progress::quiet()
+    } else {
+        Progress::terminal()
+    };
+    let mut trainer = Trainer::new(
+        config.clone(),
+        policy,
+        envs,
+        learner,
+        train_tasks,
+        val_tasks,
+        progress,
+    )?;
+    let resume_dir = match resume.as_deref() {
+        None => None,
+        Some("") => trainer.resume(None)?,
+        Some(dir) => trainer.resume(Some(Path::new(dir)))?,
+    };
+    if let Some(dir) = resume_dir {
+        eprintln!("resumed from {}", dir.display());
+    } else if resume.is_some() {
+        eprintln!("nothing to resume from: starting fresh");
+    }
+    let summary = trainer.run().await?;
+    let results = config.results_dir();
+    println!("epoch  avg_reward  success  replay  loss");
+    for e in &summary.metrics.epochs {
+        println!(
+            "{:>5}  {:>10.3}  {:>6.1}%  {:>6}  {:>8.4}",
+            e.epoch,
+            e.avg_reward,
+            100.0 * e.success_rate,
+            e.replay_size,
+            e.loss
+        );
+    }
+    println!("metrics:     {}", results.join("training_metrics.json").display());
+    println!("replay:      {}", results.join("replay_buffer_stats.json").display());
+    println!("per task:    {}", results.join("task_results").display());
+    println!("curves:      {}", results.join("training_curves.png").display());
+    if let Some(ck) = &summary.last_checkpoint {
+        println!("checkpoint:  {}", ck.display());
+    }
+    println!(
+        "log:         {}",
+        config.trainer.logs_path.join("training.log").display()
+    );
+    Ok(())
 }

@@ -211,6 +211,7 @@ pub fn is_invalid_group(rewards: &[f64]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

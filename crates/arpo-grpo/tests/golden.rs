@@ -2,6 +2,8 @@
 //! `compute_kl`, `masked_mean`), each with its arithmetic, checked on both the slice and the
 //! tensor forms.
 
+#![allow(clippy::unwrap_used)] // in tests a panic is the failure report
+
 use arpo_grpo::{
     KlEstimator, KlPenalty, LossAggMode, PolicyLossConfig, PolicyLossInputs, SequenceInput,
     policy_loss, policy_loss_slices, token_kl, token_policy_loss,

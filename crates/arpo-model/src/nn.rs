@@ -6,16 +6,27 @@
 
 use candle_core::{D, DType, Module, Result, Tensor};
 
+use crate::train::lora::LoraAdapter;
+
 /// `y = x W^T + b`, weight `[out, in]` as stored by PyTorch.
+///
+/// With a LoRA adapter attached (by `train::trainable::Trainable::lora`), the output is
+/// `x W^T + b + scale * dropout(x) A^T B^T`. A frozen weight (a plain tensor, not a `Var`) goes
+/// through [`crate::train::ops::linear`], which computes no weight gradient in backward.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// `(out_features, in_features)`.
@@ -27,20 +38,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Flatten leading dims so the product is one 2-D gemm with a transposed weight.
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().unwrap_or(&0);
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        let y = crate::train::ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(adapter) => y + adapter.forward_delta(x)?,
+            None => Ok(y),
         }
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
-        }
-        y.reshape(out_dims)
     }
 }
 

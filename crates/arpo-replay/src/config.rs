@@ -137,6 +137,7 @@ pub fn population_mean_std(values: &[f64]) -> Option<(f64, f64)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

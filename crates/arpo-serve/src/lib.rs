@@ -36,6 +36,7 @@ mod check;
 pub mod engine;
 mod error;
 mod images;
+mod model_engine;
 pub mod remote;
 pub mod scripted;
 mod server;
@@ -48,6 +49,7 @@ pub use engine::{
 };
 pub use error::{ApiError, ServeError};
 pub use images::{ImageLimits, check_image, load_image_url};
+pub use model_engine::ModelEngine;
 pub use remote::{RemotePolicy, RemotePolicyConfig, TokenMapper};
 pub use scripted::ScriptedEngine;
 pub use server::{ServeConfig, Server};

@@ -95,8 +95,11 @@ pub fn parse_token_id(token: &str) -> Option<u32> {
 
 /// GPT-2's byte-to-character table: printable Latin-1 bytes stand for themselves, the others
 /// are shifted to U+0100 and up in byte order.
+fn printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
 fn byte_char(b: u8) -> char {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     if printable(b) {
         return char::from(b);
     }
@@ -107,6 +110,24 @@ fn byte_char(b: u8) -> char {
 /// How a byte-level BPE vocabulary spells these bytes (`" hi\n"` -> `"ĠhiĊ"`).
 pub fn byte_level_spelling(bytes: &[u8]) -> String {
     bytes.iter().map(|&b| byte_char(b)).collect()
+}
+
+/// The bytes a byte-level BPE vocabulary entry stands for (`"ĠhiĊ"` -> `" hi\n"`); `None`
+/// when a character is outside that alphabet.
+pub fn byte_level_bytes(spelled: &str) -> Option<Vec<u8>> {
+    spelled
+        .chars()
+        .map(|c| {
+            let code = c as u32;
+            match u8::try_from(code) {
+                Ok(b) if printable(b) => Some(b),
+                Ok(_) => None,
+                Err(_) => (0..=255u8)
+                    .filter(|&x| !printable(x))
+                    .nth(code.checked_sub(256)? as usize),
+            }
+        })
+        .collect()
 }
 
 /// A [`Policy`] over an OpenAI-compatible server.
@@ -363,6 +384,15 @@ mod tests {
         assert_eq!(byte_level_spelling(&[0x7F]), "\u{121}");
         assert_eq!(byte_level_spelling(&[0xAD]), "\u{143}");
         assert_eq!(byte_level_spelling(&[0xC3, 0xA9]), "Ã©");
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(byte_level_bytes(&byte_level_spelling(&all)), Some(all));
+        assert_eq!(byte_level_bytes("\u{120}hi"), Some(b" hi".to_vec()));
+        assert_eq!(byte_level_bytes("\u{4E2D}"), None);
+        assert_eq!(
+            byte_level_bytes(" "),
+            None,
+            "a raw space is not in the alphabet"
+        );
     }
 
     #[test]

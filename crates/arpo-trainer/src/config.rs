@@ -861,6 +861,7 @@ pub fn apply_override(tree: &mut serde_yaml::Value, spec: &str) -> Result<(), Tr
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

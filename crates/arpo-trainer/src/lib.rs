@@ -1,6 +1,16 @@
-//! ARPO training for UI-TARS GUI agents.
+//! ARPO training for UI-TARS GUI agents: the whole run in one process.
 //!
-//! - [`config`]: the seed's YAML config, validated, with `--set` overrides.
+//! - [`config`]: the seed's YAML config (`data`, `algorithm`, `worker.actor`, `worker.rollout`,
+//!   `env`, `trainer`), validated, with `--set` overrides.
+//! - [`rollout`]: groups of `worker.rollout.n` episodes per task over `env.num_envs`
+//!   environments, lock-step batched generation through any [`arpo_core::Policy`].
+//! - [`learner`]: the seam to the model being trained ([`Learner`]: old log-probs, update,
+//!   save, load).
+//! - [`train`]: the loop: rollouts → replay (`arpo-replay`) → GRPO advantages and the clipped
+//!   loss (`arpo-grpo`) → update; metrics, per-task results, curves, checkpoints, `--resume`.
+//! - [`model`]: the candle UI-TARS model as the rollout policy and the learner, sharing weights.
+//! - [`setup`]: task sets, environments and the pre-flight check from a config.
+//! - [`eval`]: success rates with a 95% Wilson interval.
 //!
 //! ```
 //! use arpo_trainer::Config;
@@ -12,10 +22,25 @@
 //! .unwrap();
 //! assert_eq!(config.worker.rollout.n, 4);
 //! assert!(!config.algorithm.enable_replay);
+//! assert_eq!(arpo_trainer::train::replay_config(&config).enabled, false);
 //! ```
 
 pub mod config;
+pub mod curves;
 mod error;
+pub mod eval;
+pub mod learner;
+pub mod metrics;
+pub mod model;
+pub mod progress;
+pub mod rollout;
+pub mod setup;
+pub mod testing;
+pub mod train;
 
 pub use config::Config;
 pub use error::TrainerError;
+pub use learner::{Learner, Sample, UpdateStats};
+pub use progress::Progress;
+pub use rollout::{RolloutReport, RolloutSettings, run_rollouts};
+pub use train::{Trainer, TrainerState};

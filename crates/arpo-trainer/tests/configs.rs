@@ -1,5 +1,7 @@
 //! The shipped configs load, and carry the seed's settings.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use arpo_trainer::Config;

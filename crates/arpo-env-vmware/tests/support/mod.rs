@@ -267,3 +267,41 @@ impl Drop for FakeGuest {
         self.stop();
     }
 }
+
+/// `fixtures/fake-vmrun/vmrun` with its state in `dir` (through a wrapper script, so that
+/// parallel tests do not share an environment variable).
+#[cfg(unix)]
+pub fn fake_vmrun(dir: &std::path::Path, timeout: Duration) -> arpo_env_vmware::Vmrun {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fake-vmrun/vmrun");
+    let wrapper = dir.join("vmrun-wrapper.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nFAKE_VMRUN_DIR='{}' exec python3 '{}' \"$@\"\n",
+            dir.display(),
+            fake.display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    arpo_env_vmware::Vmrun::new(arpo_env_vmware::VmrunConfig {
+        binary: wrapper,
+        host_type: arpo_env_vmware::HostType::Workstation,
+        headless: true,
+        timeout,
+        ip_timeout: timeout,
+    })
+}
+
+/// The commands (third argument on) the fake vmrun received.
+pub fn vmrun_calls(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("calls.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let args: Vec<String> = serde_json::from_str(l).expect("call");
+            args.get(2).cloned().unwrap_or_default()
+        })
+        .collect()
+}

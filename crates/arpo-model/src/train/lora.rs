@@ -10,6 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -17,6 +19,30 @@ use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{CheckpointDir, load_safetensors};
 use super::{Result, TrainError};
+
+/// The module name peft sees for one of ours under transformers 5 (which nests the decoder as
+/// `model.language_model.*` and the vision tower as `model.visual.*`; peft 0.21 does not map
+/// the classic spelling, so an adapter saved with classic names would load as zeros).
+pub fn peft_module_name(module: &str) -> String {
+    if let Some(rest) = module.strip_prefix("model.layers.") {
+        format!("model.language_model.layers.{rest}")
+    } else if let Some(rest) = module.strip_prefix("visual.") {
+        format!("model.visual.{rest}")
+    } else {
+        module.to_string()
+    }
+}
+
+/// Our (classic) module name for a peft module name of either spelling.
+pub fn module_from_peft_name(name: &str) -> String {
+    if let Some(rest) = name.strip_prefix("model.language_model.") {
+        format!("model.{rest}")
+    } else if let Some(rest) = name.strip_prefix("model.visual.") {
+        format!("visual.{rest}")
+    } else {
+        name.to_string()
+    }
+}
 
 /// PEFT's prefix of every adapter key.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -104,6 +130,8 @@ impl LoraConfig {
 }
 
 /// One adapter: `A: [r, in]`, `B: [out, r]`, trainable f32 `Var`s.
+///
+/// Clones share the variables, the training switch and the dropout generator.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     /// Down projection `[r, in]`.
@@ -112,6 +140,8 @@ pub struct LoraAdapter {
     pub b: Var,
     scale: f64,
     dropout: f64,
+    training: Arc<AtomicBool>,
+    rng: Arc<Mutex<ChaCha8Rng>>,
 }
 
 impl LoraAdapter {
@@ -147,7 +177,23 @@ impl LoraAdapter {
             b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
             scale: alpha / r as f64,
             dropout,
+            training: Arc::new(AtomicBool::new(false)),
+            rng: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))),
         })
+    }
+
+    /// The adapter's contribution in the model's forward: with dropout when its set is in
+    /// training mode ([`LoraSet::set_training`]), without otherwise.
+    pub fn forward_delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("lora dropout generator poisoned".into()))?;
+            self.delta_impl(x, Some(&mut rng))
+        } else {
+            self.delta_impl(x, None)
+        }
     }
 
     /// Rank r.
@@ -164,6 +210,14 @@ impl LoraAdapter {
     /// the input is dropped out (inverted dropout, PEFT's `nn.Dropout` semantics); without it
     /// (evaluation), it is not.
     pub fn delta(&self, x: &Tensor, dropout_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        Ok(self.delta_impl(x, dropout_rng)?)
+    }
+
+    fn delta_impl(
+        &self,
+        x: &Tensor,
+        dropout_rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
         let x = match dropout_rng {
             Some(rng) if self.dropout > 0.0 => {
                 let keep = 1.0 - self.dropout;
@@ -188,7 +242,7 @@ impl LoraAdapter {
         let x2 = x.reshape(((), in_dim))?.to_dtype(DType::F32)?;
         let h = x2.matmul(&self.a.as_tensor().t()?)?;
         let y = (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
-        Ok(y.reshape(out_shape)?.to_dtype(x.dtype())?)
+        y.reshape(out_shape)?.to_dtype(x.dtype())
     }
 
     /// `w + scale * B A`, the base weight with this adapter merged in (in `w`'s dtype).
@@ -210,6 +264,8 @@ pub struct LoraSet {
     config: LoraConfig,
     adapters: BTreeMap<String, LoraAdapter>,
     dropout_rng: ChaCha8Rng,
+    training: Arc<AtomicBool>,
+    shared_rng: Arc<Mutex<ChaCha8Rng>>,
 }
 
 /// Per-module seed: the same module gets the same init whatever order modules are added in.
@@ -228,11 +284,22 @@ impl LoraSet {
     pub fn new(config: LoraConfig) -> Result<Self> {
         config.validate()?;
         let dropout_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_d20f);
+        let shared_rng = Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(
+            config.seed ^ 0x0d20_f5e7,
+        )));
         Ok(Self {
             config,
             adapters: BTreeMap::new(),
             dropout_rng,
+            training: Arc::new(AtomicBool::new(false)),
+            shared_rng,
         })
+    }
+
+    /// Turns dropout on (training) or off (scoring old log-probs, evaluation) for every
+    /// adapter of the set, including the clones held by the model's layers.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
     }
 
     /// The configuration.
@@ -254,12 +321,15 @@ impl LoraSet {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(module_seed(self.config.seed, module));
         let adapter = LoraAdapter::init(in_dim, out_dim, &self.config, &mut rng, device)?;
-        self.adapters.insert(module.to_string(), adapter);
+        self.insert(module, adapter);
         Ok(true)
     }
 
-    /// Inserts (or replaces) an adapter.
-    pub fn insert(&mut self, module: &str, adapter: LoraAdapter) {
+    /// Inserts (or replaces) an adapter; it joins the set's training switch and dropout
+    /// generator.
+    pub fn insert(&mut self, module: &str, mut adapter: LoraAdapter) {
+        adapter.training = self.training.clone();
+        adapter.rng = self.shared_rng.clone();
         self.adapters.insert(module.to_string(), adapter);
     }
 
@@ -316,7 +386,7 @@ impl LoraSet {
     pub fn peft_config(&self, base_model_name_or_path: &str) -> serde_json::Value {
         // The exact module names: unambiguous for peft (it matches a full name or a suffix),
         // whatever other layers of the model share a last component.
-        let modules: Vec<&String> = self.adapters.keys().collect();
+        let modules: Vec<String> = self.adapters.keys().map(|m| peft_module_name(m)).collect();
         serde_json::json!({
             "peft_type": "LORA",
             "task_type": null,
@@ -350,11 +420,12 @@ impl LoraSet {
 
     /// Writes the two PEFT files into a checkpoint being assembled.
     pub fn write_peft(&self, ck: &CheckpointDir, base_model_name_or_path: &str) -> Result<()> {
-        let tensors: BTreeMap<String, Tensor> = self
-            .vars()
-            .into_iter()
-            .map(|(k, v)| (format!("{PEFT_PREFIX}{k}"), v.as_tensor().clone()))
-            .collect();
+        let mut tensors = BTreeMap::new();
+        for (m, a) in &self.adapters {
+            let name = peft_module_name(m);
+            tensors.insert(format!("{PEFT_PREFIX}{name}.lora_A.weight"), a.a.as_tensor().clone());
+            tensors.insert(format!("{PEFT_PREFIX}{name}.lora_B.weight"), a.b.as_tensor().clone());
+        }
         ck.write_safetensors(ADAPTER_WEIGHTS, &tensors, &BTreeMap::new())?;
         ck.write_json(ADAPTER_CONFIG, &self.peft_config(base_model_name_or_path))
     }
@@ -414,6 +485,7 @@ impl LoraSet {
             _ => Vec::new(),
         };
         let include_vision = targets.iter().any(|t| t.contains("visual."));
+        let targets: Vec<String> = targets.iter().map(|t| module_from_peft_name(t)).collect();
         let config = LoraConfig {
             r,
             alpha,
@@ -432,9 +504,9 @@ impl LoraSet {
                 .replace(".lora_A.default.", ".lora_A.")
                 .replace(".lora_B.default.", ".lora_B.");
             if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-                pairs.entry(m.to_string()).or_default().0 = Some(t);
+                pairs.entry(module_from_peft_name(m)).or_default().0 = Some(t);
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-                pairs.entry(m.to_string()).or_default().1 = Some(t);
+                pairs.entry(module_from_peft_name(m)).or_default().1 = Some(t);
             } else {
                 return Err(TrainError::Config(format!(
                     "adapter key {key} is neither lora_A nor lora_B: this loader supports plain LoRA"
@@ -451,7 +523,7 @@ impl LoraSet {
                         });
                     }
                     let adapter = LoraAdapter::from_weights(&a, &b, alpha, dropout)?;
-                    set.adapters.insert(module, adapter);
+                    set.insert(&module, adapter);
                 }
                 _ => {
                     return Err(TrainError::Mismatch {
@@ -610,8 +682,8 @@ mod tests {
         assert_eq!(
             keys,
             vec![
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+                "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight",
             ]
         );
         let cfg: serde_json::Value =

@@ -1,5 +1,10 @@
-//! Trainable parameter sets of a [`Qwen2Vl`]: full fine-tuning (optionally with the vision
-//! tower frozen), and saving the result as an HF-layout directory.
+//! Trainable parameter sets of a [`Qwen2Vl`]: LoRA adapters on a frozen base, or full
+//! fine-tuning (optionally with the vision tower frozen); saving as an HF-layout directory or a
+//! PEFT adapter.
+//!
+//! [`Trainable::lora`] attaches adapters to the targeted [`Linear`] layers (the model's forward
+//! adds their contribution) and detaches every base weight: the frozen projections run through
+//! [`super::ops::linear`], so they cost no weight gradient and have no `GradStore` entry.
 //!
 //! [`Trainable::full`] swaps each trainable weight of the model for the tensor of an f32
 //! [`Var`] (the model keeps computing with it; optimizer updates are visible to the model at
@@ -12,6 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor, Var};
 
 use super::checkpoint::{CheckpointDir, TOKENIZER_FILES, load_safetensors};
+use super::lora::{LoraConfig, LoraSet};
 use super::optim::AdamW;
 use super::score::{Episode, EpisodeScore, score_episode};
 use super::{Result, TrainError};
@@ -94,6 +100,35 @@ fn visit_params(
     Ok(())
 }
 
+/// Calls `f(module, linear)` for every linear layer except the output projection.
+fn visit_linears(
+    model: &mut Qwen2Vl,
+    f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+) -> Result<()> {
+    let v = &mut model.vision;
+    f("visual.patch_embed.proj", &mut v.patch_embed)?;
+    for (i, b) in v.blocks.iter_mut().enumerate() {
+        let p = format!("visual.blocks.{i}");
+        f(&format!("{p}.attn.qkv"), &mut b.qkv)?;
+        f(&format!("{p}.attn.proj"), &mut b.proj)?;
+        f(&format!("{p}.mlp.fc1"), &mut b.fc1)?;
+        f(&format!("{p}.mlp.fc2"), &mut b.fc2)?;
+    }
+    f("visual.merger.mlp.0", &mut v.merger_fc1)?;
+    f("visual.merger.mlp.2", &mut v.merger_fc2)?;
+    for (i, l) in model.text.layers.iter_mut().enumerate() {
+        let p = format!("model.layers.{i}");
+        f(&format!("{p}.self_attn.q_proj"), &mut l.q_proj)?;
+        f(&format!("{p}.self_attn.k_proj"), &mut l.k_proj)?;
+        f(&format!("{p}.self_attn.v_proj"), &mut l.v_proj)?;
+        f(&format!("{p}.self_attn.o_proj"), &mut l.o_proj)?;
+        f(&format!("{p}.mlp.gate_proj"), &mut l.gate_proj)?;
+        f(&format!("{p}.mlp.up_proj"), &mut l.up_proj)?;
+        f(&format!("{p}.mlp.down_proj"), &mut l.down_proj)?;
+    }
+    Ok(())
+}
+
 /// Points a tied output projection at the (possibly replaced) embedding table.
 fn retie(model: &mut Qwen2Vl) {
     if model.text.tied {
@@ -112,6 +147,7 @@ pub struct Trainable {
     pub model: Qwen2Vl,
     vars: Vec<(String, Var)>,
     freeze_vision_tower: bool,
+    lora: Option<LoraSet>,
 }
 
 impl Trainable {
@@ -138,7 +174,115 @@ impl Trainable {
             model,
             vars,
             freeze_vision_tower,
+            lora: None,
         })
+    }
+
+    /// LoRA: fresh adapters (PEFT init, seeded by `config.seed`) on the layers `config`
+    /// targets; every base weight frozen.
+    pub fn lora(model: Qwen2Vl, config: LoraConfig) -> Result<Self> {
+        let set = LoraSet::new(config)?;
+        Self::with_lora_set(model, set, true)
+    }
+
+    /// LoRA from a PEFT adapter directory (ours or peft's), on a frozen base.
+    pub fn lora_from_peft(model: Qwen2Vl, dir: &Path, seed: u64) -> Result<Self> {
+        let device = model.device().clone();
+        let set = LoraSet::load_peft(dir, seed, &device)?;
+        Self::with_lora_set(model, set, false)
+    }
+
+    fn with_lora_set(mut model: Qwen2Vl, mut set: LoraSet, init: bool) -> Result<Self> {
+        visit_params(&mut model, &mut |_, t| {
+            *t = t.detach();
+            Ok(())
+        })?;
+        retie(&mut model);
+        let device = model.device().clone();
+        let mut attached = 0usize;
+        visit_linears(&mut model, &mut |name, linear| {
+            if init {
+                let (out_dim, in_dim) = linear.dims();
+                set.add_if_targeted(name, in_dim, out_dim, &device)?;
+            }
+            linear.lora = set.get(name).cloned();
+            attached += usize::from(linear.lora.is_some());
+            Ok(())
+        })?;
+        if attached != set.len() {
+            let known: std::collections::HashSet<String> = {
+                let mut k = std::collections::HashSet::new();
+                visit_linears(&mut model, &mut |name, _| {
+                    k.insert(name.to_string());
+                    Ok(())
+                })?;
+                k
+            };
+            let missing: Vec<&String> = set.adapters().keys().filter(|m| !known.contains(*m)).collect();
+            return Err(TrainError::Mismatch {
+                name: "lora adapter".into(),
+                reason: format!("modules {missing:?} are not linear layers of this model"),
+            });
+        }
+        if set.is_empty() {
+            return Err(TrainError::Config(format!(
+                "no linear layer matches the lora target_modules {:?}",
+                set.config().target_modules
+            )));
+        }
+        let vars = set.vars();
+        Ok(Self {
+            model,
+            vars,
+            freeze_vision_tower: !set.config().include_vision,
+            lora: Some(set),
+        })
+    }
+
+    /// The LoRA adapters, when training LoRA.
+    pub fn lora_set(&self) -> Option<&LoraSet> {
+        self.lora.as_ref()
+    }
+
+    /// Dropout on (training) or off (scoring old log-probs, evaluation). Only LoRA has dropout.
+    pub fn set_training(&self, on: bool) {
+        if let Some(set) = &self.lora {
+            set.set_training(on);
+        }
+    }
+
+    /// A copy of the model with every adapter merged into its base weight (no adapters left).
+    pub fn merged_model(&self) -> Result<Qwen2Vl> {
+        let mut model = self.model.clone();
+        visit_linears(&mut model, &mut |_, linear| {
+            if let Some(adapter) = linear.lora.take() {
+                linear.weight = adapter.merged_weight(&linear.weight)?;
+            }
+            Ok(())
+        })?;
+        Ok(model)
+    }
+
+    /// Saves the adapters in PEFT form (`adapter_model.safetensors`, `adapter_config.json`),
+    /// plus `optimizer.safetensors` when an optimizer is given; atomically.
+    pub fn save_adapter(
+        &self,
+        dest: &Path,
+        base_model_name_or_path: &str,
+        optimizer: Option<&AdamW>,
+    ) -> Result<PathBuf> {
+        let Some(set) = &self.lora else {
+            return Err(TrainError::Config(
+                "save_adapter needs a LoRA trainable; use save for full fine-tuning".into(),
+            ));
+        };
+        let ck = CheckpointDir::begin(dest)?;
+        set.write_peft(&ck, base_model_name_or_path)?;
+        if let Some(opt) = optimizer {
+            let state: BTreeMap<String, Tensor> = opt.state_tensors()?.into_iter().collect();
+            ck.write_safetensors(OPTIMIZER_STATE, &state, &BTreeMap::new())?;
+        }
+        ck.commit()
     }
 
     /// The trainable variables by name (classic HF spelling), for the optimizer.
@@ -158,10 +302,18 @@ impl Trainable {
 
     /// Every weight of the model, in the checkpoint layout (`visual.patch_embed.proj.weight` as
     /// the 5-D Conv3d kernel).
+    /// With LoRA, the adapters are merged in.
     pub fn state_dict(&self) -> Result<BTreeMap<String, Tensor>> {
+        let merged;
+        let model = if self.lora.is_some() {
+            merged = self.merged_model()?;
+            &merged
+        } else {
+            &self.model
+        };
         let mut out = BTreeMap::new();
-        let vc = &self.model.config.vision;
-        for (name, t) in self.model.parameters() {
+        let vc = &model.config.vision;
+        for (name, t) in model.parameters() {
             let t = if name == "visual.patch_embed.proj.weight" {
                 t.reshape((
                     vc.embed_dim,
@@ -178,7 +330,8 @@ impl Trainable {
         Ok(out)
     }
 
-    /// Saves an HF-layout directory at `dest` (atomically): `model.safetensors`, `config.json`
+    /// Saves an HF-layout directory at `dest` (atomically; with LoRA, the merged weights):
+    /// `model.safetensors`, `config.json`
     /// and the tokenizer/processor files copied from `source_dir` (the model the run started
     /// from), plus `optimizer.safetensors` when an optimizer is given.
     pub fn save(

@@ -1,0 +1,340 @@
+//! The [`Engine`] over the candle UI-TARS model of `arpo-model`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use arpo_core::{ChatMessage, FinishReason, SamplingParams};
+use arpo_model::generate::GenerationRequest;
+use arpo_model::policy::UiTars;
+use arpo_model::train::lora::LoraSet;
+use arpo_model::weights::{Weights, canonical_name};
+use arpo_model::{ModelError, Qwen2Vl};
+use candle_core::{DType, Device};
+
+use crate::engine::{
+    Engine, EngineError, EngineFinish, EngineInfo, Flow, GeneratedToken, SequenceRequest,
+    TokenPiece,
+};
+use crate::remote::byte_level_bytes;
+
+/// Qwen2-VL's context window when `config.json` does not say.
+const DEFAULT_MAX_CONTEXT: usize = 32768;
+
+/// A loaded UI-TARS checkpoint served by [`crate::Server`].
+///
+/// LoRA adapters are merged into a copy of the base weights when loaded (one copy per
+/// adapter); a full-weights reload unloads every adapter (they were merged into the old
+/// weights). `top_logprobs` alternatives are not reported (the model returns the sampled
+/// token's log-prob only), and a batch's tokens reach the server when the batch is done.
+#[derive(Debug)]
+pub struct ModelEngine {
+    base: RwLock<UiTars>,
+    adapters: RwLock<HashMap<String, Arc<Qwen2Vl>>>,
+    source: String,
+    device: Device,
+    dtype: DType,
+    max_context: usize,
+    /// Token id -> (literal text, special) of the tokenizer's added tokens.
+    added: HashMap<u32, (String, bool)>,
+}
+
+fn model_error(e: ModelError) -> EngineError {
+    match e {
+        ModelError::Image(_) | ModelError::Input(_) => EngineError::InvalidInput(e.to_string()),
+        other => EngineError::Generation(other.to_string()),
+    }
+}
+
+impl ModelEngine {
+    /// Loads a model directory, or a Hugging Face repo id from the local cache.
+    pub fn load(model: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let uitars = UiTars::load(model, dtype, device).map_err(|e| EngineError::Load {
+            what: "the model".into(),
+            path: model.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self::new(uitars, model.to_string()))
+    }
+
+    /// [`Self::load`] with the dtype (`f32`, `bf16`, `f16`) and device (`cpu`, `cuda`,
+    /// `cuda:N`, the latter with candle's `cuda` feature) named as on the command line.
+    pub fn load_named(model: &str, dtype: &str, device: &str) -> Result<Self, EngineError> {
+        let dtype = match dtype {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => {
+                return Err(EngineError::InvalidInput(format!(
+                    "unknown dtype {other:?}: use f32, bf16 or f16"
+                )));
+            }
+        };
+        let device = match device {
+            "cpu" => Device::Cpu,
+            other => {
+                let ordinal = match other.strip_prefix("cuda") {
+                    Some("") => 0,
+                    Some(rest) => rest
+                        .strip_prefix(':')
+                        .and_then(|n| n.parse().ok())
+                        .ok_or_else(|| {
+                            EngineError::InvalidInput(format!(
+                                "unknown device {other:?}: use cpu, cuda or cuda:N"
+                            ))
+                        })?,
+                    None => {
+                        return Err(EngineError::InvalidInput(format!(
+                            "unknown device {other:?}: use cpu, cuda or cuda:N"
+                        )));
+                    }
+                };
+                Device::new_cuda(ordinal).map_err(|e| {
+                    EngineError::InvalidInput(format!(
+                        "cannot open {other}: {e} (is this build made with candle's cuda feature?)"
+                    ))
+                })?
+            }
+        };
+        Self::load(model, dtype, &device)
+    }
+
+    /// Serves an already loaded model.
+    pub fn new(uitars: UiTars, source: String) -> Self {
+        let max_context = std::fs::read(uitars.dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                v.get("max_position_embeddings")
+                    .or_else(|| v.get("text_config")?.get("max_position_embeddings"))
+                    .and_then(serde_json::Value::as_u64)
+            })
+            .map_or(DEFAULT_MAX_CONTEXT, |n| n as usize);
+        let added = uitars
+            .tokenizer
+            .tokenizer()
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, token)| (id, (token.content.clone(), token.special)))
+            .collect();
+        Self {
+            device: uitars.model.device().clone(),
+            dtype: uitars.model.dtype(),
+            base: RwLock::new(uitars),
+            adapters: RwLock::new(HashMap::new()),
+            source,
+            max_context,
+            added,
+        }
+    }
+
+    fn base(&self) -> std::sync::RwLockReadGuard<'_, UiTars> {
+        self.base
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn adapter_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Qwen2Vl>>> {
+        self.adapters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn adapter_map_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Qwen2Vl>>> {
+        self.adapters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Engine for ModelEngine {
+    type Prompt = GenerationRequest;
+
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            model_source: self.source.clone(),
+            device: format!("{:?}", self.device).to_lowercase(),
+            max_context: self.max_context,
+        }
+    }
+
+    fn prepare(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: usize,
+    ) -> Result<GenerationRequest, EngineError> {
+        if messages.is_empty() {
+            return Err(EngineError::InvalidInput(
+                "the conversation has no messages".into(),
+            ));
+        }
+        let request = self.base().prepare(messages).map_err(model_error)?;
+        if request.input_ids.len() + max_tokens > self.max_context {
+            return Err(EngineError::ContextTooLong {
+                prompt_tokens: request.input_ids.len(),
+                max_tokens,
+                max_context: self.max_context,
+            });
+        }
+        Ok(request)
+    }
+
+    fn prompt_tokens(&self, prompt: &GenerationRequest) -> usize {
+        prompt.input_ids.len()
+    }
+
+    fn generate(
+        &self,
+        batch: &[SequenceRequest<'_, GenerationRequest>],
+        on_token: &mut dyn FnMut(usize, &GeneratedToken) -> Flow,
+    ) -> Vec<Result<EngineFinish, EngineError>> {
+        let mut results: Vec<Option<Result<EngineFinish, EngineError>>> = vec![None; batch.len()];
+        // The model samples a whole batch with one set of settings: group the sequences by
+        // settings and adapter, one `generate` per group.
+        let mut groups: Vec<(SamplingParams, Option<&str>, Vec<usize>)> = Vec::new();
+        for (i, seq) in batch.iter().enumerate() {
+            match groups
+                .iter_mut()
+                .find(|(s, a, _)| *s == seq.sampling && *a == seq.adapter)
+            {
+                Some(group) => group.2.push(i),
+                None => groups.push((seq.sampling.clone(), seq.adapter, vec![i])),
+            }
+        }
+        let base = self.base();
+        for (sampling, adapter, members) in groups {
+            let adapted = match adapter {
+                None => None,
+                Some(name) => match self.adapter_map().get(name).cloned() {
+                    Some(model) => Some(model),
+                    None => {
+                        for &i in &members {
+                            results[i] =
+                                Some(Err(EngineError::UnknownAdapter { name: name.into() }));
+                        }
+                        continue;
+                    }
+                },
+            };
+            let model = adapted.as_deref().unwrap_or(&base.model);
+            let requests: Vec<GenerationRequest> =
+                members.iter().map(|&i| batch[i].prompt.clone()).collect();
+            match model.generate(&requests, &sampling, &base.stop_ids) {
+                Ok((generations, _)) => {
+                    for (&i, generation) in members.iter().zip(generations) {
+                        let mut finish = match generation.finish_reason {
+                            FinishReason::Stop => EngineFinish::EndOfTurn,
+                            FinishReason::Length => EngineFinish::Length,
+                        };
+                        for (&id, &logprob) in generation.token_ids.iter().zip(&generation.logprobs)
+                        {
+                            let token = GeneratedToken {
+                                id,
+                                logprob,
+                                top: Vec::new(),
+                            };
+                            if on_token(i, &token) == Flow::Stop {
+                                finish = EngineFinish::Stopped;
+                                break;
+                            }
+                        }
+                        results[i] = Some(Ok(finish));
+                    }
+                }
+                Err(e) => {
+                    let error = model_error(e);
+                    for &i in &members {
+                        results[i] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(EngineError::Generation("sequence not generated".into())))
+            })
+            .collect()
+    }
+
+    fn token_piece(&self, id: u32) -> TokenPiece {
+        if let Some((content, special)) = self.added.get(&id) {
+            return TokenPiece {
+                bytes: content.clone().into_bytes(),
+                special: *special,
+            };
+        }
+        let base = self.base();
+        let tokenizer = base.tokenizer.tokenizer();
+        let bytes = tokenizer
+            .id_to_token(id)
+            .and_then(|spelled| byte_level_bytes(&spelled))
+            .or_else(|| tokenizer.decode(&[id], false).ok().map(String::into_bytes))
+            .unwrap_or_default();
+        TokenPiece {
+            bytes,
+            special: false,
+        }
+    }
+
+    fn load_adapter(&self, name: &str, path: &Path) -> Result<(), EngineError> {
+        let load_error = |reason: String| EngineError::Load {
+            what: format!("lora adapter {name:?}"),
+            path: path.display().to_string(),
+            reason,
+        };
+        let set =
+            LoraSet::load_peft(path, 0, &self.device).map_err(|e| load_error(e.to_string()))?;
+        let base = self.base();
+        let mut weights: HashMap<String, candle_core::Tensor> =
+            base.model.parameters().into_iter().collect();
+        for (module, adapter) in set.adapters() {
+            let name = canonical_name(&format!("{module}.weight"));
+            let Some(w) = weights.get(&name) else {
+                return Err(load_error(format!(
+                    "it adapts {module}, which this model does not have: is it an adapter of this base model?"
+                )));
+            };
+            let merged = adapter
+                .merged_weight(w)
+                .map_err(|e| load_error(format!("merging into {name}: {e}")))?;
+            weights.insert(name, merged);
+        }
+        let model = Qwen2Vl::from_weights(base.model.config.clone(), Weights::from_map(weights))
+            .map_err(|e| load_error(e.to_string()))?;
+        drop(base);
+        self.adapter_map_mut()
+            .insert(name.to_string(), Arc::new(model));
+        Ok(())
+    }
+
+    fn unload_adapter(&self, name: &str) -> Result<(), EngineError> {
+        match self.adapter_map_mut().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(EngineError::UnknownAdapter { name: name.into() }),
+        }
+    }
+
+    fn adapters(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.adapter_map().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn reload_weights(&self, path: &Path) -> Result<(), EngineError> {
+        let model =
+            Qwen2Vl::load(path, self.dtype, &self.device).map_err(|e| EngineError::Load {
+                what: "model weights".into(),
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let mut base = self
+            .base
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        base.model = model;
+        drop(base);
+        self.adapter_map_mut().clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! Metrics and per-task results: what `training_metrics.json` and
+//! `task_results/task_<id>_results.json` hold.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use arpo_core::Trajectory;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainerError;
+use crate::rollout::DroppedRollout;
+
+/// One training step.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Global step, from 0.
+    pub step: u64,
+    /// Epoch, from 0.
+    pub epoch: usize,
+    /// Mean reward (`eval_result + 0.5 * format_reward`) of the step's own rollouts.
+    pub avg_reward: f64,
+    /// Share of the step's own rollouts that succeeded (`eval_result > success_threshold`).
+    pub success_rate: f64,
+    /// Share of the step's own rollouts that ended on an unparsable response.
+    pub format_error_rate: f64,
+    pub rollouts: usize,
+    pub dropped_rollouts: usize,
+    /// Episodes in the replay buffer after the step.
+    pub replay_size: usize,
+    /// Tasks with at least one stored success after the step.
+    pub replay_tasks: usize,
+    /// Groups that got a replayed success.
+    pub injected_groups: usize,
+    /// Groups whose rewards all failed (before injection).
+    pub all_failed_groups: usize,
+    /// Groups with reward std < 0.01 after injection: zero advantage, nothing learnt.
+    pub invalid_groups: usize,
+    pub loss: f64,
+    pub pg_clipfrac_higher: f64,
+    pub pg_clipfrac_lower: f64,
+    pub ppo_kl: f64,
+    pub entropy: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub optimizer_steps: usize,
+    pub skipped_optimizer_steps: usize,
+    /// Trained (assistant) tokens.
+    pub tokens: usize,
+    pub generated_tokens: usize,
+    pub env_steps: usize,
+    pub rollout_seconds: f64,
+    pub update_seconds: f64,
+}
+
+/// One epoch: the means of its steps (sums for counts), and validation when it ran.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub steps: usize,
+    pub avg_reward: f64,
+    pub success_rate: f64,
+    pub format_error_rate: f64,
+    pub rollouts: usize,
+    pub dropped_rollouts: usize,
+    pub replay_size: usize,
+    pub replay_tasks: usize,
+    pub injected_groups: usize,
+    pub invalid_groups: usize,
+    pub loss: f64,
+    pub pg_clipfrac_higher: f64,
+    pub pg_clipfrac_lower: f64,
+    pub ppo_kl: f64,
+    pub entropy: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+    pub generated_tokens: usize,
+    pub env_steps: usize,
+    pub rollout_seconds: f64,
+    pub update_seconds: f64,
+    /// Success rate on the held-out tasks at validation temperature, when validated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_success_rate: Option<f64>,
+}
+
+impl EpochMetrics {
+    /// Aggregates the steps of one epoch (rates weighted by rollouts).
+    pub fn from_steps(epoch: usize, steps: &[StepMetrics]) -> Self {
+        let n = steps.len().max(1) as f64;
+        let rollouts: usize = steps.iter().map(|s| s.rollouts).sum();
+        let weighted = |f: fn(&StepMetrics) -> f64| {
+            if rollouts == 0 {
+                0.0
+            } else {
+                steps.iter().map(|s| f(s) * s.rollouts as f64).sum::<f64>() / rollouts as f64
+            }
+        };
+        let mean = |f: fn(&StepMetrics) -> f64| steps.iter().map(f).sum::<f64>() / n;
+        let last = steps.last();
+        Self {
+            epoch,
+            steps: steps.len(),
+            avg_reward: weighted(|s| s.avg_reward),
+            success_rate: weighted(|s| s.success_rate),
+            format_error_rate: weighted(|s| s.format_error_rate),
+            rollouts,
+            dropped_rollouts: steps.iter().map(|s| s.dropped_rollouts).sum(),
+            replay_size: last.map_or(0, |s| s.replay_size),
+            replay_tasks: last.map_or(0, |s| s.replay_tasks),
+            injected_groups: steps.iter().map(|s| s.injected_groups).sum(),
+            invalid_groups: steps.iter().map(|s| s.invalid_groups).sum(),
+            loss: mean(|s| s.loss),
+            pg_clipfrac_higher: mean(|s| s.pg_clipfrac_higher),
+            pg_clipfrac_lower: mean(|s| s.pg_clipfrac_lower),
+            ppo_kl: mean(|s| s.ppo_kl),
+            entropy: mean(|s| s.entropy),
+            grad_norm: mean(|s| s.grad_norm),
+            lr: last.map_or(0.0, |s| s.lr),
+            tokens: steps.iter().map(|s| s.tokens).sum(),
+            generated_tokens: steps.iter().map(|s| s.generated_tokens).sum(),
+            env_steps: steps.iter().map(|s| s.env_steps).sum(),
+            rollout_seconds: steps.iter().map(|s| s.rollout_seconds).sum(),
+            update_seconds: steps.iter().map(|s| s.update_seconds).sum(),
+            val_success_rate: None,
+        }
+    }
+}
+
+/// `training_metrics.json`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MetricsHistory {
+    pub experiment: String,
+    pub steps: Vec<StepMetrics>,
+    pub epochs: Vec<EpochMetrics>,
+}
+
+/// One attempt at a task, as `task_<id>_results.json` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub step: u64,
+    pub epoch: usize,
+    /// Which rollout of the group.
+    pub rollout: usize,
+    /// `training` or `validation`.
+    pub phase: String,
+    /// `None` when the rollout was dropped.
+    pub reward: Option<f64>,
+    pub eval_result: Option<f64>,
+    pub success: bool,
+    pub steps: usize,
+    /// The actions carried out, as JSON (arpo-core's `Action` form).
+    pub actions: Vec<serde_json::Value>,
+    /// How the episode ended (`finished`, `format_error`, `max_steps`, ..., or `dropped`).
+    pub end: String,
+    pub format_errors: Vec<String>,
+    pub env_errors: Vec<String>,
+}
+
+impl Attempt {
+    pub fn from_trajectory(
+        t: &Trajectory,
+        step: u64,
+        epoch: usize,
+        rollout: usize,
+        phase: &str,
+        success_threshold: f64,
+    ) -> Self {
+        Self {
+            step,
+            epoch,
+            rollout,
+            phase: phase.into(),
+            reward: Some(t.reward()),
+            eval_result: Some(t.eval_result),
+            success: t.eval_result > success_threshold,
+            steps: t.turns.len(),
+            actions: t
+                .turns
+                .iter()
+                .flat_map(|turn| turn.actions.iter())
+                .filter_map(|a| serde_json::to_value(a).ok())
+                .collect(),
+            end: serde_json::to_value(t.end)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            format_errors: t
+                .turns
+                .iter()
+                .filter_map(|t| t.format_error.clone())
+                .collect(),
+            env_errors: t.turns.iter().filter_map(|t| t.env_error.clone()).collect(),
+        }
+    }
+
+    pub fn dropped(d: &DroppedRollout, step: u64, epoch: usize, phase: &str) -> Self {
+        Self {
+            step,
+            epoch,
+            rollout: d.rollout,
+            phase: phase.into(),
+            reward: None,
+            eval_result: None,
+            success: false,
+            steps: 0,
+            actions: Vec::new(),
+            end: "dropped".into(),
+            format_errors: Vec::new(),
+            env_errors: vec![d.error.clone()],
+        }
+    }
+}
+
+/// `task_<id>_results.json`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TaskResults {
+    pub task_id: String,
+    pub instruction: String,
+    pub attempts: usize,
+    pub successes: usize,
+    pub success_rate: f64,
+    pub history: Vec<Attempt>,
+}
+
+impl TaskResults {
+    pub fn push(&mut self, attempt: Attempt) {
+        self.attempts += 1;
+        self.successes += usize::from(attempt.success);
+        self.success_rate = self.successes as f64 / self.attempts as f64;
+        self.history.push(attempt);
+    }
+}
+
+/// All tasks' results, keyed by task id.
+pub type TaskResultsMap = BTreeMap<String, TaskResults>;
+
+/// A file name made safe from a task id (path separators and odd characters become `_`).
+pub fn task_file_name(task_id: &str) -> String {
+    let safe: String = task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("task_{safe}_results.json")
+}
+
+/// Writes JSON atomically (temp file + rename).
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainerError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| TrainerError::io(path, e))?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes bytes atomically (temp file + rename) creating the parent directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| TrainerError::io(parent, e))?;
+    }
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, bytes).map_err(|e| TrainerError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainerError::io(path, e))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_rates_are_weighted_by_rollouts() {
+        // 2 rollouts at 100% and 6 at 0%: 2/8 = 0.25, not the 0.5 a plain mean would give.
+        let a = StepMetrics {
+            rollouts: 2,
+            success_rate: 1.0,
+            loss: 1.0,
+            replay_size: 1,
+            ..Default::default()
+        };
+        let b = StepMetrics {
+            rollouts: 6,
+            success_rate: 0.0,
+            loss: 3.0,
+            replay_size: 4,
+            ..Default::default()
+        };
+        let e = EpochMetrics::from_steps(0, &[a, b]);
+        assert_eq!(e.success_rate, 0.25);
+        assert_eq!(e.loss, 2.0);
+        assert_eq!(e.replay_size, 4, "the buffer size at the end of the epoch");
+        assert_eq!(e.rollouts, 8);
+    }
+
+    #[test]
+    fn task_file_names_are_safe() {
+        assert_eq!(
+            task_file_name("chrome/abc-1"),
+            "task_chrome_abc-1_results.json"
+        );
+        assert_eq!(task_file_name("../x"), "task_.._x_results.json");
+    }
+}

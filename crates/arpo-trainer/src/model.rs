@@ -1,0 +1,532 @@
+//! The candle UI-TARS model as the run's policy and learner.
+//!
+//! [`load_local`] loads one checkpoint and makes two views of the same weights: a
+//! [`LocalPolicy`] for rollouts and a [`CandleLearner`] for updates. The trainable tensors are
+//! shared (candle `Var`s update their storage in place), so the policy acts with the new
+//! weights as soon as an update returns; nothing is copied.
+//!
+//! A trajectory is trained as one sequence, as in ARPO: system, instruction, the screenshots the
+//! last turn's prompt carried (at most `limit_images`, older ones dropped, their responses
+//! kept), and every assistant turn. The assistant turns hold the exact sampled token ids (never
+//! a re-tokenization of the decoded text), and only those tokens are scored.
+
+use std::path::{Path, PathBuf};
+
+use arpo_core::protocol::{PromptConfig, PromptTemplate, build_messages};
+use arpo_core::{ChatMessage, Role, Trajectory};
+use arpo_grpo::{BatchCount, PolicyLossConfig, PolicyLossInputs, policy_loss};
+use arpo_model::processor::decode_screenshot;
+use arpo_model::train::checkpoint::load_safetensors;
+use arpo_model::train::lora::{LoraConfig, LoraSet};
+use arpo_model::train::optim::{AdamW, AdamWConfig};
+use arpo_model::train::score::Episode;
+use arpo_model::train::trainable::{MODEL_WEIGHTS, Trainable};
+use arpo_model::{ChatTokenizer, ImageProcessor, LocalPolicy, UiTars};
+use candle_core::{DType, Device, Tensor};
+
+use crate::TrainerError;
+use crate::config::Config;
+use crate::learner::{Learner, Sample, UpdateStats};
+
+fn learner_err(what: &str, e: impl std::fmt::Display) -> TrainerError {
+    TrainerError::Learner(format!("{what}: {e}"))
+}
+
+/// The device named by `worker.actor.model.device`: `cpu`, `cuda` or `cuda:N`.
+pub fn device(name: &str) -> Result<Device, TrainerError> {
+    let bad = |reason: String| TrainerError::ConfigInvalid {
+        problems: vec![format!("worker.actor.model.device {name:?}: {reason}")],
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| bad("write cuda or cuda:N".into()))?,
+                None => return Err(bad("use cpu, cuda or cuda:N".into())),
+            };
+            Device::new_cuda(ordinal).map_err(|e| {
+                bad(format!(
+                    "{e} (this build has no CUDA: build with candle's `cuda` feature, or use cpu)"
+                ))
+            })
+        }
+    }
+}
+
+/// The dtype named by `worker.actor.model.dtype`: `f32`, `bf16` or `f16`.
+pub fn dtype(name: &str) -> Result<DType, TrainerError> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(TrainerError::ConfigInvalid {
+            problems: vec![format!(
+                "worker.actor.model.dtype {other:?}: use f32, bf16 or f16"
+            )],
+        }),
+    }
+}
+
+/// The UI-TARS prompt of a run: OSWorld's Qwen2-VL prompt (relative 0..1000 points,
+/// `call_user`) for `env.coordinates: relative`, ARPO's (absolute points) for `absolute`;
+/// `worker.rollout.limit_images` screenshots at most.
+pub fn prompt_config(config: &Config) -> PromptConfig {
+    PromptConfig {
+        template: if config.env.coordinates == "absolute" {
+            PromptTemplate::Arpo
+        } else {
+            PromptTemplate::OsworldCallUser
+        },
+        limit_images: config.worker.rollout.limit_images,
+        ..PromptConfig::default()
+    }
+}
+
+/// The AdamW settings of a run; `total_optimizer_steps` sizes the warmup.
+pub fn adamw_config(config: &Config, total_optimizer_steps: u64) -> AdamWConfig {
+    let a = &config.worker.actor;
+    AdamWConfig {
+        lr: a.optim.lr,
+        beta1: a.optim.betas[0],
+        beta2: a.optim.betas[1],
+        eps: a.optim.eps,
+        weight_decay: a.optim.weight_decay,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        warmup_steps: (a.optim.lr_warmup_ratio * total_optimizer_steps as f64).round() as u64,
+    }
+}
+
+/// Turns trajectories into the token sequences the model scores.
+#[derive(Debug)]
+pub struct EpisodeBuilder {
+    pub tokenizer: ChatTokenizer,
+    pub processor: ImageProcessor,
+    pub prompt: PromptConfig,
+    /// Appended after a turn whose sampling stopped on the token limit (not trained).
+    pub im_end_id: u32,
+    pub device: Device,
+}
+
+/// An episode with the positions of each turn's sampled tokens.
+#[derive(Debug, Clone)]
+pub struct BuiltEpisode {
+    pub episode: Episode,
+    /// For each turn, the indices into `episode.input_ids` of its sampled tokens.
+    pub turn_positions: Vec<Vec<usize>>,
+}
+
+impl EpisodeBuilder {
+    pub fn from_dir(dir: &Path, prompt: PromptConfig, device: Device) -> Result<Self, TrainerError> {
+        let tokenizer =
+            ChatTokenizer::from_dir(dir).map_err(|e| learner_err("loading the tokenizer", e))?;
+        let pre = dir.join("preprocessor_config.json");
+        let processor = ImageProcessor::new(if pre.exists() {
+            arpo_model::PreprocessorConfig::from_file(&pre)
+                .map_err(|e| learner_err("reading preprocessor_config.json", e))?
+        } else {
+            arpo_model::PreprocessorConfig::default()
+        });
+        let im_end_id = tokenizer.im_end_id;
+        Ok(Self {
+            tokenizer,
+            processor,
+            prompt,
+            im_end_id,
+            device,
+        })
+    }
+
+    /// The whole trajectory as one sequence with each turn's sampled ids in its assistant slot.
+    pub fn build(&self, t: &Trajectory) -> Result<BuiltEpisode, TrainerError> {
+        let n = t.turns.len();
+        if n == 0 {
+            return Err(TrainerError::Learner(format!(
+                "trajectory of task {} has no turns to train on",
+                t.task_id
+            )));
+        }
+        for (k, turn) in t.turns.iter().enumerate() {
+            if turn.response.token_ids.is_empty() {
+                return Err(TrainerError::Learner(format!(
+                    "turn {k} of task {} has no sampled token ids: training needs a policy that reports them (a server answering logprobs with token ids)",
+                    t.task_id
+                )));
+            }
+        }
+        // The last turn's prompt with every response left empty: each assistant slot is then
+        // exactly `<|im_end|>`, which is swapped for the sampled ids below.
+        let mut context = t.context_at(n - 1);
+        context.responses = vec![String::new(); n - 1];
+        let mut messages = build_messages(&context, &self.prompt);
+        messages.push(ChatMessage::text(Role::Assistant, String::new()));
+
+        let images = messages
+            .iter()
+            .flat_map(|m| m.images())
+            .map(decode_screenshot)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| learner_err("decoding a screenshot of the trajectory", e))?;
+        let (pixel_values, grid_thw, counts) = if images.is_empty() {
+            (None, Vec::new(), Vec::new())
+        } else {
+            let p = self
+                .processor
+                .preprocess(&images, &self.device)
+                .map_err(|e| learner_err("preprocessing screenshots", e))?;
+            let counts = p.tokens_per_image(self.processor.config.merge_size);
+            (Some(p.pixel_values), p.grid_thw, counts)
+        };
+        let chat = self
+            .tokenizer
+            .encode_chat(&messages, &counts, false)
+            .map_err(|e| learner_err("tokenizing the trajectory", e))?;
+
+        let mut input_ids = Vec::with_capacity(chat.ids.len() + 64 * n);
+        let mut mask = Vec::with_capacity(input_ids.capacity());
+        let mut turn_positions = Vec::with_capacity(n);
+        let mut i = 0;
+        while i < chat.ids.len() {
+            if !chat.assistant_mask[i] {
+                input_ids.push(chat.ids[i]);
+                mask.push(false);
+                i += 1;
+                continue;
+            }
+            while i < chat.ids.len() && chat.assistant_mask[i] {
+                i += 1;
+            }
+            let k = turn_positions.len();
+            let Some(turn) = t.turns.get(k) else {
+                return Err(TrainerError::Learner(format!(
+                    "the chat template rendered more assistant turns than the trajectory of task {} has ({n})",
+                    t.task_id
+                )));
+            };
+            let ids = &turn.response.token_ids;
+            let start = input_ids.len();
+            input_ids.extend_from_slice(ids);
+            mask.extend(std::iter::repeat_n(true, ids.len()));
+            turn_positions.push((start..input_ids.len()).collect());
+            if turn.response.finish_reason == arpo_core::FinishReason::Length {
+                input_ids.push(self.im_end_id);
+                mask.push(false);
+            }
+        }
+        if turn_positions.len() != n {
+            return Err(TrainerError::Learner(format!(
+                "found {} assistant turns in the rendered trajectory of task {} but it has {n}",
+                turn_positions.len(),
+                t.task_id
+            )));
+        }
+        Ok(BuiltEpisode {
+            episode: Episode {
+                input_ids,
+                assistant_mask: mask,
+                pixel_values,
+                grid_thw,
+            },
+            turn_positions,
+        })
+    }
+}
+
+/// The [`Learner`] over a candle UI-TARS model: LoRA or full fine-tuning, AdamW.
+pub struct CandleLearner {
+    pub trainable: Trainable,
+    pub optimizer: AdamW,
+    pub episodes: EpisodeBuilder,
+    /// The model the run started from (its config and tokenizer files go into checkpoints).
+    pub source_dir: PathBuf,
+    lora_seed: u64,
+    /// Called after each update (e.g. to push the new weights to a server).
+    pub after_update: Option<Box<dyn FnMut(&Trainable) -> Result<(), TrainerError> + Send>>,
+}
+
+impl std::fmt::Debug for CandleLearner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CandleLearner")
+            .field("source_dir", &self.source_dir)
+            .field("parameters", &self.trainable.vars().len())
+            .field("lora", &self.trainable.lora_set().is_some())
+            .finish()
+    }
+}
+
+/// Loads `worker.actor.model` once: the rollout policy and the learner share its weights.
+pub fn load_local(
+    config: &Config,
+    total_optimizer_steps: u64,
+) -> Result<(LocalPolicy, CandleLearner), TrainerError> {
+    let m = &config.worker.actor.model;
+    let device = device(&m.device)?;
+    let dtype = dtype(&m.dtype)?;
+    let spec = m.model_path.to_string_lossy().to_string();
+    let uitars = UiTars::load(&spec, dtype, &device).map_err(|e| TrainerError::Preflight {
+        problems: vec![format!(
+            "worker.actor.model.model_path {spec}: {e}"
+        )],
+    })?;
+    let UiTars {
+        model,
+        tokenizer,
+        processor,
+        stop_ids,
+        dir,
+    } = uitars;
+    let prompt = prompt_config(config);
+    let trainable = if m.lora.rank > 0 {
+        Trainable::lora(
+            model,
+            LoraConfig {
+                r: m.lora.rank,
+                alpha: m.lora.alpha,
+                dropout: m.lora.dropout,
+                target_modules: m.lora.target_modules.clone(),
+                include_vision: !m.freeze_vision_tower
+                    && m.lora.target_modules.iter().any(|t| t.starts_with("visual")),
+                seed: config.data.seed,
+            },
+        )
+    } else {
+        Trainable::full(model, m.freeze_vision_tower)
+    }
+    .map_err(|e| learner_err("setting up the trainable parameters", e))?;
+    let optimizer = AdamW::new(
+        trainable.vars().to_vec(),
+        adamw_config(config, total_optimizer_steps),
+    )
+    .map_err(|e| learner_err("optimizer", e))?;
+    let policy = LocalPolicy::new(
+        UiTars {
+            model: trainable.model.clone(),
+            tokenizer,
+            processor: processor.clone(),
+            stop_ids,
+            dir: dir.clone(),
+        },
+        prompt.clone(),
+    );
+    let episodes = EpisodeBuilder::from_dir(&dir, prompt, device)?;
+    Ok((
+        policy,
+        CandleLearner {
+            trainable,
+            optimizer,
+            episodes,
+            source_dir: dir,
+            lora_seed: config.data.seed,
+            after_update: None,
+        },
+    ))
+}
+
+impl CandleLearner {
+    fn per_turn(built: &BuiltEpisode, values: &[f32]) -> Vec<Vec<f32>> {
+        let mut at = 0;
+        built
+            .turn_positions
+            .iter()
+            .map(|p| {
+                let v = values[at..at + p.len()].to_vec();
+                at += p.len();
+                v
+            })
+            .collect()
+    }
+}
+
+impl Learner for CandleLearner {
+    fn old_logprobs(&mut self, trajectory: &Trajectory) -> Result<Vec<Vec<f32>>, TrainerError> {
+        let built = self.episodes.build(trajectory)?;
+        self.trainable.set_training(false);
+        let score = self
+            .trainable
+            .score(&built.episode)
+            .map_err(|e| learner_err("scoring", e))?;
+        let values = score
+            .log_probs
+            .detach()
+            .to_vec1::<f32>()
+            .map_err(|e| learner_err("scoring", e))?;
+        let expected: usize = built.turn_positions.iter().map(Vec::len).sum();
+        if values.len() != expected {
+            return Err(TrainerError::Learner(format!(
+                "scored {} tokens but the trajectory has {expected} sampled tokens",
+                values.len()
+            )));
+        }
+        Ok(Self::per_turn(&built, &values))
+    }
+
+    fn update(
+        &mut self,
+        minibatch: &[Sample],
+        loss: &PolicyLossConfig,
+        _optimizer_step: u64,
+    ) -> Result<UpdateStats, TrainerError> {
+        if loss.kl.is_some() {
+            return Err(TrainerError::Learner(
+                "a KL penalty needs a reference model, which the candle learner does not keep yet: set algorithm.disable_kl: true".into(),
+            ));
+        }
+        let built = minibatch
+            .iter()
+            .map(|s| self.episodes.build(&s.trajectory))
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = BatchCount {
+            sequences: minibatch.len(),
+            tokens: built
+                .iter()
+                .map(|b| b.turn_positions.iter().map(Vec::len).sum::<usize>())
+                .sum(),
+        };
+        self.trainable.set_training(true);
+        let mut stats = UpdateStats::default();
+        let device = self.episodes.device.clone();
+        for (sample, b) in minibatch.iter().zip(&built) {
+            let n: usize = b.turn_positions.iter().map(Vec::len).sum();
+            let old: Vec<f32> = sample.old_logprobs.iter().flatten().copied().collect();
+            if old.len() != n {
+                return Err(TrainerError::Learner(format!(
+                    "task {}: {} old log-probs for {n} sampled tokens",
+                    sample.trajectory.task_id,
+                    old.len()
+                )));
+            }
+            let weight = loss
+                .loss_agg_mode
+                .micro_batch_weight(BatchCount { sequences: 1, tokens: n }, total);
+            if n == 0 || weight == 0.0 {
+                continue;
+            }
+            let score = self
+                .trainable
+                .score(&b.episode)
+                .map_err(|e| learner_err("scoring", e))?;
+            let t = |r: candle_core::Result<Tensor>| r.map_err(|e| learner_err("loss inputs", e));
+            let old = t(Tensor::from_vec(old, n, &device))?;
+            let adv = t(Tensor::new(sample.advantage as f32, &device))?;
+            let mask = t(Tensor::ones(n, DType::U8, &device))?;
+            let entropy = t(Tensor::from_vec(score.entropy.clone(), n, &device))?;
+            let out = policy_loss(
+                &PolicyLossInputs {
+                    logp: &score.log_probs,
+                    old_logp: &old,
+                    advantages: &adv,
+                    mask: &mask,
+                    ref_logp: None,
+                    entropy: Some(&entropy),
+                },
+                loss,
+            )
+            .map_err(|e| learner_err("policy loss", e))?;
+            let scaled = t(out.loss.affine(weight, 0.0))?;
+            let grads = scaled.backward().map_err(|e| learner_err("backward", e))?;
+            self.optimizer
+                .accumulate(&grads)
+                .map_err(|e| learner_err("accumulating gradients", e))?;
+            let m = out.metrics;
+            stats.loss += weight * m.loss;
+            stats.pg_clipfrac_higher += weight * m.pg_clipfrac_higher;
+            stats.pg_clipfrac_lower += weight * m.pg_clipfrac_lower;
+            stats.ppo_kl += weight * m.ppo_kl;
+            stats.entropy += weight * m.entropy.unwrap_or(m.entropy_estimate);
+            stats.tokens += n;
+        }
+        self.trainable.set_training(false);
+        let report = self
+            .optimizer
+            .step()
+            .map_err(|e| learner_err("optimizer step", e))?;
+        stats.grad_norm = report.grad_norm;
+        stats.lr = report.lr;
+        stats.skipped = report.skipped;
+        if report.skipped {
+            tracing::warn!(
+                grad_norm = report.grad_norm,
+                "optimizer step skipped: the gradient norm is not finite"
+            );
+        }
+        if let Some(hook) = self.after_update.as_mut() {
+            hook(&self.trainable)?;
+        }
+        Ok(stats)
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), TrainerError> {
+        let result = if self.trainable.lora_set().is_some() {
+            self.trainable.save_adapter(
+                dir,
+                &self.source_dir.to_string_lossy(),
+                Some(&self.optimizer),
+            )
+        } else {
+            self.trainable
+                .save(dir, &self.source_dir, Some(&self.optimizer))
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| learner_err(&format!("saving {}", dir.display()), e))
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), TrainerError> {
+        let err = |e: arpo_model::train::TrainError| TrainerError::Resume {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let device = self.episodes.device.clone();
+        let (tensors, names): (std::collections::HashMap<String, Tensor>, &str) =
+            if self.trainable.lora_set().is_some() {
+                let set = LoraSet::load_peft(dir, self.lora_seed, &device).map_err(err)?;
+                (
+                    set.vars()
+                        .into_iter()
+                        .map(|(n, v)| (n, v.as_tensor().detach()))
+                        .collect(),
+                    "adapter",
+                )
+            } else {
+                (
+                    load_safetensors(&dir.join(MODEL_WEIGHTS), &device).map_err(err)?,
+                    "model",
+                )
+            };
+        for (name, var) in self.trainable.vars() {
+            let saved = tensors.get(name).ok_or_else(|| TrainerError::Resume {
+                path: dir.to_path_buf(),
+                reason: format!("the saved {names} has no tensor {name}"),
+            })?;
+            let value = saved
+                .reshape(var.shape())
+                .and_then(|t| t.to_dtype(var.dtype()))
+                .map_err(|e| TrainerError::Resume {
+                    path: dir.to_path_buf(),
+                    reason: format!("tensor {name}: {e}"),
+                })?;
+            var.set(&value).map_err(|e| TrainerError::Resume {
+                path: dir.to_path_buf(),
+                reason: format!("tensor {name}: {e}"),
+            })?;
+        }
+        Trainable::load_optimizer(dir, &mut self.optimizer).map_err(err)?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "candle {} of {} ({} tensors)",
+            if self.trainable.lora_set().is_some() {
+                "LoRA"
+            } else {
+                "full fine-tuning"
+            },
+            self.source_dir.display(),
+            self.trainable.vars().len()
+        )
+    }
+}

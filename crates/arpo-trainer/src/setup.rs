@@ -1,0 +1,314 @@
+//! From a config to the pieces of a run: task sets, environments, and the pre-flight check
+//! that fails fast, before any rollout, with the fix for each problem found.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use arpo_core::Task;
+use arpo_env_sim::{Catalogue, SimEnv};
+use arpo_env_vmware::{
+    EnvConfig as OsworldConfig, GuestClient, GuestConfig, HostType, OsworldEnv, OsworldTask,
+    VmwareProvider, Vmrun, VmrunConfig, load_index,
+};
+
+use crate::TrainerError;
+use crate::config::{Config, EnvProvider};
+
+/// A task set named by a config: `sim:train`, `sim:heldout`, `sim:all` (the embedded desktop's
+/// catalogue), or the path of an index `{domain: [task ids]}` (OSWorld's `test_all.json`
+/// form, or one written by `cargo xtask select-tasks`). For the sim provider an index names
+/// catalogue ids; for VMware and remote providers it names OSWorld task files under
+/// `env.vmware.examples_dir`. At most `max_tasks` tasks (0: all), in the set's order.
+pub fn load_tasks(spec: &str, config: &Config, max_tasks: usize) -> Result<Vec<Task>, TrainerError> {
+    let err = |reason: String| TrainerError::Tasks {
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut tasks = if let Some(split) = spec.strip_prefix("sim:") {
+        let catalogue = Catalogue::default();
+        match split {
+            "train" => catalogue.train(),
+            "heldout" => catalogue.heldout(),
+            "all" => catalogue.all(),
+            other => {
+                return Err(err(format!(
+                    "unknown split {other:?}: use sim:train, sim:heldout or sim:all"
+                )));
+            }
+        }
+    } else if spec.is_empty() {
+        Vec::new()
+    } else {
+        let index = Path::new(spec);
+        if !index.is_file() {
+            return Err(err(
+                "no such file: give sim:train, sim:heldout or the path of a task index {domain: [ids]}"
+                    .into(),
+            ));
+        }
+        match config.env.provider {
+            EnvProvider::Sim => {
+                let text = std::fs::read_to_string(index).map_err(|e| err(e.to_string()))?;
+                let map: std::collections::BTreeMap<String, Vec<String>> =
+                    serde_json::from_str(&text).map_err(|e| {
+                        err(format!("an index must be {{\"domain\": [\"task id\", ...]}}: {e}"))
+                    })?;
+                let catalogue = Catalogue::default();
+                map.values()
+                    .flatten()
+                    .map(|id| {
+                        catalogue.task(id).map_err(|e| {
+                            err(format!("{e} (the sim provider reads ids of its catalogue)"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            EnvProvider::Vmware | EnvProvider::Remote => {
+                let examples = &config.env.vmware.examples_dir;
+                let entries = load_index(index, examples).map_err(|e| err(e.to_string()))?;
+                let mut tasks = Vec::with_capacity(entries.len());
+                let mut unsupported = Vec::new();
+                for entry in entries {
+                    let task = OsworldTask::load(&entry.path).map_err(|e| {
+                        err(format!(
+                            "{e} (env.vmware.examples_dir is {}: it must hold <domain>/<id>.json)",
+                            examples.display()
+                        ))
+                    })?;
+                    let missing = task.unsupported();
+                    if missing.is_empty() {
+                        tasks.push(task.to_task(Some(&entry.domain)));
+                    } else {
+                        unsupported.push(format!("{} needs {}", entry.id, missing.join(", ")));
+                    }
+                }
+                if !unsupported.is_empty() {
+                    return Err(err(format!(
+                        "{} task(s) need what is not supported yet (run `cargo xtask osworld-coverage`): {}",
+                        unsupported.len(),
+                        unsupported.join("; ")
+                    )));
+                }
+                tasks
+            }
+        }
+    };
+    if max_tasks > 0 {
+        tasks.truncate(max_tasks);
+    }
+    Ok(tasks)
+}
+
+/// The environments of a run.
+#[derive(Debug)]
+pub enum Envs {
+    Sim(Vec<SimEnv>),
+    Osworld(Vec<OsworldEnv>),
+}
+
+impl Envs {
+    pub fn len(&self) -> usize {
+        match self {
+            Envs::Sim(v) => v.len(),
+            Envs::Osworld(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The vmrun driver of `env.vmware`.
+pub fn vmrun(config: &Config) -> Result<Vmrun, TrainerError> {
+    let v = &config.env.vmware;
+    let host_type = match v.host_type.as_str() {
+        "fusion" => HostType::Fusion,
+        "ws" | "workstation" => HostType::Workstation,
+        "player" => HostType::Player,
+        "" => HostType::for_this_os(),
+        other => {
+            return Err(TrainerError::ConfigInvalid {
+                problems: vec![format!(
+                    "env.vmware.host_type {other:?}: use fusion (macOS), ws (Workstation) or player"
+                )],
+            });
+        }
+    };
+    let mut vc = VmrunConfig {
+        host_type,
+        headless: v.headless,
+        ..VmrunConfig::default()
+    };
+    if v.vmrun != "vmrun" && !v.vmrun.is_empty() {
+        vc.binary = PathBuf::from(&v.vmrun);
+    }
+    Ok(Vmrun::new(vc))
+}
+
+fn osworld_config(config: &Config) -> OsworldConfig {
+    OsworldConfig {
+        pause_between_steps: config.env.vmware.pause_during_inference
+            && config.env.provider == EnvProvider::Vmware,
+        reset_attempts: 1, // the rollout engine retries resets (env.reset_retries)
+        ..OsworldConfig::default()
+    }
+}
+
+/// `env.num_envs` environments of `env.provider`.
+pub fn build_envs(config: &Config) -> Result<Envs, TrainerError> {
+    let n = config.env.num_envs.max(1);
+    match config.env.provider {
+        EnvProvider::Sim => {
+            let [w, h] = config.env.screen_size;
+            let one = if w == 0 || h == 0 {
+                SimEnv::new()
+            } else {
+                SimEnv::with_size(w, h).map_err(|e| TrainerError::ConfigInvalid {
+                    problems: vec![format!("env.screen_size: {e}")],
+                })?
+            }
+            .with_max_steps(config.env.max_steps);
+            Ok(Envs::Sim(vec![one; n]))
+        }
+        EnvProvider::Remote => {
+            let urls = &config.env.remote.guest_urls;
+            if urls.is_empty() {
+                return Err(TrainerError::Preflight {
+                    problems: vec![
+                        "env.remote.guest_urls is empty: list the guest servers (http://host:5000), e.g. one started with `cargo xtask sim-guest`".into(),
+                    ],
+                });
+            }
+            Ok(Envs::Osworld(
+                urls.iter()
+                    .cycle()
+                    .take(n.min(urls.len()))
+                    .map(|u| OsworldEnv::remote(u, osworld_config(config)))
+                    .collect(),
+            ))
+        }
+        EnvProvider::Vmware => {
+            let paths = &config.env.vmware.vm_paths;
+            if paths.is_empty() {
+                return Err(TrainerError::Preflight {
+                    problems: vec![
+                        "env.vmware.vm_paths is empty: list the .vmx of each VM (one per parallel environment)".into(),
+                    ],
+                });
+            }
+            let vmrun = vmrun(config)?;
+            Ok(Envs::Osworld(
+                paths
+                    .iter()
+                    .take(n)
+                    .map(|vmx| {
+                        let mut p = VmwareProvider::new(vmrun.clone(), vmx.clone());
+                        p.snapshot = config.env.vmware.snapshot_name.clone();
+                        OsworldEnv::new(Box::new(p), osworld_config(config))
+                    })
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// Checks, before any rollout, everything a run needs: the model files, the tasks, the
+/// environment (VMs and vmrun, or guest servers answering), the model server when rollouts use
+/// one. Every problem comes with what to do.
+pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
+    let mut problems = Vec::new();
+    let model = config.worker.actor.model.model_path.to_string_lossy().to_string();
+    match arpo_model::weights::resolve_model_dir(&model) {
+        Ok(dir) => {
+            for file in ["config.json", "tokenizer.json"] {
+                if !dir.join(file).is_file() {
+                    problems.push(format!(
+                        "the model directory {} has no {file}: is it a complete HF-layout checkpoint?",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        Err(e) => problems.push(format!("worker.actor.model.model_path: {e}")),
+    }
+    for (what, spec) in [
+        ("data.train_files", &config.data.train_files),
+        ("data.val_files", &config.data.val_files),
+    ] {
+        if let Err(e) = load_tasks(spec, config, 0) {
+            problems.push(format!("{what}: {e}"));
+        }
+    }
+    match config.env.provider {
+        EnvProvider::Sim => {}
+        EnvProvider::Remote => {
+            for url in &config.env.remote.guest_urls {
+                if let Err(e) = guest_answers(url).await {
+                    problems.push(format!(
+                        "guest server {url} does not answer ({e}): start it (OSWorld's server in the VM, or `cargo xtask sim-guest`) and check the URL"
+                    ));
+                }
+            }
+        }
+        EnvProvider::Vmware => {
+            for vmx in &config.env.vmware.vm_paths {
+                if !vmx.is_file() {
+                    problems.push(format!(
+                        "env.vmware.vm_paths: {} does not exist (the .vmx inside the VM's folder)",
+                        vmx.display()
+                    ));
+                }
+            }
+            match vmrun(config) {
+                Ok(v) => {
+                    if let Err(e) = v.list().await {
+                        problems.push(format!(
+                            "vmrun does not work ({e}): install VMware Fusion Pro / Workstation Pro and put vmrun on PATH, or set env.vmware.vmrun"
+                        ));
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    if config.worker.rollout.use_external_server {
+        let url = config.worker.rollout.server_url.trim_end_matches('/');
+        if let Err(e) = http_get_ok(&format!("{url}/models")).await {
+            problems.push(format!(
+                "the model server at {url} does not answer ({e}): start it with `cargo xtask serve --model <dir>` and check it with `cargo xtask test-server --url {url}`"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(TrainerError::Preflight { problems })
+    }
+}
+
+async fn guest_answers(url: &str) -> Result<(), String> {
+    let client = GuestClient::new(
+        url,
+        GuestConfig {
+            attempts: 1,
+            request_timeout: Duration::from_secs(10),
+            ..GuestConfig::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    client.screenshot().await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+async fn http_get_ok(url: &str) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if r.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {}", r.status()))
+    }
+}
