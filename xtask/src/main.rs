@@ -82,10 +82,3 @@ fn main() -> Result<()> {
         Command::OsworldCoverage(a) => osworld_coverage::run(a),
     }
 }
-
-/// The answer of a command whose implementation has not landed yet.
-fn not_built_yet(command: &str) -> Result<()> {
-    anyhow::bail!(
-        "`cargo xtask {command}` is not built yet in this checkout; see the open issues (README, \"Status\")"
-    )
-}

@@ -220,7 +220,7 @@ pub fn coverage(tasks: &Path, index: Option<&Path>) -> Result<Coverage> {
         })
         .collect();
     // Most needed first; ties by name (the map's order, kept by a stable sort).
-    report.needs.sort_by(|a, b| b.tasks.cmp(&a.tasks));
+    report.needs.sort_by_key(|n| std::cmp::Reverse(n.tasks));
     Ok(report)
 }
 
@@ -268,7 +268,11 @@ pub fn render(report: &Coverage, verbose: bool) -> String {
         .max()
         .unwrap_or(6);
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:<width$}  {:>5}  {:>9}", "domain", "tasks", "supported");
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>5}  {:>9}",
+        "domain", "tasks", "supported"
+    );
     for (domain, c) in &report.domains {
         let _ = writeln!(
             out,
@@ -424,7 +428,10 @@ mod tests {
         let os = dir.path().join("os");
         std::fs::create_dir_all(&os)?;
         std::fs::write(os.join("bad.json"), "{ not json")?;
-        std::fs::write(os.join("noid.json"), r#"{"instruction": "x", "evaluator": {}}"#)?;
+        std::fs::write(
+            os.join("noid.json"),
+            r#"{"instruction": "x", "evaluator": {}}"#,
+        )?;
         std::fs::write(
             os.join("ok.json"),
             r#"{"id": "ok", "instruction": "x", "config": [], "evaluator": {"func": "infeasible"}}"#,

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use arpo_core::protocol::{CoordinateSystem, ParseConfig, PromptConfig, parse_response};
-use arpo_core::{Action, AgentContext, EpisodeEnd, Environment, Policy, SamplingParams, Screenshot};
+use arpo_core::{
+    Action, AgentContext, Environment, EpisodeEnd, Policy, SamplingParams, Screenshot,
+};
 use arpo_env_sim::Catalogue;
 use arpo_env_vmware::task::RawStep;
 use arpo_env_vmware::{
@@ -58,15 +60,20 @@ pub struct Args {
     #[arg(long, requires = "server")]
     server_model: Option<String>,
     /// Sent to --server as `Authorization: Bearer <key>`.
-    #[arg(long, env = "OPENAI_API_KEY", requires = "server", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "OPENAI_API_KEY",
+        requires = "server",
+        hide_env_values = true
+    )]
     api_key: Option<String>,
     /// Run the model in process: a model directory (HF layout) or a Hugging Face repo id already
     /// in the local cache.
     #[arg(long)]
     model: Option<String>,
-    /// With --model: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// With --model: the weights' precision.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     /// With --model: cpu, cuda or cuda:N (cuda needs a build with candle's cuda feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -88,8 +95,8 @@ pub struct Args {
     screen: Option<(u32, u32)>,
     /// How the model writes coordinates: relative (0..1000, UI-TARS-2B/7B) or absolute
     /// (smart-resized pixels, UI-TARS-1.5).
-    #[arg(long, default_value = "relative", value_parser = ["relative", "absolute"])]
-    coords: String,
+    #[arg(long, value_enum, default_value_t = Coords::Relative)]
+    coords: Coords,
     /// Screenshots per prompt, the current one included.
     #[arg(long, default_value_t = 5)]
     limit_images: usize,
@@ -106,13 +113,18 @@ pub struct Args {
     /// wait 60 s for apps to open).
     #[arg(long, default_value_t = 0.0)]
     settle: f64,
+    /// Seconds the guest server may take to answer after the reset (default: 300 with --vmx, for
+    /// the VM to boot; 30 with --url).
+    #[arg(long)]
+    ready_timeout: Option<f64>,
     /// Seconds to wait after each action before the screenshot (OSWorld's `pause`).
     #[arg(long, default_value_t = 0.5)]
     step_pause: f64,
     /// The host cache (downloads, the task's files fetched by evaluators).
     #[arg(long, default_value = "cache")]
     cache_dir: PathBuf,
-    /// Write each step's screenshot (`step_NN.png`) and the episode (`episode.json`) here.
+    /// Write the screenshots here (`step_NN.png`: the screen model turn NN saw; the last one is
+    /// the final screen) and the episode (`episode.json`: responses, actions, timings, score).
     #[arg(long)]
     save: Option<PathBuf>,
 }
@@ -121,8 +133,14 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let (w, h) = s
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("expected WIDTHxHEIGHT, got {s:?}"))?;
-    let w: u32 = w.trim().parse().map_err(|e| format!("bad width {w:?}: {e}"))?;
-    let h: u32 = h.trim().parse().map_err(|e| format!("bad height {h:?}: {e}"))?;
+    let w: u32 = w
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad width {w:?}: {e}"))?;
+    let h: u32 = h
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad height {h:?}: {e}"))?;
     if w == 0 || h == 0 {
         return Err(format!("the screen size must not be zero, got {s:?}"));
     }
@@ -135,10 +153,30 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
 }
 
 /// How the model writes coordinates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Coords {
+    /// 0..1000 across the screen (UI-TARS-2B/7B, Qwen2-VL).
     Relative,
+    /// Pixels of the smart-resized screenshot (UI-TARS-1.5, Qwen2.5-VL).
     Absolute,
+}
+
+/// The precision of a local model's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn candle(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 /// What one test episode runs with.
@@ -172,6 +210,8 @@ pub struct TurnReport {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
     pub task_id: String,
+    /// The task is infeasible (OSWorld's `infeasible` evaluator: solved by `call_user`).
+    pub infeasible: bool,
     pub end: EpisodeEnd,
     pub turns: Vec<TurnReport>,
     /// The evaluation, in [0, 1].
@@ -195,6 +235,9 @@ impl Outcome {
             );
         }
         let why = match self.end {
+            EpisodeEnd::Finished if self.infeasible => format!(
+                "the agent answered finished after {steps} steps, but the task is infeasible (call_user was expected)"
+            ),
             EpisodeEnd::Finished => {
                 format!("the agent answered finished after {steps} steps, but the task is not done")
             }
@@ -385,8 +428,14 @@ pub async fn run_episode<E: Environment + ?Sized>(
         }
     }
 
+    if let Some(dir) = &settings.save {
+        save_screenshot(dir, turns.len() + 1, &current)?;
+    }
     println!();
-    println!("Episode ended: {end:?} after {} steps; evaluating ...", turns.len());
+    println!(
+        "Episode ended: {end:?} after {} steps; evaluating ...",
+        turns.len()
+    );
     let started = Instant::now();
     let score = env
         .evaluate(last_action.as_ref())
@@ -397,9 +446,14 @@ pub async fn run_episode<E: Environment + ?Sized>(
     println!("Evaluation: score {score:.2} in {evaluate_s:.2} s");
     let outcome = Outcome {
         task_id: task.id.clone(),
+        infeasible: task.config["evaluator"]["func"] == "infeasible",
         end,
         turns,
-        score: if score.is_finite() { score.clamp(0.0, 1.0) } else { 0.0 },
+        score: if score.is_finite() {
+            score.clamp(0.0, 1.0)
+        } else {
+            0.0
+        },
         reset_s,
         evaluate_s,
     };
@@ -407,7 +461,10 @@ pub async fn run_episode<E: Environment + ?Sized>(
         let path = dir.join("episode.json");
         std::fs::write(&path, serde_json::to_string_pretty(&outcome)?)
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("Saved the screenshots and episode.json in {}", dir.display());
+        println!(
+            "Saved the screenshots and episode.json in {}",
+            dir.display()
+        );
     }
     Ok(outcome)
 }
@@ -446,7 +503,10 @@ pub async fn load_sim_task(url: &str, parameters: &Value) -> Result<()> {
 
 /// Whether the guest is the simulated one (it serves its task as a virtual file).
 async fn is_sim_guest(guest: &GuestClient) -> bool {
-    matches!(guest.file(arpo_env_sim::guest::TASK_FILE).await, Ok(Some(_)))
+    matches!(
+        guest.file(arpo_env_sim::guest::TASK_FILE).await,
+        Ok(Some(_))
+    )
 }
 
 /// The task to run, its domain, and what the source was.
@@ -514,7 +574,9 @@ fn parse_device(device: &str) -> Result<candle_core::Device> {
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| anyhow!("unknown --device {other:?}: use cpu, cuda or cuda:N"))?,
+                    .ok_or_else(|| {
+                        anyhow!("unknown --device {other:?}: use cpu, cuda or cuda:N")
+                    })?,
                 None => bail!("unknown --device {other:?}: use cpu, cuda or cuda:N"),
             };
             candle_core::Device::new_cuda(ordinal).with_context(|| {
@@ -575,9 +637,9 @@ async fn make_policy(args: &Args, prompt: PromptConfig) -> Result<Box<dyn Policy
     let Some(model) = &args.model else {
         bail!("pass --model <dir> or --server <url>");
     };
-    let dtype = crate::predict::parse_dtype(&args.dtype)?;
+    let dtype = args.dtype.candle();
     let device = parse_device(&args.device)?;
-    println!("Loading {model} ({}, {}) ...", args.dtype, args.device);
+    println!("Loading {model} ({:?}, {}) ...", dtype, args.device);
     let started = Instant::now();
     let loaded = arpo_model::UiTars::load(model, dtype, &device).with_context(|| {
         format!(
@@ -608,7 +670,10 @@ async fn check_guest(url: &str) -> Result<GuestClient> {
             "the guest server at {url} does not answer GET /screenshot: is `cargo xtask sim-guest` running there (mind --port), or is the VM's OSWorld server up (port 5000)?"
         )
     })?;
-    println!("Guest:       {url} answers (screen {}x{})", shot.width, shot.height);
+    println!(
+        "Guest:       {url} answers (screen {}x{})",
+        shot.width, shot.height
+    );
     Ok(guest)
 }
 
@@ -655,11 +720,7 @@ async fn run_async(args: Args) -> Result<()> {
     };
     let mut settings = EpisodeSettings {
         max_steps: args.max_steps,
-        coords: if args.coords == "absolute" {
-            Coords::Absolute
-        } else {
-            Coords::Relative
-        },
+        coords: args.coords,
         sampling: SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,
@@ -678,9 +739,16 @@ async fn run_async(args: Args) -> Result<()> {
         cache_dir: args.cache_dir.clone(),
         settle: seconds("settle", args.settle)?,
         step_pause: seconds("step-pause", args.step_pause)?,
-        reset_attempts: 2,
+        // One try: a diagnostic shows the first failure instead of retrying past it.
+        reset_attempts: 1,
         ..EnvConfig::default()
     };
+    if let Some(s) = args.ready_timeout {
+        config.ready_timeout = seconds("ready-timeout", s)?;
+    } else if args.url.is_some() {
+        config.ready_timeout = Duration::from_secs(30);
+    }
+    let ready_timeout = config.ready_timeout;
 
     // Pre-flight: the environment, then the task, then the model.
     let (mut env, sim_guest, hint) = match (&args.url, &args.vmx) {
@@ -690,7 +758,6 @@ async fn run_async(args: Args) -> Result<()> {
             if sim {
                 println!("             (the simulated desktop of `cargo xtask sim-guest`)");
             }
-            config.ready_timeout = Duration::from_secs(30);
             (
                 OsworldEnv::remote(url, config),
                 sim,
@@ -711,8 +778,8 @@ async fn run_async(args: Args) -> Result<()> {
                 OsworldEnv::new(Box::new(provider), config),
                 false,
                 format!(
-                    "is the VMware VM's snapshot {} present and does the VM boot to OSWorld's guest server (port 5000) with VMware Tools running?",
-                    args.snapshot
+                    "does the VM's snapshot {} boot to OSWorld's guest server (port {}) with VMware Tools running? open the VM in VMware to see",
+                    args.snapshot, args.guest_port
                 ),
             )
         }
@@ -757,6 +824,13 @@ async fn run_async(args: Args) -> Result<()> {
         }
     }
     settings.env_hint = hint;
+    if args.vmx.is_some() {
+        println!(
+            "Reverting to {}, starting the VM, waiting up to {} s for its guest server ...",
+            args.snapshot,
+            ready_timeout.as_secs_f64()
+        );
+    }
     let core_task = task.to_task(domain.as_deref());
     let result = run_episode(&mut env, policy.as_ref(), &core_task, &settings).await;
     if let Err(e) = env.close().await {
@@ -803,7 +877,10 @@ mod tests {
             contexts: &[AgentContext],
             _: &SamplingParams,
         ) -> Result<Vec<Response>, PolicyError> {
-            let mut queue = self.0.lock().map_err(|e| PolicyError::Generation(e.to_string()))?;
+            let mut queue = self
+                .0
+                .lock()
+                .map_err(|e| PolicyError::Generation(e.to_string()))?;
             Ok(contexts
                 .iter()
                 .map(|_| Response {
@@ -859,7 +936,11 @@ mod tests {
         let mut chosen = sim_catalogue_task(Some(id))?;
         let steps = split_sim_steps(&mut chosen.task);
         assert_eq!(steps.len(), 1);
-        assert!(chosen.task.unsupported().is_empty(), "{:?}", chosen.task.unsupported());
+        assert!(
+            chosen.task.unsupported().is_empty(),
+            "{:?}",
+            chosen.task.unsupported()
+        );
         for p in &steps {
             load_sim_task(url, p).await?;
         }
@@ -867,47 +948,57 @@ mod tests {
         Ok((chosen.task.to_task(chosen.domain.as_deref()), sim_task))
     }
 
+    /// Every family's first task, solved by its oracle written as UI-TARS text, passes through
+    /// the whole chain: response parsing, `OsworldEnv` over HTTP, the simulated guest, the
+    /// evaluator (`check_list` on the score file, or `infeasible`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn oracle_answers_pass_through_the_guest_protocol() -> Result<()> {
         let size = arpo_env_sim::DEFAULT_SIZE;
         let url = sim_guest(size).await?;
         let guest = check_guest(&url).await?;
         assert!(is_sim_guest(&guest).await);
-        let id = Catalogue::default()
-            .train_specs()
-            .iter()
-            .find(|s| !s.infeasible)
-            .map(|s| s.id.clone())
-            .ok_or_else(|| anyhow!("a feasible task"))?;
-        let (task, sim_task) = prepared(&url, &id).await?;
-        let oracle = arpo_env_sim::oracle_at(&sim_task, size.0, size.1)?;
-        let texts = oracle
-            .iter()
-            .map(|a| {
-                format_response(
-                    "oracle",
-                    std::slice::from_ref(a),
-                    &CoordinateSystem::Relative1000,
-                    size,
-                    PointSyntax::Plain,
-                )
-            })
-            .collect();
+        let catalogue = Catalogue::default();
+        let mut ids: Vec<String> = Vec::new();
+        for family in Catalogue::families() {
+            if let Some(s) = catalogue.train_specs().iter().find(|s| s.family == family) {
+                ids.push(s.id.clone());
+            }
+        }
+        assert!(ids.len() > 1);
         let cache = tempfile::tempdir()?;
-        let save = cache.path().join("episode");
         let mut env = OsworldEnv::remote(&url, env_config(cache.path()));
-        let settings = EpisodeSettings {
-            max_steps: oracle.len() + 2,
-            save: Some(save.clone()),
-            ..settings()
-        };
-        let outcome = run_episode(&mut env, &Scripted(Mutex::new(texts)), &task, &settings).await?;
-        assert!(outcome.passed(), "{}", outcome.verdict(settings.max_steps));
-        assert_eq!(outcome.end, EpisodeEnd::Finished);
-        assert_eq!(outcome.turns.len(), oracle.len());
-        assert!(outcome.verdict(settings.max_steps).starts_with("PASS"));
-        assert!(save.join("step_01.png").is_file());
-        assert!(save.join("episode.json").is_file());
+        let mut failed = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (task, sim_task) = prepared(&url, id).await?;
+            let oracle = arpo_env_sim::oracle_at(&sim_task, size.0, size.1)?;
+            let texts = oracle
+                .iter()
+                .map(|a| {
+                    format_response(
+                        "oracle",
+                        std::slice::from_ref(a),
+                        &CoordinateSystem::Relative1000,
+                        size,
+                        PointSyntax::Plain,
+                    )
+                })
+                .collect();
+            let save = cache.path().join(format!("episode{i}"));
+            let settings = EpisodeSettings {
+                max_steps: oracle.len() + 2,
+                save: Some(save.clone()),
+                ..settings()
+            };
+            let outcome =
+                run_episode(&mut env, &Scripted(Mutex::new(texts)), &task, &settings).await?;
+            if !outcome.passed() {
+                failed.push(outcome.verdict(settings.max_steps));
+            }
+            assert_eq!(outcome.turns.len(), oracle.len(), "{id}");
+            assert!(save.join("step_01.png").is_file());
+            assert!(save.join("episode.json").is_file());
+        }
+        assert!(failed.is_empty(), "{failed:#?}");
         Ok(())
     }
 
@@ -945,7 +1036,74 @@ mod tests {
         let url = format!("http://{}", listener.local_addr()?);
         drop(listener);
         let err = check_guest(&url).await.expect_err("nothing listens");
-        assert!(format!("{err:#}").contains("cargo xtask sim-guest"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("cargo xtask sim-guest"),
+            "{err:#}"
+        );
+        Ok(())
+    }
+
+    /// `fixtures/fake-vmrun/vmrun` (a python stand-in for VMware's vmrun) with its state in `dir`,
+    /// its VMs' IP the loopback.
+    #[cfg(unix)]
+    fn fake_vmrun(dir: &Path) -> Result<Vmrun> {
+        use std::os::unix::fs::PermissionsExt;
+        let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/fake-vmrun/vmrun");
+        std::fs::write(dir.join("state.json"), r#"{"ip": "127.0.0.1"}"#)?;
+        let wrapper = dir.join("vmrun");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nFAKE_VMRUN_DIR='{}' exec python3 '{}' \"$@\"\n",
+                dir.display(),
+                fake.display()
+            ),
+        )?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Vmrun::new(VmrunConfig {
+            binary: wrapper,
+            host_type: arpo_env_vmware::HostType::Workstation,
+            headless: true,
+            timeout: Duration::from_secs(20),
+            ip_timeout: Duration::from_secs(20),
+        }))
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vmware_path_with_a_fake_vmrun() -> Result<()> {
+        let url = sim_guest(arpo_env_sim::DEFAULT_SIZE).await?;
+        let port: u16 = url.rsplit(':').next().unwrap_or_default().parse()?;
+        let dir = tempfile::tempdir()?;
+        let vmrun = fake_vmrun(dir.path())?;
+        let vmx = dir.path().join("Ubuntu.vmx");
+        std::fs::write(&vmx, "")?;
+
+        let err = check_vmware(&vmrun, &dir.path().join("missing.vmx"), "init_state")
+            .await
+            .expect_err("no vmx");
+        assert!(format!("{err:#}").contains("no such file"), "{err:#}");
+        let err = check_vmware(&vmrun, &vmx, "clean")
+            .await
+            .expect_err("no such snapshot");
+        assert!(
+            format!("{err:#}").contains("snapshot clean present"),
+            "{err:#}"
+        );
+        check_vmware(&vmrun, &vmx, "init_state").await?;
+
+        let mut provider = VmwareProvider::new(vmrun, vmx);
+        provider.guest_port = port;
+        let mut env = OsworldEnv::new(Box::new(provider), env_config(dir.path()));
+        let task = OsworldTask::from_json(DEFAULT_TASK)?.to_task(Some(DEFAULT_TASK_DOMAIN));
+        let policy = Scripted(Mutex::new(vec![
+            "Thought: look\nAction: click(start_box='(500,500)')".into(),
+        ]));
+        let outcome = run_episode(&mut env, &policy, &task, &settings()).await?;
+        assert_eq!(outcome.end, EpisodeEnd::Finished);
+        assert_eq!(outcome.turns.len(), 2);
+        assert_eq!(outcome.turns[0].actions.len(), 1);
+        assert!(!outcome.passed(), "the simulated guest has no gsettings");
         Ok(())
     }
 
@@ -955,7 +1113,11 @@ mod tests {
         assert_eq!(split_sim_steps(&mut sim.task).len(), 1);
         assert!(sim.task.config.is_empty());
         let builtin = OsworldTask::from_json(DEFAULT_TASK)?;
-        assert!(builtin.unsupported().is_empty(), "{:?}", builtin.unsupported());
+        assert!(
+            builtin.unsupported().is_empty(),
+            "{:?}",
+            builtin.unsupported()
+        );
         assert!(sim_catalogue_task(Some("no-such-task")).is_err());
         assert!(parse_size("1920x1080").is_ok());
         assert!(parse_size("0x10").is_err());

@@ -136,7 +136,7 @@ async fn remote_policy(
     let lora = learner.trainable.lora_set().is_some();
     const ADAPTER: &str = "arpo-policy";
     let source = learner.source_dir.clone();
-    let mut push = move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), arpo_trainer::TrainerError> {
+    let push = move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), arpo_trainer::TrainerError> {
         let fail = |e: String| arpo_trainer::TrainerError::Learner(format!("pushing weights to the server: {e}"));
         if lora {
             trainable

@@ -129,11 +129,13 @@ impl Catalogue {
         let evaluator = if spec.infeasible {
             serde_json::json!({ "func": "infeasible" })
         } else {
-            // The guest serves the live score as a file; OSWorld's exact_match compares it.
+            // The guest serves the live score as a file. A `vm_file` getter gives the local copy's
+            // path (OSWorld's `exact_match` would compare that path), so the file's lines are
+            // checked with OSWorld's `check_list` (regular expressions searched in each line).
             serde_json::json!({
-                "func": "exact_match",
+                "func": "check_list",
                 "result": { "type": "vm_file", "path": crate::guest::SCORE_FILE, "dest": "sim_score.txt" },
-                "expected": { "type": "rule", "rules": { "expected": "1" } }
+                "expected": { "type": "rule", "rules": { "expect": ["^1\\s*$"], "unexpect": [] } }
             })
         };
         serde_json::json!({

@@ -218,7 +218,7 @@ fn osworld_export_and_index() {
     let j = Catalogue::osworld_json(spec);
     assert_eq!(j["id"], spec.id.as_str());
     assert_eq!(j["config"][0]["type"], "sim");
-    assert_eq!(j["evaluator"]["func"], "exact_match");
+    assert_eq!(j["evaluator"]["func"], "check_list");
     let inf = c
         .heldout_specs()
         .iter()

@@ -45,6 +45,14 @@ pub struct GenerationTimings {
     pub decode_steps: usize,
 }
 
+/// `log softmax(logits / temperature)[token]` (temperature 0 is read as 1, as in greedy).
+pub fn logprob_of(logits: &[f32], token: u32, temperature: f64) -> f32 {
+    let t = if temperature <= 0.0 { 1.0 } else { temperature as f32 };
+    let max = logits.iter().map(|l| l / t).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| f64::from((l / t - max).exp())).sum();
+    logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l / t - max - sum.ln() as f32)
+}
+
 /// Picks the next token from `logits` (f32, one row); returns `(token, logprob)`.
 pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
     let greedy = params.temperature <= 0.0;
@@ -219,6 +227,17 @@ impl Qwen2Vl {
             })
             .collect();
         let mut done = vec![params.max_tokens == 0; b];
+        // Vision placeholders are never sampled: a generated `<|image_pad|>` would be read as an
+        // image slot when the episode is scored for training (and no image stands behind it).
+        let placeholders: Vec<usize> = [
+            Some(self.config.image_token_id),
+            self.config.video_token_id,
+            Some(self.config.vision_start_token_id),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t as usize)
+        .collect();
         let decode_start = std::time::Instant::now();
         loop {
             let mut next = Vec::with_capacity(b);
@@ -227,7 +246,18 @@ impl Qwen2Vl {
                     next.push(out[i].token_ids.last().copied().unwrap_or(0));
                     continue;
                 }
-                let (tok, lp) = sample_token(&logits[i], params, &mut rng);
+                let (mut tok, mut lp) = sample_token(&logits[i], params, &mut rng);
+                if placeholders.contains(&(tok as usize)) {
+                    let mut row = logits[i].clone();
+                    for &p in &placeholders {
+                        if let Some(l) = row.get_mut(p) {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                    tok = sample_token(&row, params, &mut rng).0;
+                    // Reported under the whole distribution, as training scores it.
+                    lp = logprob_of(&logits[i], tok, params.temperature);
+                }
                 out[i].token_ids.push(tok);
                 out[i].logprobs.push(lp);
                 if stop_ids.contains(&tok) {

@@ -64,6 +64,46 @@ impl Qwen2Vl {
         Self::from_weights(config, Weights::from_map(map))
     }
 
+    /// Like [`Qwen2Vl::random`], reproducibly: N(0, 0.02) weights drawn from a ChaCha8
+    /// generator seeded with `seed` (parameters in name order), norms at 1, biases at 0.
+    pub fn random_seeded(
+        config: Qwen2VlConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut shapes = param_shapes(&config);
+        shapes.sort();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut map = std::collections::HashMap::new();
+        for (name, shape) in shapes {
+            let t = if name.contains("norm") || name.contains("ln_q") {
+                if name.ends_with(".bias") {
+                    Tensor::zeros(shape.as_slice(), dtype, device)?
+                } else {
+                    Tensor::ones(shape.as_slice(), dtype, device)?
+                }
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), dtype, device)?
+            } else {
+                let n: usize = shape.iter().product();
+                // Box-Muller: two uniforms in (0, 1] give one standard normal.
+                let values: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let u1: f64 = 1.0 - rng.random::<f64>();
+                        let u2: f64 = rng.random::<f64>();
+                        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                        (0.02 * z) as f32
+                    })
+                    .collect();
+                Tensor::from_vec(values, shape.as_slice(), device)?.to_dtype(dtype)?
+            };
+            map.insert(name, t);
+        }
+        Self::from_weights(config, Weights::from_map(map))
+    }
+
     pub fn device(&self) -> &Device {
         self.text.embed_tokens.device()
     }

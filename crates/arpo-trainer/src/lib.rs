@@ -10,6 +10,7 @@
 //!   loss (`arpo-grpo`) → update; metrics, per-task results, curves, checkpoints, `--resume`.
 //! - [`model`]: the candle UI-TARS model as the rollout policy and the learner, sharing weights.
 //! - [`setup`]: task sets, environments and the pre-flight check from a config.
+//! - [`sft`]: supervised fine-tuning on the embedded desktop's oracle solutions (the base policy).
 //! - [`eval`]: success rates with a 95% Wilson interval.
 //!
 //! ```
@@ -35,6 +36,7 @@ pub mod model;
 pub mod progress;
 pub mod rollout;
 pub mod setup;
+pub mod sft;
 pub mod testing;
 pub mod train;
 

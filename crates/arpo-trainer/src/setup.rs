@@ -64,7 +64,12 @@ pub fn load_tasks(spec: &str, config: &Config, max_tasks: usize) -> Result<Vec<T
                     .collect::<Result<Vec<_>, _>>()?
             }
             EnvProvider::Vmware | EnvProvider::Remote => {
-                let examples = &config.env.vmware.examples_dir;
+                // OSWorld's `evaluation_examples` holds the task files under `examples/`.
+                let mut examples = config.env.vmware.examples_dir.clone();
+                if examples.join("examples").is_dir() {
+                    examples = examples.join("examples");
+                }
+                let examples = &examples;
                 let entries = load_index(index, examples).map_err(|e| err(e.to_string()))?;
                 let mut tasks = Vec::with_capacity(entries.len());
                 let mut unsupported = Vec::new();

@@ -1,0 +1,208 @@
+//! The candle learner with the tiny fixture model on the embedded desktop: sampled token ids in
+//! their slots, old log-probs equal to the policy's own sampling log-probs, updates that move the
+//! shared weights in the advantage's direction, and save/load.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use arpo_core::{
+    AgentContext, Environment, EpisodeEnd, FinishReason, Policy, SamplingParams, Trajectory, Turn,
+};
+use arpo_env_sim::{Catalogue, SimEnv};
+use arpo_trainer::learner::{Learner, Sample};
+use arpo_trainer::model::load_local;
+use arpo_trainer::Config;
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-qwen2vl")
+}
+
+fn config(extra: &[&str]) -> Config {
+    let mut sets = vec![
+        format!(
+            "worker.actor.model.model_path={}",
+            fixture_model().display()
+        ),
+        "worker.actor.optim.lr=1e-2".to_string(),
+        "worker.rollout.limit_images=4".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::from_yaml_str("", &sets).unwrap()
+}
+
+/// A one- or two-turn trajectory sampled by `policy` on a sim task.
+async fn rollout(policy: &dyn Policy, turns: usize, seed: u64, max_tokens: usize) -> Trajectory {
+    let catalogue = Catalogue::default();
+    let task = catalogue.train().into_iter().nth(20).unwrap();
+    let mut env = SimEnv::new();
+    let obs = env.reset(&task).await.unwrap();
+    let mut shots = vec![obs.screenshot];
+    let mut out = Vec::new();
+    for k in 0..turns {
+        let context = AgentContext {
+            instruction: task.instruction.clone(),
+            screenshots: shots.clone(),
+            responses: out.iter().map(|t: &Turn| t.response.text.clone()).collect(),
+        };
+        let sampling = SamplingParams {
+            temperature: 1.0,
+            max_tokens,
+            seed: Some(seed + k as u64),
+            ..SamplingParams::default()
+        };
+        let r = policy.act(&[context], &sampling).await.unwrap().remove(0);
+        out.push(Turn {
+            screenshot: shots.last().unwrap().clone(),
+            response: r,
+            actions: Vec::new(),
+            format_error: None,
+            env_error: None,
+        });
+        // The screen does not change (no action is carried out): a second screenshot all the same.
+        shots.push(shots.last().unwrap().clone());
+    }
+    Trajectory {
+        task_id: task.id,
+        instruction: task.instruction,
+        turns: out,
+        end: EpisodeEnd::MaxSteps,
+        eval_result: 0.0,
+        format_reward: 0.0,
+    }
+}
+
+#[tokio::test]
+async fn sampled_ids_sit_in_their_slots_and_nothing_else_is_trained() {
+    let (policy, learner) = load_local(&config(&[]), 10).unwrap();
+    let t = rollout(&policy, 2, 3, 12).await;
+    let built = learner.episodes.build(&t).unwrap();
+    let ep = &built.episode;
+    assert_eq!(built.turn_positions.len(), 2);
+    for (turn, positions) in t.turns.iter().zip(&built.turn_positions) {
+        let ids: Vec<u32> = positions.iter().map(|&p| ep.input_ids[p]).collect();
+        assert_eq!(ids, turn.response.token_ids);
+        if turn.response.finish_reason == FinishReason::Length {
+            // `<|im_end|>` closes the turn but was not sampled: context only.
+            let after = positions.last().unwrap() + 1;
+            assert_eq!(ep.input_ids[after], learner.episodes.im_end_id);
+            assert!(!ep.assistant_mask[after]);
+        }
+    }
+    let trained: usize = ep.assistant_mask.iter().filter(|m| **m).count();
+    let sampled: usize = t.turns.iter().map(|t| t.response.token_ids.len()).sum();
+    assert_eq!(trained, sampled);
+    // Both screenshots are in the sequence (limit_images 4).
+    assert_eq!(ep.grid_thw.len(), 2);
+}
+
+#[tokio::test]
+async fn old_logprobs_equal_the_sampling_logprobs_of_a_first_turn() {
+    let (policy, mut learner) = load_local(&config(&[]), 10).unwrap();
+    for seed in [1, 2, 3] {
+        let t = rollout(&policy, 1, seed, 16).await;
+        let old = learner.old_logprobs(&t).unwrap();
+        let sampled = &t.turns[0].response.logprobs;
+        assert_eq!(old[0].len(), sampled.len());
+        for (a, b) in old[0].iter().zip(sampled) {
+            assert!((a - b).abs() < 1e-4, "scored {a} vs sampled {b}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_update_moves_the_shared_weights_in_the_advantages_direction() {
+    let (policy, mut learner) = load_local(&config(&[]), 10).unwrap();
+    let t = rollout(&policy, 1, 5, 8).await;
+    let before = learner.old_logprobs(&t).unwrap();
+    let sum = |v: &Vec<Vec<f32>>| v.iter().flatten().map(|x| f64::from(*x)).sum::<f64>();
+    let loss = arpo_grpo::PolicyLossConfig::default();
+    let sample = Sample {
+        trajectory: t.clone(),
+        advantage: 1.0,
+        old_logprobs: before.clone(),
+        injected: false,
+    };
+    let stats = learner.update(&[sample], &loss, 0).unwrap();
+    assert!(!stats.skipped && stats.grad_norm > 0.0);
+    assert_eq!(stats.tokens, t.turns[0].response.token_ids.len());
+    // Ratio 1 at the start: the loss is -A.
+    assert!((stats.loss + 1.0).abs() < 1e-5, "{}", stats.loss);
+    let after = learner.old_logprobs(&t).unwrap();
+    assert!(sum(&after) > sum(&before), "{} -> {}", sum(&before), sum(&after));
+    // The policy shares the weights: its greedy answer is scored with the new weights too.
+    let context = t.context_at(0);
+    let r = policy
+        .act(&[context], &SamplingParams::greedy(4))
+        .await
+        .unwrap()
+        .remove(0);
+    let mut again = t.clone();
+    again.turns[0].response = r.clone();
+    let scored = learner.old_logprobs(&again).unwrap();
+    for (a, b) in scored[0].iter().zip(&r.logprobs) {
+        assert!((a - b).abs() < 1e-4);
+    }
+
+    // A negative advantage pushes the other way.
+    let before = learner.old_logprobs(&t).unwrap();
+    let sample = Sample {
+        trajectory: t.clone(),
+        advantage: -1.0,
+        old_logprobs: before.clone(),
+        injected: false,
+    };
+    learner.update(&[sample], &loss, 1).unwrap();
+    let after = learner.old_logprobs(&t).unwrap();
+    assert!(sum(&after) < sum(&before));
+}
+
+#[tokio::test]
+async fn save_then_load_restores_weights_and_optimizer_exactly() {
+    for extra in [&[][..], &["worker.actor.model.lora.rank=4"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, mut learner) = load_local(&config(extra), 10).unwrap();
+        let t = rollout(&policy, 1, 9, 8).await;
+        let loss = arpo_grpo::PolicyLossConfig::default();
+        let sample = |old: Vec<Vec<f32>>| Sample {
+            trajectory: t.clone(),
+            advantage: 1.0,
+            old_logprobs: old,
+            injected: false,
+        };
+        let old = learner.old_logprobs(&t).unwrap();
+        learner.update(&[sample(old)], &loss, 0).unwrap();
+        learner.save(dir.path()).unwrap();
+        let saved = learner.old_logprobs(&t).unwrap();
+        // The next step from the saved state...
+        learner.update(&[sample(saved.clone())], &loss, 1).unwrap();
+        let next = learner.old_logprobs(&t).unwrap();
+        assert_ne!(next, saved, "{extra:?}: the second update changed nothing");
+        // ...is reproduced bit for bit after loading the checkpoint.
+        learner.load(dir.path()).unwrap();
+        assert_eq!(learner.old_logprobs(&t).unwrap(), saved, "{extra:?}");
+        learner.update(&[sample(saved.clone())], &loss, 1).unwrap();
+        assert_eq!(learner.old_logprobs(&t).unwrap(), next, "{extra:?}");
+    }
+}
+
+#[test]
+fn a_kl_penalty_is_refused_with_the_fix() {
+    let (_, mut learner) = load_local(&config(&[]), 10).unwrap();
+    let loss = arpo_grpo::PolicyLossConfig {
+        kl: Some(arpo_grpo::KlPenalty {
+            estimator: arpo_grpo::KlEstimator::LowVarKl,
+            coef: 0.1,
+        }),
+        ..Default::default()
+    };
+    let e = learner.update(&[], &loss, 0).unwrap_err().to_string();
+    assert!(e.contains("disable_kl"), "{e}");
+}
+
+#[test]
+fn a_missing_model_fails_the_preflight_with_the_path() {
+    let c = config(&["worker.actor.model.model_path=/nonexistent/model"]);
+    let e = load_local(&c, 1).unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/model"), "{e}");
+}
