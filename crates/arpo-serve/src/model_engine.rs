@@ -300,6 +300,20 @@ impl Engine for ModelEngine {
                 .map_err(|e| load_error(format!("merging into {name}: {e}")))?;
             weights.insert(name, merged);
         }
+        // `parameters()` gives the patch embedding as its 2-D `[embed, c*t*p*p]` view;
+        // `from_weights` reads the checkpoint's 5-D Conv3d kernel.
+        let vc = &base.model.config.vision;
+        if let Some(pe) = weights.get_mut("visual.patch_embed.proj.weight") {
+            *pe = pe
+                .reshape((
+                    vc.embed_dim,
+                    vc.in_channels,
+                    vc.temporal_patch_size,
+                    vc.patch_size,
+                    vc.patch_size,
+                ))
+                .map_err(|e| load_error(format!("reshaping the patch embedding: {e}")))?;
+        }
         let model = Qwen2Vl::from_weights(base.model.config.clone(), Weights::from_map(weights))
             .map_err(|e| load_error(e.to_string()))?;
         drop(base);

@@ -1,0 +1,383 @@
+//! The HTTP server over the real candle model (`ModelEngine` on the tiny fixture
+//! `fixtures/models/tiny-qwen2vl`, random weights) on a loopback port: answers, token ids and
+//! log-probs equal in-process generation; `RemotePolicy` equals `LocalPolicy`; LoRA adapters
+//! saved by the trainer load, change the answer to the merged model's, and unload.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arpo_core::protocol::PromptConfig;
+use arpo_core::{
+    AgentContext, ChatMessage, ContentPart, Environment, FinishReason, Policy, Response, Role,
+    SamplingParams, Screenshot,
+};
+use arpo_env_sim::{Catalogue, SimEnv};
+use arpo_model::train::lora::LoraConfig;
+use arpo_model::train::trainable::Trainable;
+use arpo_model::{LocalPolicy, UiTars};
+use arpo_serve::api::{ChatCompletion, ErrorBody};
+use arpo_serve::remote::parse_token_id;
+use arpo_serve::{
+    ImageLimits, ModelEngine, RemotePolicy, RemotePolicyConfig, ServeConfig, Server,
+};
+use base64::Engine as _;
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Value, json};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Generated tokens per answer: small, so each test stays fast.
+const MAX_TOKENS: usize = 12;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-qwen2vl")
+}
+
+fn load_uitars() -> Result<UiTars, Box<dyn std::error::Error>> {
+    let dir = model_dir();
+    let dir = dir.to_str().ok_or("utf-8 fixture path")?;
+    Ok(UiTars::load(dir, DType::F32, &Device::Cpu)?)
+}
+
+/// The server over a `ModelEngine` of the fixture model, on a free loopback port.
+async fn start(max_batch: usize) -> Result<Server, Box<dyn std::error::Error>> {
+    let engine = Arc::new(ModelEngine::new(
+        load_uitars()?,
+        model_dir().display().to_string(),
+    ));
+    let config = ServeConfig {
+        max_batch,
+        ..ServeConfig::default()
+    };
+    Ok(Server::start(engine, config, "127.0.0.1:0".parse()?).await?)
+}
+
+/// A golden fixture image, as the server sees it after its checks.
+fn golden_image(name: &str) -> Result<Screenshot, Box<dyn std::error::Error>> {
+    let path = model_dir().join("../tiny-qwen2vl-golden/images").join(name);
+    let shot = arpo_serve::check_image(std::fs::read(&path)?, &ImageLimits::default())
+        .map_err(|e| e.message)?;
+    Ok(shot)
+}
+
+/// A system message and a user message with an instruction and `images` fixture images.
+fn conversation(images: usize) -> Result<Vec<ChatMessage>, Box<dyn std::error::Error>> {
+    let names = ["a_56x84.png", "b_112x56.png", "c_101x75.png", "d_300x200.png"];
+    let mut content = vec![ContentPart::Text {
+        text: "Open the settings menu and turn on dark mode.".into(),
+    }];
+    for name in names.iter().take(images) {
+        content.push(ContentPart::Image {
+            image: golden_image(name)?,
+        });
+    }
+    Ok(vec![
+        ChatMessage::text(Role::System, "You are a helpful assistant."),
+        ChatMessage {
+            role: Role::User,
+            content,
+        },
+    ])
+}
+
+/// The chat-completions body of `messages` (images as base64 data urls), greedy, with the
+/// sampled tokens' log-probs named `token_id:<id>`.
+fn body(messages: &[ChatMessage], model: &str, max_tokens: usize) -> Value {
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let parts: Vec<Value> = m
+                .content
+                .iter()
+                .map(|p| match p {
+                    ContentPart::Text { text } => json!({"type": "text", "text": text}),
+                    ContentPart::Image { image } => json!({
+                        "type": "image_url",
+                        "image_url": {"url": format!(
+                            "data:image/png;base64,{}",
+                            base64::engine::general_purpose::STANDARD.encode(&image.bytes)
+                        )},
+                    }),
+                })
+                .collect();
+            json!({"role": m.role.as_str(), "content": parts})
+        })
+        .collect();
+    json!({
+        "model": model,
+        "messages": messages,
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "logprobs": true,
+        "return_tokens_as_token_ids": true,
+    })
+}
+
+async fn post(url: &str, body: &Value) -> Result<reqwest::Response, reqwest::Error> {
+    reqwest::Client::new().post(url).json(body).send().await
+}
+
+async fn complete(url: &str, body: &Value) -> Result<ChatCompletion, Box<dyn std::error::Error>> {
+    let response = post(url, body).await?;
+    let status = response.status();
+    let text = response.text().await?;
+    if !status.is_success() {
+        return Err(format!("{url} answered {status}: {text}").into());
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The answer's text, token ids (from `token_id:<id>`) and log-probs.
+fn answer_of(
+    completion: &ChatCompletion,
+) -> Result<(String, Vec<u32>, Vec<f32>, String), Box<dyn std::error::Error>> {
+    let choice = completion.choices.first().ok_or("no choice")?;
+    let entries = &choice.logprobs.as_ref().ok_or("no logprobs")?.content;
+    let ids = entries
+        .iter()
+        .map(|e| parse_token_id(&e.token).ok_or_else(|| format!("token {:?} is not an id", e.token)))
+        .collect::<Result<Vec<u32>, String>>()?;
+    let logprobs = entries.iter().map(|e| e.logprob).collect();
+    Ok((
+        choice.message.content.clone().unwrap_or_default(),
+        ids,
+        logprobs,
+        choice.finish_reason.clone().unwrap_or_default(),
+    ))
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4,
+            "{what}: logprob {i} is {g} over HTTP, {w} in process"
+        );
+    }
+}
+
+fn finish_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// The completion equals the in-process response: text, ids, log-probs, finish reason, usage.
+fn assert_same(
+    completion: &ChatCompletion,
+    want: &Response,
+    what: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (text, ids, logprobs, finish) = answer_of(completion)?;
+    assert!(!want.token_ids.is_empty(), "{what}: something is generated");
+    assert_eq!(ids, want.token_ids, "{what}: token ids");
+    assert_eq!(text, want.text, "{what}: text");
+    assert_close(&logprobs, &want.logprobs, what);
+    assert_eq!(finish, finish_name(want.finish_reason), "{what}: finish reason");
+    assert_eq!(
+        completion.usage.completion_tokens,
+        want.token_ids.len() as u64,
+        "{what}: usage.completion_tokens"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_with_0_1_3_images_equal_in_process_generation() -> TestResult {
+    let local = load_uitars()?;
+    let server = start(16).await?;
+    let url = format!("{}/chat/completions", server.base_url());
+    let greedy = SamplingParams::greedy(MAX_TOKENS);
+    let mut wants = Vec::new();
+    let mut bodies = Vec::new();
+    for images in [0, 1, 3] {
+        let messages = conversation(images)?;
+        let (mut responses, _) = local.respond(std::slice::from_ref(&messages), &greedy)?;
+        let want = responses.pop().ok_or("one response")?;
+        let prompt = local.prepare(&messages)?;
+        let body = body(&messages, "ui-tars", MAX_TOKENS);
+        // One at a time.
+        let completion = complete(&url, &body).await?;
+        assert_same(&completion, &want, &format!("{images} image(s), alone"))?;
+        assert_eq!(
+            completion.usage.prompt_tokens,
+            prompt.input_ids.len() as u64,
+            "the server's prompt is the in-process prompt"
+        );
+        wants.push(want);
+        bodies.push(body);
+    }
+    // The three at once (generated in one batch when they arrive together): the same answers.
+    let calls = bodies.iter().map(|b| complete(&url, b));
+    let together = futures::future::join_all(calls).await;
+    for ((completion, want), images) in together.into_iter().zip(&wants).zip([0, 1, 3]) {
+        assert_same(&completion?, want, &format!("{images} image(s), concurrent"))?;
+    }
+    server.shutdown().await?;
+    Ok(())
+}
+
+/// Agent contexts with real screenshots of the embedded desktop: two fresh episodes and one
+/// after a step (two screenshots and one earlier response).
+async fn sim_contexts() -> Result<Vec<AgentContext>, Box<dyn std::error::Error>> {
+    let catalogue = Catalogue::default();
+    let tasks = catalogue.train();
+    let mut contexts = Vec::new();
+    for (k, task) in tasks.iter().take(3).enumerate() {
+        let mut env = SimEnv::new();
+        let first = env.reset(task).await?;
+        let mut context = AgentContext {
+            instruction: task.instruction.clone(),
+            screenshots: vec![first.screenshot],
+            responses: vec![],
+        };
+        if k == 1 {
+            let oracle = catalogue.oracle(task)?;
+            let action = oracle.first().ok_or("an oracle step")?;
+            let step = env.step(action).await?;
+            context.screenshots.push(step.observation.screenshot);
+            context
+                .responses
+                .push("Thought: I start with the first control.\nAction: click(start_box='(120,80)')".into());
+        }
+        contexts.push(context);
+    }
+    Ok(contexts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_policy_answers_as_the_local_policy() -> TestResult {
+    let contexts = sim_contexts().await?;
+    assert!(
+        contexts
+            .iter()
+            .all(|c| c.screenshots.iter().all(|s| (s.width, s.height) == (336, 224)))
+    );
+    let greedy = SamplingParams::greedy(MAX_TOKENS);
+    let local = LocalPolicy::new(load_uitars()?, PromptConfig::default());
+    let want = local.act(&contexts, &greedy).await?;
+
+    let server = start(16).await?;
+    let remote = RemotePolicy::new(RemotePolicyConfig::new(server.base_url(), "ui-tars"), None)?;
+    let got = remote.act(&contexts, &greedy).await?;
+    assert_eq!(got.len(), contexts.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(!w.token_ids.is_empty());
+        assert_eq!(g.token_ids, w.token_ids, "context {i}: token ids");
+        assert_eq!(g.text, w.text, "context {i}: text");
+        assert_eq!(g.finish_reason, w.finish_reason, "context {i}: finish reason");
+        assert_close(&g.logprobs, &w.logprobs, &format!("context {i}"));
+    }
+    // Different screens, different answers (the contexts really reach the model).
+    assert!(
+        want.windows(2).any(|p| p[0].token_ids != p[1].token_ids),
+        "{want:?}"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
+
+/// A PEFT adapter from the trainer's LoRA, with non-zero B matrices so that it changes the
+/// model; returns the merged model's greedy answer to `messages` and the adapter directory.
+fn make_adapter(
+    base: &UiTars,
+    dest: &Path,
+    messages: &[ChatMessage],
+    greedy: &SamplingParams,
+) -> Result<(Response, PathBuf), Box<dyn std::error::Error>> {
+    let trainable = Trainable::lora(
+        base.model.clone(),
+        LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            seed: 7,
+            ..LoraConfig::default()
+        },
+    )?;
+    let set = trainable.lora_set().ok_or("a lora set")?;
+    assert!(!set.is_empty());
+    for (k, adapter) in set.adapters().values().enumerate() {
+        let (out_dim, r) = adapter.b.as_tensor().dims2()?;
+        let values: Vec<f32> = (0..out_dim * r)
+            .map(|i| (((i * 37 + k * 11) % 23) as f32 / 23.0 - 0.5) * 0.8)
+            .collect();
+        adapter
+            .b
+            .set(&Tensor::from_vec(values, (out_dim, r), &Device::Cpu)?)?;
+    }
+    let dir = trainable.save_adapter(dest, &model_dir().display().to_string(), None)?;
+    let merged = trainable.merged_model()?;
+    let prompt = base.prepare(messages)?;
+    let (mut generations, _) = merged.generate(&[prompt], greedy, &base.stop_ids)?;
+    let g = generations.pop().ok_or("one generation")?;
+    Ok((
+        Response {
+            text: base.tokenizer.decode(&g.token_ids)?,
+            token_ids: g.token_ids,
+            logprobs: g.logprobs,
+            finish_reason: g.finish_reason,
+        },
+        dir,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_adapter_load_changes_the_answer_to_the_merged_models_and_unload_removes_it()
+-> TestResult {
+    let local = load_uitars()?;
+    let messages = conversation(1)?;
+    let greedy = SamplingParams::greedy(MAX_TOKENS);
+    let tmp = tempfile::tempdir()?;
+    let (adapted, adapter_dir) = make_adapter(&local, &tmp.path().join("step1"), &messages, &greedy)?;
+    assert!(adapter_dir.join("adapter_model.safetensors").is_file());
+    assert!(adapter_dir.join("adapter_config.json").is_file());
+    let (mut base_answers, _) = local.respond(std::slice::from_ref(&messages), &greedy)?;
+    let base = base_answers.pop().ok_or("one response")?;
+    assert_ne!(
+        adapted.token_ids, base.token_ids,
+        "the adapter changes the greedy answer in process"
+    );
+
+    let server = start(16).await?;
+    let v1 = server.base_url();
+    let url = format!("{v1}/chat/completions");
+    let before = complete(&url, &body(&messages, "ui-tars", MAX_TOKENS)).await?;
+    assert_same(&before, &base, "base before loading")?;
+
+    let r = post(
+        &format!("{v1}/load_lora_adapter"),
+        &json!({"lora_name": "step1", "lora_path": adapter_dir}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200, "{}", r.text().await?);
+    let models: Value = reqwest::get(format!("{v1}/models")).await?.json().await?;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec!["ui-tars", "step1"]);
+
+    let with = complete(&url, &body(&messages, "step1", MAX_TOKENS)).await?;
+    assert_eq!(with.model, "step1");
+    assert_same(&with, &adapted, "with the adapter")?;
+    // The base model is untouched by the adapter.
+    let base_again = complete(&url, &body(&messages, "ui-tars", MAX_TOKENS)).await?;
+    assert_same(&base_again, &base, "base while the adapter is loaded")?;
+
+    let r = post(
+        &format!("{v1}/unload_lora_adapter"),
+        &json!({"lora_name": "step1"}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200, "{}", r.text().await?);
+    let r = post(&url, &body(&messages, "step1", MAX_TOKENS)).await?;
+    assert_eq!(r.status(), 404);
+    let err: ErrorBody = r.json().await?;
+    assert_eq!(err.error.code.as_deref(), Some("model_not_found"));
+    let after = complete(&url, &body(&messages, "ui-tars", MAX_TOKENS)).await?;
+    assert_same(&after, &base, "base after unloading")?;
+    server.shutdown().await?;
+    Ok(())
+}
