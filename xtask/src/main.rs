@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench_model;
+mod bench_serve;
 mod compare;
 mod eval;
 mod osworld_coverage;
@@ -55,6 +56,8 @@ enum Command {
     Predict(predict::Args),
     /// Benchmark the model (prefill, decode, training step); prints JSON.
     BenchModel(bench_model::Args),
+    /// Benchmark the HTTP server's throughput (concurrent clients, with and without dynamic batching).
+    BenchServe(bench_serve::Args),
     /// Serve the OSWorld guest HTTP protocol over the simulated desktop.
     SimGuest(sim_guest::Args),
     /// Write a simulated task's screenshots (and its oracle solution's) as PNG files.
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
         Command::ParseResponse(a) => parse_response::run(a),
         Command::Predict(a) => predict::run(a),
         Command::BenchModel(a) => bench_model::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
         Command::SimGuest(a) => sim_guest::run(a),
         Command::SimShow(a) => sim_show::run(a),
         Command::OsworldCoverage(a) => osworld_coverage::run(a),

@@ -80,9 +80,8 @@ pub fn run(args: Args) -> Result<()> {
                 "coordinates": coordinates,
                 "actions": parsed.actions,
                 "raw_actions": parsed.raw_actions,
-                // The pyautogui program comes with arpo-env-vmware's code generator (its own
-                // issue); until that lands there is none to print.
-                "pyautogui": serde_json::Value::Null,
+                // What OSWorld's environment would run: every string an escaped literal.
+                "pyautogui": arpo_env_vmware::pyautogui::pyautogui_program(&parsed.actions),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())

@@ -45,6 +45,9 @@ pub struct Args {
     /// the first 16 of each family).
     #[arg(long, default_value_t = 48)]
     pub tasks_per_family: usize,
+    /// Also write the model every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
     /// Print the loss every this many steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
@@ -122,6 +125,8 @@ pub fn run(args: Args) -> Result<()> {
         weight_decay: 0.0,
         max_grad_norm: 1.0,
         prompt,
+        save_every: args.save_every,
+        workers: std::thread::available_parallelism().map_or(1, usize::from),
     };
     let t1 = Instant::now();
     let log_every = args.log_every.max(1);

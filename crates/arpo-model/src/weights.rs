@@ -28,6 +28,15 @@ pub fn resolve_model_dir_in(model: &str, cache: &hf_hub::Cache) -> Result<PathBu
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    // A repo id is `owner/name`; anything else that does not exist is a mistyped path.
+    let looks_like_path = model.starts_with(['/', '.', '~'])
+        || model.contains('\\')
+        || model.matches('/').count() != 1;
+    if looks_like_path {
+        return Err(ModelError::Config(format!(
+            "no model directory at {model}: check the path (a Hugging Face repo id is owner/name)"
+        )));
+    }
     let repo = cache.model(model.to_string());
     let config = repo.get(CONFIG_FILE).ok_or_else(|| ModelError::NotCached {
         repo_id: model.to_string(),

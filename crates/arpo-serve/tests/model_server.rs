@@ -17,9 +17,7 @@ use arpo_model::train::trainable::Trainable;
 use arpo_model::{LocalPolicy, UiTars};
 use arpo_serve::api::{ChatCompletion, ErrorBody};
 use arpo_serve::remote::parse_token_id;
-use arpo_serve::{
-    ImageLimits, ModelEngine, RemotePolicy, RemotePolicyConfig, ServeConfig, Server,
-};
+use arpo_serve::{ImageLimits, ModelEngine, RemotePolicy, RemotePolicyConfig, ServeConfig, Server};
 use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
@@ -62,7 +60,12 @@ fn golden_image(name: &str) -> Result<Screenshot, Box<dyn std::error::Error>> {
 
 /// A system message and a user message with an instruction and `images` fixture images.
 fn conversation(images: usize) -> Result<Vec<ChatMessage>, Box<dyn std::error::Error>> {
-    let names = ["a_56x84.png", "b_112x56.png", "c_101x75.png", "d_300x200.png"];
+    let names = [
+        "a_56x84.png",
+        "b_112x56.png",
+        "c_101x75.png",
+        "d_300x200.png",
+    ];
     let mut content = vec![ContentPart::Text {
         text: "Open the settings menu and turn on dark mode.".into(),
     }];
@@ -127,23 +130,31 @@ async fn complete(url: &str, body: &Value) -> Result<ChatCompletion, Box<dyn std
     Ok(serde_json::from_str(&text)?)
 }
 
-/// The answer's text, token ids (from `token_id:<id>`) and log-probs.
-fn answer_of(
-    completion: &ChatCompletion,
-) -> Result<(String, Vec<u32>, Vec<f32>, String), Box<dyn std::error::Error>> {
+/// What the server answered: the first choice's text, token ids, log-probs, finish reason.
+struct Answer {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    finish: String,
+}
+
+/// The answer's text, token ids (from `token_id:<id>`), log-probs and finish reason.
+fn answer_of(completion: &ChatCompletion) -> Result<Answer, Box<dyn std::error::Error>> {
     let choice = completion.choices.first().ok_or("no choice")?;
     let entries = &choice.logprobs.as_ref().ok_or("no logprobs")?.content;
     let ids = entries
         .iter()
-        .map(|e| parse_token_id(&e.token).ok_or_else(|| format!("token {:?} is not an id", e.token)))
+        .map(|e| {
+            parse_token_id(&e.token).ok_or_else(|| format!("token {:?} is not an id", e.token))
+        })
         .collect::<Result<Vec<u32>, String>>()?;
     let logprobs = entries.iter().map(|e| e.logprob).collect();
-    Ok((
-        choice.message.content.clone().unwrap_or_default(),
+    Ok(Answer {
+        text: choice.message.content.clone().unwrap_or_default(),
         ids,
         logprobs,
-        choice.finish_reason.clone().unwrap_or_default(),
-    ))
+        finish: choice.finish_reason.clone().unwrap_or_default(),
+    })
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
@@ -169,12 +180,21 @@ fn assert_same(
     want: &Response,
     what: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (text, ids, logprobs, finish) = answer_of(completion)?;
+    let Answer {
+        text,
+        ids,
+        logprobs,
+        finish,
+    } = answer_of(completion)?;
     assert!(!want.token_ids.is_empty(), "{what}: something is generated");
     assert_eq!(ids, want.token_ids, "{what}: token ids");
     assert_eq!(text, want.text, "{what}: text");
     assert_close(&logprobs, &want.logprobs, what);
-    assert_eq!(finish, finish_name(want.finish_reason), "{what}: finish reason");
+    assert_eq!(
+        finish,
+        finish_name(want.finish_reason),
+        "{what}: finish reason"
+    );
     assert_eq!(
         completion.usage.completion_tokens,
         want.token_ids.len() as u64,
@@ -212,7 +232,11 @@ async fn greedy_answers_with_0_1_3_images_equal_in_process_generation() -> TestR
     let calls = bodies.iter().map(|b| complete(&url, b));
     let together = futures::future::join_all(calls).await;
     for ((completion, want), images) in together.into_iter().zip(&wants).zip([0, 1, 3]) {
-        assert_same(&completion?, want, &format!("{images} image(s), concurrent"))?;
+        assert_same(
+            &completion?,
+            want,
+            &format!("{images} image(s), concurrent"),
+        )?;
     }
     server.shutdown().await?;
     Ok(())
@@ -237,9 +261,10 @@ async fn sim_contexts() -> Result<Vec<AgentContext>, Box<dyn std::error::Error>>
             let action = oracle.first().ok_or("an oracle step")?;
             let step = env.step(action).await?;
             context.screenshots.push(step.observation.screenshot);
-            context
-                .responses
-                .push("Thought: I start with the first control.\nAction: click(start_box='(120,80)')".into());
+            context.responses.push(
+                "Thought: I start with the first control.\nAction: click(start_box='(120,80)')"
+                    .into(),
+            );
         }
         contexts.push(context);
     }
@@ -249,11 +274,11 @@ async fn sim_contexts() -> Result<Vec<AgentContext>, Box<dyn std::error::Error>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_policy_answers_as_the_local_policy() -> TestResult {
     let contexts = sim_contexts().await?;
-    assert!(
-        contexts
+    assert!(contexts.iter().all(|c| {
+        c.screenshots
             .iter()
-            .all(|c| c.screenshots.iter().all(|s| (s.width, s.height) == (336, 224)))
-    );
+            .all(|s| (s.width, s.height) == (336, 224))
+    }));
     let greedy = SamplingParams::greedy(MAX_TOKENS);
     let local = LocalPolicy::new(load_uitars()?, PromptConfig::default());
     let want = local.act(&contexts, &greedy).await?;
@@ -266,7 +291,10 @@ async fn remote_policy_answers_as_the_local_policy() -> TestResult {
         assert!(!w.token_ids.is_empty());
         assert_eq!(g.token_ids, w.token_ids, "context {i}: token ids");
         assert_eq!(g.text, w.text, "context {i}: text");
-        assert_eq!(g.finish_reason, w.finish_reason, "context {i}: finish reason");
+        assert_eq!(
+            g.finish_reason, w.finish_reason,
+            "context {i}: finish reason"
+        );
         assert_close(&g.logprobs, &w.logprobs, &format!("context {i}"));
     }
     // Different screens, different answers (the contexts really reach the model).
@@ -330,7 +358,8 @@ async fn lora_adapter_load_changes_the_answer_to_the_merged_models_and_unload_re
     let messages = conversation(1)?;
     let greedy = SamplingParams::greedy(MAX_TOKENS);
     let tmp = tempfile::tempdir()?;
-    let (adapted, adapter_dir) = make_adapter(&local, &tmp.path().join("step1"), &messages, &greedy)?;
+    let (adapted, adapter_dir) =
+        make_adapter(&local, &tmp.path().join("step1"), &messages, &greedy)?;
     assert!(adapter_dir.join("adapter_model.safetensors").is_file());
     assert!(adapter_dir.join("adapter_config.json").is_file());
     let (mut base_answers, _) = local.respond(std::slice::from_ref(&messages), &greedy)?;

@@ -49,6 +49,14 @@ pub trait Learner: Send {
     /// Log-probs of each turn's sampled tokens under the current weights (no gradient).
     fn old_logprobs(&mut self, trajectory: &Trajectory) -> Result<Vec<Vec<f32>>, TrainerError>;
 
+    /// [`Learner::old_logprobs`] of several trajectories (a learner may score them in parallel).
+    fn old_logprobs_many(
+        &mut self,
+        trajectories: &[&Trajectory],
+    ) -> Result<Vec<Vec<Vec<f32>>>, TrainerError> {
+        trajectories.iter().map(|t| self.old_logprobs(t)).collect()
+    }
+
     /// One optimizer step over a mini-batch: the clipped policy loss of `loss` over the
     /// samples' assistant tokens, micro-batched with gradient accumulation, grad-norm clipping,
     /// AdamW. `optimizer_step` counts optimizer steps from 0 (for the LR schedule).

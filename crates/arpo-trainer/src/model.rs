@@ -243,6 +243,8 @@ pub struct CandleLearner {
     /// The model the run started from (its config and tokenizer files go into checkpoints).
     pub source_dir: PathBuf,
     lora_seed: u64,
+    /// Threads that score the trajectories of a batch in parallel.
+    pub workers: usize,
     /// Called after each update (e.g. to push the new weights to a server).
     pub after_update: Option<Box<dyn FnMut(&Trainable) -> Result<(), TrainerError> + Send>>,
 }
@@ -320,6 +322,7 @@ pub fn load_local(
             episodes,
             source_dir: dir,
             lora_seed: config.data.seed,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
             after_update: None,
         },
     ))
@@ -363,6 +366,30 @@ impl Learner for CandleLearner {
         Ok(Self::per_turn(&built, &values))
     }
 
+    fn old_logprobs_many(
+        &mut self,
+        trajectories: &[&Trajectory],
+    ) -> Result<Vec<Vec<Vec<f32>>>, TrainerError> {
+        let built = trajectories
+            .iter()
+            .map(|t| self.episodes.build(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.trainable.set_training(false);
+        let trainable = &self.trainable;
+        let one = |b: &BuiltEpisode| -> Result<Vec<Vec<f32>>, TrainerError> {
+            let score = trainable
+                .score(&b.episode)
+                .map_err(|e| learner_err("scoring", e))?;
+            let values = score
+                .log_probs
+                .detach()
+                .to_vec1::<f32>()
+                .map_err(|e| learner_err("scoring", e))?;
+            Ok(Self::per_turn(b, &values))
+        };
+        parallel_map(&built, self.workers, one)
+    }
+
     fn update(
         &mut self,
         minibatch: &[Sample],
@@ -388,7 +415,8 @@ impl Learner for CandleLearner {
         self.trainable.set_training(true);
         let mut stats = UpdateStats::default();
         let device = self.episodes.device.clone();
-        for (sample, b) in minibatch.iter().zip(&built) {
+        let trainable = &self.trainable;
+        let one = |(sample, b): &(&Sample, &BuiltEpisode)| -> Result<Option<(candle_core::backprop::GradStore, arpo_grpo::LossMetrics, f64, usize)>, TrainerError> {
             let n: usize = b.turn_positions.iter().map(Vec::len).sum();
             let old: Vec<f32> = sample.old_logprobs.iter().flatten().copied().collect();
             if old.len() != n {
@@ -402,10 +430,9 @@ impl Learner for CandleLearner {
                 .loss_agg_mode
                 .micro_batch_weight(BatchCount { sequences: 1, tokens: n }, total);
             if n == 0 || weight == 0.0 {
-                continue;
+                return Ok(None);
             }
-            let score = self
-                .trainable
+            let score = trainable
                 .score(&b.episode)
                 .map_err(|e| learner_err("scoring", e))?;
             let t = |r: candle_core::Result<Tensor>| r.map_err(|e| learner_err("loss inputs", e));
@@ -427,10 +454,14 @@ impl Learner for CandleLearner {
             .map_err(|e| learner_err("policy loss", e))?;
             let scaled = t(out.loss.affine(weight, 0.0))?;
             let grads = scaled.backward().map_err(|e| learner_err("backward", e))?;
+            Ok(Some((grads, out.metrics, weight, n)))
+        };
+        let pairs: Vec<(&Sample, &BuiltEpisode)> = minibatch.iter().zip(&built).collect();
+        // Accumulated in sample order: the result does not depend on thread timing.
+        for (grads, m, weight, n) in parallel_map(&pairs, self.workers, one)?.into_iter().flatten() {
             self.optimizer
                 .accumulate(&grads)
                 .map_err(|e| learner_err("accumulating gradients", e))?;
-            let m = out.metrics;
             stats.loss += weight * m.loss;
             stats.pg_clipfrac_higher += weight * m.pg_clipfrac_higher;
             stats.pg_clipfrac_lower += weight * m.pg_clipfrac_lower;
@@ -529,4 +560,40 @@ impl Learner for CandleLearner {
             self.trainable.vars().len()
         )
     }
+}
+
+/// `f` over `items` on up to `workers` threads (contiguous chunks), results in item order.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> Result<R, TrainerError> + Sync,
+) -> Result<Vec<R>, TrainerError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let workers = workers.clamp(1, items.len());
+    if workers == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(workers);
+    let f = &f;
+    let parts: Vec<Result<Vec<R>, TrainerError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Result<Vec<R>, _>>()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(TrainerError::Learner("a scoring thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
 }

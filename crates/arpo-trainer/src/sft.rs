@@ -21,6 +21,7 @@ use arpo_core::{
 };
 use arpo_env_sim::{Catalogue, SimEnv};
 use arpo_model::train::optim::{AdamW, AdamWConfig};
+use arpo_model::train::score::Episode;
 use arpo_model::train::trainable::Trainable;
 use arpo_model::{ChatTokenizer, Qwen2Vl, Qwen2VlConfig};
 use candle_core::{DType, Device};
@@ -338,6 +339,10 @@ pub struct SftConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub prompt: PromptConfig,
+    /// Write the model to the output directory every this many steps too (0: only at the end).
+    pub save_every: usize,
+    /// Threads scoring the samples of a step in parallel.
+    pub workers: usize,
 }
 
 /// One SFT sample: a trajectory cut after turn `turn`; only that turn is trained.
@@ -411,7 +416,9 @@ pub fn run_sft(
     for step in 0..config.steps {
         let mut nll_sum = 0.0;
         let mut tokens = 0usize;
-        for _ in 0..config.batch.max(1) {
+        let batch = config.batch.max(1);
+        let mut episodes = Vec::with_capacity(batch);
+        for _ in 0..batch {
             if cursor >= order.len() {
                 order.shuffle(&mut rng);
                 cursor = 0;
@@ -426,21 +433,39 @@ pub fn run_sft(
                     built.episode.assistant_mask[p] = false;
                 }
             }
-            let score = trainable
-                .score(&built.episode)
-                .map_err(|e| err("scoring", e))?;
+            episodes.push(built.episode);
+        }
+        // Samples are independent: score them on `workers` threads (candle runs small matmuls
+        // on one core), then accumulate in sample order so the result does not depend on timing.
+        let per_sample = |episode: &Episode| -> Result<(candle_core::backprop::GradStore, f64, usize), TrainerError> {
+            let score = trainable.score(episode).map_err(|e| err("scoring", e))?;
             let n = score.positions.len();
             let loss = score.mean_nll().map_err(|e| err("loss", e))?;
-            let scaled = (loss / config.batch.max(1) as f64).map_err(|e| err("loss", e))?;
-            let value = scaled
-                .to_scalar::<f32>()
-                .map_err(|e| err("loss", e))?;
-            nll_sum += f64::from(value) * config.batch.max(1) as f64 * n as f64;
-            tokens += n;
+            let scaled = (loss / batch as f64).map_err(|e| err("loss", e))?;
+            let value = scaled.to_scalar::<f32>().map_err(|e| err("loss", e))?;
             let grads = scaled.backward().map_err(|e| err("backward", e))?;
-            optimizer
-                .accumulate(&grads)
-                .map_err(|e| err("accumulating", e))?;
+            Ok((grads, f64::from(value) * batch as f64 * n as f64, n))
+        };
+        let workers = config.workers.clamp(1, batch);
+        let chunk = batch.div_ceil(workers);
+        let results: Vec<Result<Vec<_>, TrainerError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = episodes
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(per_sample).collect::<Result<Vec<_>, _>>()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(err("worker", "a scoring thread panicked"))))
+                .collect()
+        });
+        for part in results {
+            for (grads, nll, n) in part? {
+                nll_sum += nll;
+                tokens += n;
+                optimizer
+                    .accumulate(&grads)
+                    .map_err(|e| err("accumulating", e))?;
+            }
         }
         let report = optimizer.step().map_err(|e| err("optimizer step", e))?;
         on_step(&SftLog {
@@ -449,6 +474,11 @@ pub fn run_sft(
             grad_norm: report.grad_norm,
             lr: report.lr,
         });
+        if config.save_every > 0 && (step + 1) % config.save_every == 0 && step + 1 < config.steps {
+            trainable
+                .save(out, dir, None)
+                .map_err(|e| err(&format!("saving {}", out.display()), e))?;
+        }
     }
     trainable
         .save(out, dir, None)

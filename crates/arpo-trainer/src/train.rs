@@ -478,8 +478,11 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             let advantages = arpo_grpo::group_advantages(&rewards, &adv_config)
                 .map_err(|e| TrainerError::Learner(format!("advantages: {e}")))?;
             let mut samples = Vec::with_capacity(group.len());
-            for (pos, (trajectory, advantage)) in group.into_iter().zip(advantages).enumerate() {
-                let old_logprobs = self.learner.old_logprobs(&trajectory)?;
+            let refs: Vec<&Trajectory> = group.iter().collect();
+            let olds = self.learner.old_logprobs_many(&refs)?;
+            for (pos, ((trajectory, advantage), old_logprobs)) in
+                group.into_iter().zip(advantages).zip(olds).enumerate()
+            {
                 samples.push(Sample {
                     trajectory,
                     advantage,

@@ -30,7 +30,7 @@ fn config(dir: &Path) -> Config {
         "trainer.total_episodes=2".into(),
         "trainer.save_freq=1".into(),
         "data.train_files=sim:train".into(),
-        "data.val_files=".into(),
+        "data.val_files=\"\"".into(),
         "data.max_tasks=2".into(),
         "data.rollout_batch_size=2".into(),
         "data.max_response_length=40".into(),
