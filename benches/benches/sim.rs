@@ -39,7 +39,7 @@ fn bench_sim(c: &mut Criterion) {
     let mut g = c.benchmark_group("sim_336x224");
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+        .measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(frames as u64));
     g.bench_function(format!("env_step_{}_episodes_{frames}_frames", episodes.len()), |b| {
         b.iter(|| {
