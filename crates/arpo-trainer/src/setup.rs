@@ -271,6 +271,22 @@ pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
                         problems.push(format!(
                             "vmrun does not work ({e}): install VMware Fusion Pro / Workstation Pro and put vmrun on PATH, or set env.vmware.vmrun"
                         ));
+                    } else {
+                        let name = &config.env.vmware.snapshot_name;
+                        for vmx in config.env.vmware.vm_paths.iter().filter(|p| p.is_file()) {
+                            match v.list_snapshots(vmx).await {
+                                Ok(snaps) if !snaps.iter().any(|s| s == name) => problems.push(format!(
+                                    "{} has no snapshot {name:?} (it has {snaps:?}): take it at the VM's clean state with `vmrun snapshot {} {name}` (VMware Player cannot)",
+                                    vmx.display(),
+                                    vmx.display()
+                                )),
+                                Ok(_) => {}
+                                Err(e) => problems.push(format!(
+                                    "listing the snapshots of {}: {e}",
+                                    vmx.display()
+                                )),
+                            }
+                        }
                     }
                 }
                 Err(e) => problems.push(e.to_string()),
