@@ -85,7 +85,13 @@ fn bench_replay(c: &mut Criterion) {
 fn bench_advantages(c: &mut Criterion) {
     let config = AdvantageConfig::default();
     let rewards: Vec<f64> = (0..(GROUPS * GROUP_SIZE) as u64)
-        .map(|i| if mix(i) % 4 == 0 { 1.0 } else { -0.5 * (mix(i) % 2) as f64 })
+        .map(|i| {
+            if mix(i) % 4 == 0 {
+                1.0
+            } else {
+                -0.5 * (mix(i) % 2) as f64
+            }
+        })
         .collect();
     let ids: Vec<u32> = (0..GROUPS * GROUP_SIZE)
         .map(|i| (i / GROUP_SIZE) as u32)
@@ -117,7 +123,9 @@ fn bench_advantages(c: &mut Criterion) {
         });
     });
     g.bench_function("batch_advantages_1024x8", |b| {
-        b.iter(|| batch_advantages(black_box(&ids), black_box(&rewards), &config).expect("advantages"));
+        b.iter(|| {
+            batch_advantages(black_box(&ids), black_box(&rewards), &config).expect("advantages")
+        });
     });
     g.finish();
 }

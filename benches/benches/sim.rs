@@ -41,19 +41,22 @@ fn bench_sim(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(frames as u64));
-    g.bench_function(format!("env_step_{}_episodes_{frames}_frames", episodes.len()), |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                for (task, actions) in &episodes {
-                    black_box(env.reset(task).await.expect("reset"));
-                    for a in actions {
-                        // A rejected action still counts as a step (the screen is unchanged).
-                        black_box(env.step(a).await.ok());
+    g.bench_function(
+        format!("env_step_{}_episodes_{frames}_frames", episodes.len()),
+        |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    for (task, actions) in &episodes {
+                        black_box(env.reset(task).await.expect("reset"));
+                        for a in actions {
+                            // A rejected action still counts as a step (the screen is unchanged).
+                            black_box(env.step(a).await.ok());
+                        }
                     }
-                }
+                });
             });
-        });
-    });
+        },
+    );
 
     // One frame of a mid-episode desktop: render to RGB, then encode.
     let (task, actions) = &episodes[0];

@@ -94,7 +94,10 @@ fn run_train(args: &Args) -> Result<()> {
     if let Some(obj) = json.as_object_mut() {
         obj.insert("impl".into(), "arpo-rs candle".into());
         obj.insert("shape".into(), args.shape.clone().into());
-        obj.insert("threads".into(), candle_core::utils::get_num_threads().into());
+        obj.insert(
+            "threads".into(),
+            candle_core::utils::get_num_threads().into(),
+        );
     }
     println!("{json}");
     Ok(())

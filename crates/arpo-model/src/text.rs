@@ -261,11 +261,13 @@ impl TextModel {
         let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, l, t))?;
+        // Masks come in f32 or the model's dtype: add them to f32 scores (a no-op cast in f32).
+        let scores = scores.to_dtype(DType::F32)?;
         let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
+            Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
             None => scores,
         };
-        let probs = softmax(&scores.to_dtype(DType::F32)?, fused)?.to_dtype(dtype)?;
+        let probs = softmax(&scores, fused)?.to_dtype(dtype)?;
         let out = probs
             .reshape((b, nkv, rep * l, t))?
             .matmul(&v)?

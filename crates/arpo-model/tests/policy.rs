@@ -67,3 +67,32 @@ async fn local_policy_answers_a_batch_in_order_with_token_level_data() {
     );
     assert!(policy.describe().contains("tiny-qwen2vl"));
 }
+
+/// bf16 generation used to fail with "dtype mismatch in add, lhs: BF16, rhs: F32" (the
+/// attention mask is built in f32). A batch with images and different prompt lengths answers,
+/// with finite log-probs.
+#[tokio::test]
+async fn bf16_generation_answers_a_padded_batch() {
+    let model = UiTars::load(model_dir().to_str().unwrap(), DType::BF16, &Device::Cpu).unwrap();
+    let policy = LocalPolicy::new(model, PromptConfig::default());
+    let ctx = |shots: Vec<Screenshot>| AgentContext {
+        instruction: "Open the file menu".into(),
+        responses: vec!["Thought: a\nAction: wait()".into(); shots.len() - 1],
+        screenshots: shots,
+    };
+    let batch = policy
+        .act(
+            &[
+                ctx(vec![screenshot("a_56x84.png")]),
+                ctx(vec![screenshot("b_112x56.png"), screenshot("c_101x75.png")]),
+            ],
+            &SamplingParams::greedy(4),
+        )
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 2);
+    for r in &batch {
+        assert!(!r.token_ids.is_empty());
+        assert!(r.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+    }
+}
