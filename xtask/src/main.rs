@@ -5,6 +5,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod alloc;
 mod bench_model;
 mod bench_serve;
 mod compare;
@@ -67,6 +68,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    alloc::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => train::run(a),

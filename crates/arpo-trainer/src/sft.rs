@@ -345,17 +345,27 @@ pub struct SftConfig {
     pub workers: usize,
 }
 
-/// One SFT sample: a trajectory cut after turn `turn`; only that turn is trained.
+/// One SFT sample: a trajectory (cut after its last trained turn) and the turns trained in it.
 #[derive(Debug, Clone)]
 pub struct SftSample {
     pub trajectory: Trajectory,
+    /// Indices of the turns whose responses are trained; the others are history.
+    pub trained: std::ops::Range<usize>,
 }
 
-/// Cuts each demonstration into one sample per step (the prompt exactly as the policy sees it at
-/// that step) and fills in the responses' token ids (the text tokenized, then `<|im_end|>`).
+/// Turns demonstrations into SFT samples and fills in the responses' token ids (the text
+/// tokenized, then `<|im_end|>`).
+///
+/// While a trajectory's screenshots all fit in the prompt (`limit_images`), the prompt of every
+/// step is a prefix of the whole trajectory's sequence (causal attention: a token sees only
+/// what comes before it), so one sequence training every turn gives each turn exactly the
+/// log-probability it has at that step: one sample per trajectory, each step's prompt encoded
+/// once. Longer trajectories drop old screenshots as they go, so their steps are cut into one
+/// sample per step, the prompt exactly as the policy sees it at that step.
 pub fn samples(
     demos: &[Trajectory],
     tokenizer: &ChatTokenizer,
+    limit_images: usize,
 ) -> Result<Vec<SftSample>, TrainerError> {
     let mut out = Vec::new();
     for d in demos {
@@ -367,10 +377,21 @@ pub fn samples(
             ids.push(tokenizer.im_end_id);
             turn.response.token_ids = ids;
         }
-        for k in 0..t.turns.len() {
+        let n = t.turns.len();
+        if n <= limit_images.max(1) {
+            out.push(SftSample {
+                trajectory: t,
+                trained: 0..n,
+            });
+            continue;
+        }
+        for k in 0..n {
             let mut cut = t.clone();
             cut.turns.truncate(k + 1);
-            out.push(SftSample { trajectory: cut });
+            out.push(SftSample {
+                trajectory: cut,
+                trained: k..k + 1,
+            });
         }
     }
     Ok(out)
@@ -426,11 +447,12 @@ pub fn run_sft(
             let sample = &samples[order[cursor]];
             cursor += 1;
             let mut built = builder.build(&sample.trajectory)?;
-            // Only the last turn is trained: earlier responses are history in this prompt.
-            let last = built.turn_positions.len() - 1;
-            for positions in &built.turn_positions[..last] {
-                for &p in positions {
-                    built.episode.assistant_mask[p] = false;
+            // Responses outside the trained range are history in this prompt.
+            for (k, positions) in built.turn_positions.iter().enumerate() {
+                if !sample.trained.contains(&k) {
+                    for &p in positions {
+                        built.episode.assistant_mask[p] = false;
+                    }
                 }
             }
             episodes.push(built.episode);
