@@ -50,6 +50,10 @@ pub struct Args {
     /// Timed training steps (the first is also reported alone as the cold one).
     #[arg(long, default_value_t = 2, requires = "train")]
     steps: usize,
+    /// Gradient checkpointing: recompute each layer in the backward pass instead of keeping
+    /// its activations (`worker.actor.model.enable_gradient_checkpointing`).
+    #[arg(long, requires = "train")]
+    gradient_checkpointing: bool,
 }
 
 fn peak_rss_mb() -> f64 {
@@ -87,6 +91,7 @@ fn run_train(args: &Args) -> Result<()> {
         image: args.image,
         prompt_tokens: args.prompt_tokens,
         assistant_tokens: args.assistant_tokens,
+        gradient_checkpointing: args.gradient_checkpointing,
         steps: args.steps,
     };
     let report = train_step_2b(&bench)?;

@@ -46,6 +46,23 @@ impl Module for Linear {
     }
 }
 
+/// The trained tensors of a linear layer: its weight and bias when they are `Var`s, and its
+/// LoRA adapter's A and B.
+pub fn trainable_of_linear(l: &Linear) -> Vec<Tensor> {
+    let mut out = Vec::new();
+    if l.weight.is_variable() {
+        out.push(l.weight.clone());
+    }
+    if let Some(b) = l.bias.as_ref().filter(|b| b.is_variable()) {
+        out.push(b.clone());
+    }
+    if let Some(a) = &l.lora {
+        out.push(a.a.as_tensor().clone());
+        out.push(a.b.as_tensor().clone());
+    }
+    out
+}
+
 /// RMSNorm in f32, written with basic ops (differentiable): `x / sqrt(mean(x^2) + eps) * w`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {

@@ -65,6 +65,37 @@ pub struct TextModel {
     pub lm_head: Linear,
     /// Whether `lm_head` is `embed_tokens` (no `lm_head.weight` in the checkpoint).
     pub tied: bool,
+    /// Recompute each layer in the backward pass instead of keeping its activations
+    /// ([`crate::train::recompute`]); only on the differentiable path (no cache, not fused).
+    pub gradient_checkpointing: bool,
+}
+
+impl DecoderLayer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// The layer's trained tensors: `Var` weights, biases and norms, and LoRA adapters.
+    pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for l in self.linears() {
+            out.extend(crate::nn::trainable_of_linear(l));
+        }
+        for n in [&self.input_layernorm, &self.post_attention_layernorm] {
+            if n.weight.is_variable() {
+                out.push(n.weight.clone());
+            }
+        }
+        out
+    }
 }
 
 impl TextModel {
@@ -113,6 +144,7 @@ impl TextModel {
             norm,
             lm_head,
             tied,
+            gradient_checkpointing: false,
         })
     }
 
@@ -173,24 +205,22 @@ impl TextModel {
         fused: bool,
     ) -> Result<Tensor> {
         let mut x = x.clone();
+        let recompute = self.gradient_checkpointing && cache.is_none() && !fused;
         for (i, layer) in self.layers.iter().enumerate() {
+            if recompute {
+                let (cfg, layer_c) = (self.config.clone(), layer.clone());
+                let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.cloned());
+                let block = crate::train::recompute::block(
+                    layer.linears().into_iter().filter_map(|l| l.lora.as_ref()),
+                    move |x: &Tensor| {
+                        layer_forward(&cfg, &layer_c, x, &cos, &sin, mask.as_ref(), None, false)
+                    },
+                );
+                x = crate::train::recompute::checkpoint(&x, layer.trainable_tensors(), block)?;
+                continue;
+            }
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = self.attention(
-                layer,
-                &layer.input_layernorm.forward(&x)?,
-                cos,
-                sin,
-                mask,
-                lc,
-                fused,
-            )?;
-            x = (x + a)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
-            let m = layer
-                .down_proj
-                .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
-            x = (x + m)?;
+            x = layer_forward(&self.config, layer, &x, cos, sin, mask, lc, fused)?;
         }
         self.norm.forward(&x)
     }
@@ -199,83 +229,114 @@ impl TextModel {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &DecoderLayer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<&mut LayerCache>,
-        fused: bool,
-    ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (b, l, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim(),
-        );
-        let dtype = x.dtype();
-        let q = layer
-            .q_proj
-            .forward(x)?
-            .reshape((b, l, nh, hd))?
-            .transpose(1, 2)?;
-        let k = layer
-            .k_proj
-            .forward(x)?
-            .reshape((b, l, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = layer
-            .v_proj
-            .forward(x)?
-            .reshape((b, l, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
-        let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?
-            .to_dtype(dtype)?
-            .contiguous()?;
-        let (k, v) = match cache {
-            Some(c) => {
-                let k = match &c.k {
-                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                    None => k,
-                };
-                let v = match &c.v {
-                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                    None => v,
-                };
-                c.k = Some(k.clone());
-                c.v = Some(v.clone());
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let t = k.dim(2)?;
-        let rep = nh / nkv;
-        // GQA without copying keys: query heads of one KV head are stacked along the rows.
-        let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, l, t))?;
-        // Masks come in f32 or the model's dtype: add them to f32 scores (a no-op cast in f32).
-        let scores = scores.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
-            None => scores,
-        };
-        let probs = softmax(&scores, fused)?.to_dtype(dtype)?;
-        let out = probs
-            .reshape((b, nkv, rep * l, t))?
-            .matmul(&v)?
-            .reshape((b, nh, l, hd))?
-            .transpose(1, 2)?
-            .reshape((b, l, nh * hd))?;
-        layer.o_proj.forward(&out)
-    }
+
+/// One decoder layer: pre-norm attention and SwiGLU MLP, both residual.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    cfg: &TextConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    cache: Option<&mut LayerCache>,
+    fused: bool,
+) -> Result<Tensor> {
+    let a = attention(
+        cfg,
+        layer,
+        &layer.input_layernorm.forward(x)?,
+        cos,
+        sin,
+        mask,
+        cache,
+        fused,
+    )?;
+    let x = (x + a)?;
+    let h = layer.post_attention_layernorm.forward(&x)?;
+    let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
+    let m = layer
+        .down_proj
+        .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+    x + m
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    cfg: &TextConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    cache: Option<&mut LayerCache>,
+    fused: bool,
+) -> Result<Tensor> {
+    let (b, l, _) = x.dims3()?;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let dtype = x.dtype();
+    let q = layer
+        .q_proj
+        .forward(x)?
+        .reshape((b, l, nh, hd))?
+        .transpose(1, 2)?;
+    let k = layer
+        .k_proj
+        .forward(x)?
+        .reshape((b, l, nkv, hd))?
+        .transpose(1, 2)?;
+    let v = layer
+        .v_proj
+        .forward(x)?
+        .reshape((b, l, nkv, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
+    let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?
+        .to_dtype(dtype)?
+        .contiguous()?;
+    let (k, v) = match cache {
+        Some(c) => {
+            let k = match &c.k {
+                Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                None => k,
+            };
+            let v = match &c.v {
+                Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                None => v,
+            };
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+            (k, v)
+        }
+        None => (k, v),
+    };
+    let t = k.dim(2)?;
+    let rep = nh / nkv;
+    // GQA without copying keys: query heads of one KV head are stacked along the rows.
+    let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, l, t))?;
+    // Masks come in f32 or the model's dtype: add them to f32 scores (a no-op cast in f32).
+    let scores = scores.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
+        None => scores,
+    };
+    let probs = softmax(&scores, fused)?.to_dtype(dtype)?;
+    let out = probs
+        .reshape((b, nkv, rep * l, t))?
+        .matmul(&v)?
+        .reshape((b, nh, l, hd))?
+        .transpose(1, 2)?
+        .reshape((b, l, nh * hd))?;
+    layer.o_proj.forward(&out)
 }
 
 /// The additive causal mask `[1, 1, len, len]` (0 on and below the diagonal, -inf above).

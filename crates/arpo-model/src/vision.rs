@@ -38,6 +38,45 @@ pub struct VisionTower {
     pub ln_q: LayerNorm,
     pub merger_fc1: Linear,
     pub merger_fc2: Linear,
+    /// Recompute each block in the backward pass instead of keeping its activations
+    /// ([`crate::train::recompute`]); only on the differentiable (not fused) path.
+    pub gradient_checkpointing: bool,
+}
+
+impl VisionBlock {
+    /// The block's trained tensors: `Var` weights, biases and norms, and LoRA adapters.
+    pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for l in [&self.qkv, &self.proj, &self.fc1, &self.fc2] {
+            out.extend(crate::nn::trainable_of_linear(l));
+        }
+        for n in [&self.norm1, &self.norm2] {
+            for t in [&n.weight, &n.bias] {
+                if t.is_variable() {
+                    out.push(t.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One ViT block: pre-norm attention and MLP, both residual.
+fn block_forward(
+    cfg: &VisionConfig,
+    block: &VisionBlock,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    chunks: &[usize],
+    fused: bool,
+) -> Result<Tensor> {
+    let a = attention(cfg, block, &block.norm1.forward(x)?, cos, sin, chunks, fused)?;
+    let x = (x + a)?;
+    let m = block
+        .fc2
+        .forward(&quick_gelu(&block.fc1.forward(&block.norm2.forward(&x)?)?)?)?;
+    x + m
 }
 
 fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> ModelResult<Linear> {
@@ -125,6 +164,7 @@ impl VisionTower {
             ln_q: layer_norm(w, "visual.merger.ln_q", e, eps)?,
             merger_fc1: linear(w, "visual.merger.mlp.0", e * m, e * m, true)?,
             merger_fc2: linear(w, "visual.merger.mlp.2", cfg.hidden_size, e * m, true)?,
+            gradient_checkpointing: false,
         })
     }
 
@@ -216,13 +256,21 @@ impl VisionTower {
                 chunks.push(h * w);
             }
         }
+        let recompute = self.gradient_checkpointing && !fused;
         for block in &self.blocks {
-            let a = self.attention(block, &block.norm1.forward(&x)?, &cos, &sin, &chunks, fused)?;
-            x = (x + a)?;
-            let m = block
-                .fc2
-                .forward(&quick_gelu(&block.fc1.forward(&block.norm2.forward(&x)?)?)?)?;
-            x = (x + m)?;
+            if recompute {
+                let (c, b) = (cfg.clone(), block.clone());
+                let (cos, sin, chunks) = (cos.clone(), sin.clone(), chunks.clone());
+                let f = crate::train::recompute::block(
+                    [&block.qkv, &block.proj, &block.fc1, &block.fc2]
+                        .into_iter()
+                        .filter_map(|l| l.lora.as_ref()),
+                    move |x: &Tensor| block_forward(&c, &b, x, &cos, &sin, &chunks, false),
+                );
+                x = crate::train::recompute::checkpoint(&x, block.trainable_tensors(), f)?;
+            } else {
+                x = block_forward(cfg, block, &x, &cos, &sin, &chunks, fused)?;
+            }
         }
         let merged = self
             .ln_q
@@ -231,50 +279,49 @@ impl VisionTower {
         self.merger_fc2
             .forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)
     }
+}
 
-    fn attention(
-        &self,
-        block: &VisionBlock,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        chunks: &[usize],
-        fused: bool,
-    ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (n, e) = x.dims2()?;
-        let (h, d) = (cfg.num_heads, cfg.head_dim());
-        let qkv = block.qkv.forward(x)?.reshape((n, 3, h, d))?;
-        let dtype = qkv.dtype();
-        let rot = |t: Tensor| -> Result<Tensor> {
-            apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)
-        };
-        let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v = qkv
-            .narrow(1, 2, 1)?
-            .squeeze(1)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut outs = Vec::with_capacity(chunks.len());
-        let mut start = 0;
-        for &len in chunks {
-            let qc = q.narrow(1, start, len)?;
-            let kc = k.narrow(1, start, len)?;
-            let vc = v.narrow(1, start, len)?;
-            let scores = (qc.matmul(&kc.t()?)? * scale)?;
-            let probs = softmax(&scores.to_dtype(DType::F32)?, fused)?.to_dtype(dtype)?;
-            outs.push(probs.matmul(&vc)?);
-            start += len;
-        }
-        let out = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, e))?;
-        block.proj.forward(&out)
+fn attention(
+    cfg: &VisionConfig,
+    block: &VisionBlock,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    chunks: &[usize],
+    fused: bool,
+) -> Result<Tensor> {
+    let (n, e) = x.dims2()?;
+    let (h, d) = (cfg.num_heads, cfg.head_dim());
+    let qkv = block.qkv.forward(x)?.reshape((n, 3, h, d))?;
+    let dtype = qkv.dtype();
+    let rot = |t: Tensor| -> Result<Tensor> {
+        apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)
+    };
+    let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let v = qkv
+        .narrow(1, 2, 1)?
+        .squeeze(1)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut outs = Vec::with_capacity(chunks.len());
+    let mut start = 0;
+    for &len in chunks {
+        let qc = q.narrow(1, start, len)?;
+        let kc = k.narrow(1, start, len)?;
+        let vc = v.narrow(1, start, len)?;
+        let scores = (qc.matmul(&kc.t()?)? * scale)?;
+        let probs = softmax(&scores.to_dtype(DType::F32)?, fused)?.to_dtype(dtype)?;
+        outs.push(probs.matmul(&vc)?);
+        start += len;
     }
+    let out = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, e))?;
+    block.proj.forward(&out)
 }
 
 #[cfg(test)]

@@ -73,9 +73,21 @@ fn abs_sum(t: &Tensor) -> f64 {
 
 #[test]
 fn summed_logprob_and_gradients_match_pytorch() {
+    full_gradients_match_pytorch(false);
+}
+
+/// Gradient checkpointing (decoder layers and vision blocks recomputed in the backward pass)
+/// gives PyTorch's gradients too, for every parameter, vision tower included.
+#[test]
+fn gradients_with_gradient_checkpointing_match_pytorch() {
+    full_gradients_match_pytorch(true);
+}
+
+fn full_gradients_match_pytorch(checkpointing: bool) {
     let (meta, tensors) = golden();
     let episode = golden_episode(&meta, &tensors);
-    let trainable = Trainable::full(load_model(), false).expect("trainable");
+    let mut trainable = Trainable::full(load_model(), false).expect("trainable");
+    trainable.set_gradient_checkpointing(checkpointing);
     let score = trainable.score(&episode).expect("score");
     let total = score
         .sum()
@@ -106,7 +118,7 @@ fn summed_logprob_and_gradients_match_pytorch() {
         );
     }
 
-    let grads = score.sum().expect("sum").backward().expect("backward");
+    let grads = arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
     let vars: HashMap<&str, _> = trainable
         .vars()
         .iter()

@@ -91,9 +91,20 @@ fn golden_lora(meta: &serde_json::Value, tensors: &HashMap<String, Tensor>) -> T
 
 #[test]
 fn lora_logprob_and_adapter_gradients_match_peft() {
+    lora_gradients_match_peft(false);
+}
+
+/// Gradient checkpointing recomputes every layer in the backward pass: the same gradients.
+#[test]
+fn lora_gradients_with_gradient_checkpointing_match_peft() {
+    lora_gradients_match_peft(true);
+}
+
+fn lora_gradients_match_peft(checkpointing: bool) {
     let (meta, tensors) = golden();
     let episode = golden_episode(&meta, &tensors);
-    let trainable = golden_lora(&meta, &tensors);
+    let mut trainable = golden_lora(&meta, &tensors);
+    trainable.set_gradient_checkpointing(checkpointing);
     let score = trainable.score(&episode).expect("score");
     let total = f64::from(score.sum().and_then(|s| Ok(s.to_scalar::<f32>()?)).expect("sum"));
     let want = meta["lora"]["sum_logprob"].as_f64().expect("golden");
@@ -108,7 +119,7 @@ fn lora_logprob_and_adapter_gradients_match_peft() {
         assert!((f64::from(lp[k]) - golden_lp[t - 1]).abs() < 1e-4, "logp at {t}");
     }
 
-    let grads = score.sum().expect("sum").backward().expect("backward");
+    let grads = arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
     let mut checked = 0;
     for (name, var) in trainable.vars() {
         let g = grads
@@ -205,4 +216,58 @@ fn adapters_saved_by_peft_load_with_our_logits() {
     let loaded = Trainable::lora_from_peft(model(), &resaved, 0).expect("peft's adapter loads");
     let e = rel_err(&logits(&loaded.model), &ours);
     assert!(e < 1e-5, "adapter saved by peft: relative error {e}");
+}
+
+/// With LoRA dropout on, a recomputed layer must draw the masks of its first run: gradient
+/// checkpointing then gives the gradients of the ordinary graph under the same seed.
+#[test]
+fn gradient_checkpointing_replays_lora_dropout_masks() {
+    let (meta, tensors) = golden();
+    let episode = golden_episode(&meta, &tensors);
+    let run = |checkpointing: bool, dropout_on: bool| {
+        let mut trainable = Trainable::lora(
+            model(),
+            LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.3,
+                seed: 7,
+                ..LoraConfig::default()
+            },
+        )
+        .expect("lora");
+        for adapter in trainable.lora_set().expect("set").adapters().values() {
+            // Non-zero B (as after some steps), the same in both runs.
+            let n = adapter.b.elem_count();
+            let b = Tensor::arange(0f32, n as f32, &candle_core::Device::Cpu)
+                .and_then(|t| (t * 0.37)?.sin()? * 0.05)
+                .and_then(|t| t.reshape(adapter.b.dims()))
+                .expect("b");
+            adapter.b.set(&b).expect("set B");
+        }
+        trainable.set_training(dropout_on);
+        trainable.set_gradient_checkpointing(checkpointing);
+        let score = trainable.score(&episode).expect("score");
+        let grads =
+            arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
+        trainable
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).expect("grad").clone()))
+            .collect::<Vec<_>>()
+    };
+    let plain = run(false, true);
+    let ckpt = run(true, true);
+    for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
+        let e = rel_err(b, a);
+        assert!(e < 1e-5, "gradient of {name} differs by {e} under checkpointing");
+    }
+    // The masks matter: without dropout the gradients are different.
+    let no_dropout = run(false, false);
+    let moved = plain
+        .iter()
+        .zip(&no_dropout)
+        .map(|((_, a), (_, b))| rel_err(a, b))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-2, "dropout changed no gradient ({moved})");
 }

@@ -210,6 +210,8 @@ pub struct ModelConfig {
     pub model_path: PathBuf,
     /// Train the vision tower too (full fine-tuning only).
     pub freeze_vision_tower: bool,
+    /// Recompute decoder layers and vision blocks in the backward pass instead of keeping their
+    /// activations: much less memory for one more forward pass per update.
     pub enable_gradient_checkpointing: bool,
     pub trust_remote_code: bool,
     /// `f32` (CPU) or `bf16` (GPU).

@@ -281,7 +281,7 @@ pub fn load_local(
         dir,
     } = uitars;
     let prompt = prompt_config(config);
-    let trainable = if m.lora.rank > 0 {
+    let mut trainable = if m.lora.rank > 0 {
         Trainable::lora(
             model,
             LoraConfig {
@@ -298,6 +298,7 @@ pub fn load_local(
         Trainable::full(model, m.freeze_vision_tower)
     }
     .map_err(|e| learner_err("setting up the trainable parameters", e))?;
+    trainable.set_gradient_checkpointing(m.enable_gradient_checkpointing);
     let optimizer = AdamW::new(
         trainable.vars().to_vec(),
         adamw_config(config, total_optimizer_steps),
@@ -453,7 +454,7 @@ impl Learner for CandleLearner {
             )
             .map_err(|e| learner_err("policy loss", e))?;
             let scaled = t(out.loss.affine(weight, 0.0))?;
-            let grads = scaled.backward().map_err(|e| learner_err("backward", e))?;
+            let grads = arpo_model::train::recompute::backward(&scaled).map_err(|e| learner_err("backward", e))?;
             Ok(Some((grads, out.metrics, weight, n)))
         };
         let pairs: Vec<(&Sample, &BuiltEpisode)> = minibatch.iter().zip(&built).collect();

@@ -465,7 +465,7 @@ pub fn run_sft(
             let loss = score.mean_nll().map_err(|e| err("loss", e))?;
             let scaled = (loss / batch as f64).map_err(|e| err("loss", e))?;
             let value = scaled.to_scalar::<f32>().map_err(|e| err("loss", e))?;
-            let grads = scaled.backward().map_err(|e| err("backward", e))?;
+            let grads = arpo_model::train::recompute::backward(&scaled).map_err(|e| err("backward", e))?;
             Ok((grads, f64::from(value) * batch as f64 * n as f64, n))
         };
         let workers = config.workers.clamp(1, batch);

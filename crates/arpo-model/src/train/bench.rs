@@ -38,6 +38,8 @@ pub struct TrainBench {
     pub assistant_tokens: usize,
     /// Timed steps (the first is reported separately as the cold one).
     pub steps: usize,
+    /// Recompute layers in the backward pass instead of keeping their activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainBench {
@@ -50,6 +52,7 @@ impl Default for TrainBench {
             prompt_tokens: 346,
             assistant_tokens: 64,
             steps: 2,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct TrainBenchReport {
     pub mode: String,
     pub layers: usize,
     pub vision_depth: usize,
+    pub gradient_checkpointing: bool,
     pub tokens: usize,
     pub trainable_params: usize,
     pub init_s: f64,
@@ -89,7 +93,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     config.vision.depth = bench.vision_depth;
     let t0 = Instant::now();
     let model = Qwen2Vl::random(config, DType::F32, &device)?;
-    let trainable = match &bench.mode {
+    let mut trainable = match &bench.mode {
         BenchMode::Full => Trainable::full(model, false)?,
         BenchMode::Lora { rank } => Trainable::lora(
             model,
@@ -101,6 +105,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
             },
         )?,
     };
+    trainable.set_gradient_checkpointing(bench.gradient_checkpointing);
     if let Some(lora) = trainable.lora_set() {
         // B = 0 at init leaves A without gradient: give B values, as after a step.
         for (_, a) in lora.adapters() {
@@ -142,7 +147,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     for _ in 0..bench.steps.max(1) {
         let t = Instant::now();
         let loss = trainable.score(&episode)?.sum()?.neg()?;
-        let grads = loss.backward()?;
+        let grads = super::recompute::backward(&loss)?;
         times.push(t.elapsed().as_secs_f64());
         drop(grads);
     }
@@ -158,6 +163,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
         },
         layers: bench.layers,
         vision_depth: bench.vision_depth,
+        gradient_checkpointing: bench.gradient_checkpointing,
         tokens: episode.input_ids.len(),
         trainable_params: trainable.vars().iter().map(|(_, v)| v.elem_count()).sum(),
         init_s,

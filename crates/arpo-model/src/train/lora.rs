@@ -196,6 +196,23 @@ impl LoraAdapter {
         }
     }
 
+    /// The dropout generator's state when this adapter draws dropout masks (training mode,
+    /// dropout > 0): what a recomputed forward restores to draw the same masks again.
+    pub fn dropout_state(&self) -> Option<ChaCha8Rng> {
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            self.rng.lock().ok().map(|r| r.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Sets the dropout generator (shared by every adapter of the set) to `state`.
+    pub fn set_dropout_state(&self, state: ChaCha8Rng) {
+        if let Ok(mut r) = self.rng.lock() {
+            *r = state;
+        }
+    }
+
     /// Rank r.
     pub fn rank(&self) -> usize {
         self.a.dims()[0]

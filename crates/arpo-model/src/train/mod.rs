@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod recompute;
 pub mod score;
 pub mod trainable;
 

@@ -290,6 +290,14 @@ impl Trainable {
         &self.vars
     }
 
+    /// Gradient checkpointing: decoder layers and vision blocks keep only their inputs and are
+    /// recomputed in the backward pass ([`super::recompute`]), trading one more forward for
+    /// most of the activation memory. Losses must then go through [`super::recompute::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.model.text.gradient_checkpointing = on;
+        self.model.vision.gradient_checkpointing = on;
+    }
+
     /// Whether the vision tower is frozen.
     pub fn freeze_vision_tower(&self) -> bool {
         self.freeze_vision_tower
