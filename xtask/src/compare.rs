@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use arpo_trainer::eval::{EvalReport, compare_table};
+use arpo_trainer::eval::{EvalReport, compare_table, pool_by_label, runs_cell};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Reports written by `cargo xtask eval --out`.
+    /// Reports written by `cargo xtask eval --out`; reports with the same label (one per
+    /// training seed) are pooled into one row that also lists each run's rate.
     #[arg(required = true)]
     pub reports: Vec<PathBuf>,
     /// Print the table as Markdown (for the README).
@@ -28,16 +29,18 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     if args.markdown {
-        println!("| run | success | 95% CI | episodes |");
-        println!("|---|---:|---:|---:|");
-        for r in &reports {
+        println!("| run | success (pooled) | 95% CI | episodes | per run (%) |");
+        println!("|---|---:|---:|---:|---|");
+        for g in pool_by_label(&reports) {
+            let r = &g.pooled;
             println!(
-                "| {} | {:.1}% | {:.1}%..{:.1}% | {} |",
+                "| {} | {:.1}% | {:.1}%..{:.1}% | {} | {} |",
                 r.label,
                 100.0 * r.success_rate,
                 100.0 * r.ci95.0,
                 100.0 * r.ci95.1,
-                r.episodes
+                r.episodes,
+                runs_cell(&g)
             );
         }
     } else {

@@ -147,23 +147,118 @@ where
     })
 }
 
-/// Reports side by side: one row per report (label, success rate, interval, episodes), then
-/// one column per report for every task.
-pub fn compare_table(reports: &[EvalReport]) -> String {
-    let mut out = format!(
-        "{:<28} {:>8} {:>20} {:>9}\n",
-        "run", "success", "95% CI", "episodes"
-    );
+/// Reports that share a label (e.g. one run per training seed), pooled: the episodes of all of
+/// them, the interval of the pooled rate, and each report's own rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PooledReport {
+    /// All the label's reports as one: summed episodes and successes per task.
+    pub pooled: EvalReport,
+    /// Each report's success rate, in the order given.
+    pub runs: Vec<f64>,
+}
+
+impl PooledReport {
+    /// Mean and sample standard deviation of the runs' rates (`None` with fewer than two).
+    pub fn spread(&self) -> Option<(f64, f64)> {
+        let k = self.runs.len();
+        if k < 2 {
+            return None;
+        }
+        let mean = self.runs.iter().sum::<f64>() / k as f64;
+        let var = self.runs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (k - 1) as f64;
+        Some((mean, var.sqrt()))
+    }
+}
+
+/// Groups reports by label (in order of first appearance) and pools each group.
+pub fn pool_by_label(reports: &[EvalReport]) -> Vec<PooledReport> {
+    let mut out: Vec<PooledReport> = Vec::new();
     for r in reports {
+        let Some(g) = out.iter_mut().find(|g| g.pooled.label == r.label) else {
+            out.push(PooledReport {
+                pooled: r.clone(),
+                runs: vec![r.success_rate],
+            });
+            continue;
+        };
+        g.runs.push(r.success_rate);
+        let p = &mut g.pooled;
+        p.episodes += r.episodes;
+        p.successes += r.successes;
+        p.success_rate = if p.episodes == 0 {
+            0.0
+        } else {
+            p.successes as f64 / p.episodes as f64
+        };
+        p.ci95 = wilson_interval(p.successes, p.episodes, 1.96);
+        if p.model != r.model {
+            p.model = format!("{}, {}", p.model, r.model);
+        }
+        for t in &r.per_task {
+            match p.per_task.iter_mut().find(|x| x.task_id == t.task_id) {
+                Some(x) => {
+                    let n = (x.attempts + t.attempts).max(1) as f64;
+                    x.mean_eval_result = (x.mean_eval_result * x.attempts as f64
+                        + t.mean_eval_result * t.attempts as f64)
+                        / n;
+                    x.attempts += t.attempts;
+                    x.successes += t.successes;
+                    x.dropped += t.dropped;
+                }
+                None => p.per_task.push(t.clone()),
+            }
+        }
+    }
+    out
+}
+
+/// Reports side by side: one row per report (label, success rate, interval, episodes), then
+/// one column per report for every task. Reports with the same label are pooled
+/// ([`pool_by_label`]); their row also lists each run's rate and their mean ± sd.
+pub fn compare_table(reports: &[EvalReport]) -> String {
+    let groups = pool_by_label(reports);
+    let mut out = compare_rows(&groups);
+    let pooled: Vec<EvalReport> = groups.into_iter().map(|g| g.pooled).collect();
+    out += &task_columns(&pooled);
+    out
+}
+
+/// The per-run column of a pooled row: each run's rate, then mean ± sd.
+pub fn runs_cell(g: &PooledReport) -> String {
+    let rates: Vec<String> = g.runs.iter().map(|r| format!("{:.1}", 100.0 * r)).collect();
+    match g.spread() {
+        Some((mean, sd)) => format!(
+            "{} (mean {:.1} ± {:.1})",
+            rates.join(", "),
+            100.0 * mean,
+            100.0 * sd
+        ),
+        None => rates.join(", "),
+    }
+}
+
+fn compare_rows(groups: &[PooledReport]) -> String {
+    let mut out = format!(
+        "{:<28} {:>8} {:>20} {:>9}  {}\n",
+        "run", "success", "95% CI", "episodes", "per run (%)"
+    );
+    for g in groups {
+        let r = &g.pooled;
         out += &format!(
-            "{:<28} {:>7.1}% {:>9.1}%..{:>5.1}% {:>9}\n",
+            "{:<28} {:>7.1}% {:>9.1}%..{:>5.1}% {:>9}  {}\n",
             r.label,
             100.0 * r.success_rate,
             100.0 * r.ci95.0,
             100.0 * r.ci95.1,
-            r.episodes
+            r.episodes,
+            runs_cell(g)
         );
     }
+    out
+}
+
+fn task_columns(reports: &[EvalReport]) -> String {
+    let mut out = String::new();
     let mut tasks: Vec<&str> = reports
         .iter()
         .flat_map(|r| r.per_task.iter().map(|t| t.task_id.as_str()))
@@ -200,6 +295,59 @@ fn truncate(s: &str, n: usize) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn report(label: &str, task_successes: &[(&str, usize, usize)]) -> EvalReport {
+        let episodes = task_successes.iter().map(|t| t.1).sum();
+        let successes = task_successes.iter().map(|t| t.2).sum();
+        EvalReport {
+            label: label.into(),
+            model: format!("m-{label}"),
+            tasks_spec: "sim:heldout".into(),
+            attempts_per_task: 1,
+            temperature: 0.5,
+            seed: 0,
+            episodes,
+            successes,
+            success_rate: successes as f64 / episodes as f64,
+            ci95: wilson_interval(successes, episodes, 1.96),
+            per_task: task_successes
+                .iter()
+                .map(|(id, a, s)| TaskEval {
+                    task_id: (*id).into(),
+                    attempts: *a,
+                    successes: *s,
+                    mean_eval_result: *s as f64 / *a as f64,
+                    dropped: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn reports_with_one_label_are_pooled() {
+        let reports = [
+            report("arpo", &[("a", 4, 1), ("b", 4, 2)]),
+            report("base", &[("a", 4, 0), ("b", 4, 1)]),
+            report("arpo", &[("a", 4, 3), ("b", 4, 2)]),
+        ];
+        let g = pool_by_label(&reports);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].pooled.label, "arpo");
+        // 1+2+3+2 = 8 of 16.
+        assert_eq!((g[0].pooled.successes, g[0].pooled.episodes), (8, 16));
+        assert_eq!(g[0].pooled.success_rate, 0.5);
+        assert_eq!(g[0].pooled.ci95, wilson_interval(8, 16, 1.96));
+        assert_eq!(g[0].runs, vec![3.0 / 8.0, 5.0 / 8.0]);
+        // mean 0.5, sd sqrt(2 * 0.125^2 / 1) = 0.176777.
+        let (mean, sd) = g[0].spread().unwrap();
+        assert!((mean - 0.5).abs() < 1e-12 && (sd - 0.176_777).abs() < 1e-6, "{sd}");
+        let a = g[0].pooled.per_task.iter().find(|t| t.task_id == "a").unwrap();
+        assert_eq!((a.attempts, a.successes), (8, 4));
+        assert_eq!(g[1].runs.len(), 1);
+        assert!(g[1].spread().is_none());
+        let table = compare_table(&reports);
+        assert!(table.contains("37.5, 62.5 (mean 50.0 ± 17.7)"), "{table}");
+    }
 
     #[test]
     fn wilson_interval_matches_hand_computed_values() {

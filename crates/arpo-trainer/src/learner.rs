@@ -21,8 +21,11 @@ pub struct Sample {
     /// The trajectory's advantage, given to every one of its assistant tokens.
     pub advantage: f64,
     /// Log-probs of the sampled tokens under the weights before this step's update, one vector
-    /// per turn (same lengths as the turns' `token_ids`).
-    pub old_logprobs: Vec<Vec<f32>>,
+    /// per turn (same lengths as the turns' `token_ids`). `None` when the step is on-policy
+    /// (one PPO epoch, one mini-batch, no dropout): the weights before the update are the ones
+    /// the learner scores with, so it takes its own log-probs, detached, and the ratio is 1
+    /// exactly. That is what recomputing them would give, without the extra forward pass.
+    pub old_logprobs: Option<Vec<Vec<f32>>>,
     /// The trajectory came from the replay buffer.
     pub injected: bool,
 }

@@ -259,6 +259,39 @@ impl std::fmt::Debug for CandleLearner {
     }
 }
 
+/// Models up to this many parameters train one sequence per core (each op on one thread);
+/// bigger ones spread each op over the cores and take the sequences one at a time.
+pub const SAMPLE_PARALLEL_MAX_PARAMETERS: u64 = 100_000_000;
+
+/// The parameter count of the language model a checkpoint directory's `config.json` describes
+/// (from its sizes: embeddings, attention and MLP of every layer; the vision tower is left out).
+/// `None` when there is no such file or it lacks the sizes.
+pub fn estimated_parameters(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let c = json.get("text_config").unwrap_or(&json);
+    let get = |k: &str| c.get(k).and_then(serde_json::Value::as_u64);
+    let (h, i, layers, vocab) = (
+        get("hidden_size")?,
+        get("intermediate_size")?,
+        get("num_hidden_layers")?,
+        get("vocab_size")?,
+    );
+    let heads = get("num_attention_heads").unwrap_or(1).max(1);
+    let kv = get("num_key_value_heads").unwrap_or(heads);
+    let kv_dim = h / heads * kv;
+    let per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * i;
+    Some(layers * per_layer + vocab * h)
+}
+
+/// True when a model this size trains fastest one sequence per core: it is small
+/// ([`SAMPLE_PARALLEL_MAX_PARAMETERS`]) and there is more than one core. The caller then
+/// keeps candle's own ops on one thread (`RAYON_NUM_THREADS=1`) before any op runs.
+pub fn prefers_sample_parallel(dir: &Path) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    cores > 1 && estimated_parameters(dir).is_some_and(|p| p <= SAMPLE_PARALLEL_MAX_PARAMETERS)
+}
+
 /// Loads `worker.actor.model` once: the rollout policy and the learner share its weights.
 pub fn load_local(
     config: &Config,
@@ -323,7 +356,14 @@ pub fn load_local(
             episodes,
             source_dir: dir,
             lora_seed: config.data.seed,
-            workers: std::thread::available_parallelism().map_or(1, usize::from),
+            // One sequence per core when candle's ops run on one thread (a small model, see
+            // `prefers_sample_parallel`); otherwise each op uses the cores, one sequence at a
+            // time (two at once would fight over the cores and double the activations).
+            workers: if candle_core::utils::get_num_threads() == 1 {
+                std::thread::available_parallelism().map_or(1, usize::from)
+            } else {
+                1
+            },
             after_update: None,
         },
     ))
@@ -419,8 +459,13 @@ impl Learner for CandleLearner {
         let trainable = &self.trainable;
         let one = |(sample, b): &(&Sample, &BuiltEpisode)| -> Result<Option<(candle_core::backprop::GradStore, arpo_grpo::LossMetrics, f64, usize)>, TrainerError> {
             let n: usize = b.turn_positions.iter().map(Vec::len).sum();
-            let old: Vec<f32> = sample.old_logprobs.iter().flatten().copied().collect();
-            if old.len() != n {
+            let old: Option<Vec<f32>> = sample
+                .old_logprobs
+                .as_ref()
+                .map(|turns| turns.iter().flatten().copied().collect());
+            if let Some(old) = &old
+                && old.len() != n
+            {
                 return Err(TrainerError::Learner(format!(
                     "task {}: {} old log-probs for {n} sampled tokens",
                     sample.trajectory.task_id,
@@ -437,7 +482,10 @@ impl Learner for CandleLearner {
                 .score(&b.episode)
                 .map_err(|e| learner_err("scoring", e))?;
             let t = |r: candle_core::Result<Tensor>| r.map_err(|e| learner_err("loss inputs", e));
-            let old = t(Tensor::from_vec(old, n, &device))?;
+            let old = match old {
+                Some(old) => t(Tensor::from_vec(old, n, &device))?,
+                None => score.log_probs.detach(),
+            };
             let adv = t(Tensor::new(sample.advantage as f32, &device))?;
             let mask = t(Tensor::ones(n, DType::U8, &device))?;
             let entropy = t(Tensor::from_vec(score.entropy.clone(), n, &device))?;

@@ -320,11 +320,17 @@ impl Learner for TabularPolicy {
                 let p = table.probs(&s.trajectory.instruction, i);
                 let c = Self::answer_of(&turn.response.token_ids).unwrap_or(0);
                 l.extend([p.get(c).copied().unwrap_or(1e-12).ln(), 0.0]);
-                let ol = s.old_logprobs.get(i).cloned().unwrap_or_default();
-                o.extend([
-                    f64::from(ol.first().copied().unwrap_or(0.0)),
-                    f64::from(ol.get(1).copied().unwrap_or(0.0)),
-                ]);
+                match &s.old_logprobs {
+                    Some(old_turns) => {
+                        let ol = old_turns.get(i).cloned().unwrap_or_default();
+                        o.extend([
+                            f64::from(ol.first().copied().unwrap_or(0.0)),
+                            f64::from(ol.get(1).copied().unwrap_or(0.0)),
+                        ]);
+                    }
+                    // On-policy: the old log-probs are the current ones.
+                    None => o.extend([p.get(c).copied().unwrap_or(1e-12).ln(), 0.0]),
+                }
                 a.extend([s.advantage; 2]);
                 m.extend([true, true]);
             }

@@ -469,6 +469,13 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         // Advantages per group, then old log-probs with the current weights.
         let adv_config = advantage_config(&self.config);
         let update_started = Instant::now();
+        // One optimizer step over the whole batch, one PPO epoch and no dropout: the weights
+        // that score the update are the ones before it, so the old log-probs are the learner's
+        // own (detached) and need no separate pass.
+        let on_policy = self.config.worker.actor.ppo_epochs == 1
+            && groups.len() <= self.config.worker.actor.global_batch_size
+            && (self.config.worker.actor.model.lora.rank == 0
+                || self.config.worker.actor.model.lora.dropout == 0.0);
         let mut batches: Vec<Vec<Sample>> = Vec::new();
         for (gi, group) in groups.into_iter().enumerate() {
             let rewards: Vec<f64> = group.iter().map(Trajectory::reward).collect();
@@ -478,8 +485,16 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             let advantages = arpo_grpo::group_advantages(&rewards, &adv_config)
                 .map_err(|e| TrainerError::Learner(format!("advantages: {e}")))?;
             let mut samples = Vec::with_capacity(group.len());
-            let refs: Vec<&Trajectory> = group.iter().collect();
-            let olds = self.learner.old_logprobs_many(&refs)?;
+            let olds: Vec<Option<Vec<Vec<f32>>>> = if on_policy {
+                vec![None; group.len()]
+            } else {
+                let refs: Vec<&Trajectory> = group.iter().collect();
+                self.learner
+                    .old_logprobs_many(&refs)?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            };
             for (pos, ((trajectory, advantage), old_logprobs)) in
                 group.into_iter().zip(advantages).zip(olds).enumerate()
             {

@@ -120,7 +120,7 @@ async fn an_update_moves_the_shared_weights_in_the_advantages_direction() {
     let sample = Sample {
         trajectory: t.clone(),
         advantage: 1.0,
-        old_logprobs: before.clone(),
+        old_logprobs: Some(before.clone()),
         injected: false,
     };
     let stats = learner.update(&[sample], &loss, 0).unwrap();
@@ -149,7 +149,7 @@ async fn an_update_moves_the_shared_weights_in_the_advantages_direction() {
     let sample = Sample {
         trajectory: t.clone(),
         advantage: -1.0,
-        old_logprobs: before.clone(),
+        old_logprobs: Some(before.clone()),
         injected: false,
     };
     learner.update(&[sample], &loss, 1).unwrap();
@@ -167,7 +167,7 @@ async fn save_then_load_restores_weights_and_optimizer_exactly() {
         let sample = |old: Vec<Vec<f32>>| Sample {
             trajectory: t.clone(),
             advantage: 1.0,
-            old_logprobs: old,
+            old_logprobs: Some(old),
             injected: false,
         };
         let old = learner.old_logprobs(&t).unwrap();
