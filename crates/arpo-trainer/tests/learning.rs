@@ -4,8 +4,8 @@
 //!
 //! The reference is the base checkpoint itself, evaluated on the same tasks with the same
 //! attempts, temperature and sampling seed. The pair and the budget were chosen by measuring
-//! several training seeds (the closing note of the "default run learns" issue gives them), and
-//! the margin asked for is more than three standard errors of the difference of two such rates.
+//! five training seeds (below), and the margin asked for is more than three standard errors of
+//! the difference of the two rates and at least 20 points.
 
 #![allow(clippy::unwrap_used)]
 
@@ -22,9 +22,14 @@ use arpo_trainer::setup::{Envs, build_envs, load_tasks};
 use arpo_trainer::train::rollout_settings;
 use arpo_trainer::{Config, Progress, Trainer};
 
-/// Tasks the base solves sometimes (about one attempt in six at temperature 0.5).
-const TASKS: &str = r#"{"colour_button": ["sim-colour_button-train-012", "sim-colour_button-train-013"]}"#;
-const EPOCHS: usize = 6;
+/// Tasks the base solves sometimes (about two attempts in five at temperature 0.5).
+///
+/// Measured with `cargo xtask` (same settings, 24 attempts per task): base 39.6%; trained
+/// 100.0, 100.0, 52.1% at 6 epochs (seeds 1-3) and 70.8, 97.9, 91.7% at 8 (seeds 3-5). Another
+/// pair (colour buttons 012 and 013) gave 29.2, 16.7, 47.9% against a base of 16.7% at 6 epochs:
+/// not an effect larger than the seed-to-seed spread, so not this test.
+const TASKS: &str = r#"{"colour_button": ["sim-colour_button-train-011"], "label_button": ["sim-label_button-train-002"]}"#;
+const EPOCHS: usize = 8;
 const ATTEMPTS: usize = 24;
 const EVAL_SEED: u64 = 5;
 
@@ -49,7 +54,7 @@ fn config(dir: &Path) -> Config {
         format!("data.train_files={}", tasks.display()),
         "data.val_files=\"\"".into(),
         "data.rollout_batch_size=2".into(),
-        "data.seed=3".into(),
+        "data.seed=1".into(),
         "worker.actor.global_batch_size=2".into(),
         "worker.rollout.n=16".into(),
         "env.num_envs=32".into(),
