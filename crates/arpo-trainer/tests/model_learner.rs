@@ -158,6 +158,56 @@ async fn an_update_moves_the_shared_weights_in_the_advantages_direction() {
 }
 
 #[tokio::test]
+async fn an_on_policy_update_equals_one_with_recomputed_old_logprobs() {
+    // Two learners from the same checkpoint: one is given the old log-probs a separate scoring
+    // pass computes, the other `None` (on-policy: its own log-probs, detached). Same update.
+    let (policy, mut a) = load_local(&config(&[]), 10).unwrap();
+    let (_, mut b) = load_local(&config(&[]), 10).unwrap();
+    let t = rollout(&policy, 1, 5, 8).await;
+    let loss = arpo_grpo::PolicyLossConfig::default();
+    let sample = |old: Option<Vec<Vec<f32>>>| Sample {
+        trajectory: t.clone(),
+        advantage: -0.75,
+        old_logprobs: old,
+        injected: false,
+    };
+    let old = a.old_logprobs(&t).unwrap();
+    let sa = a.update(&[sample(Some(old))], &loss, 0).unwrap();
+    let sb = b.update(&[sample(None)], &loss, 0).unwrap();
+    assert!((sa.loss - sb.loss).abs() < 1e-6, "{} vs {}", sa.loss, sb.loss);
+    assert!((sa.grad_norm - sb.grad_norm).abs() < 1e-6 * sa.grad_norm.max(1.0));
+    assert_eq!(sb.ppo_kl, 0.0);
+    let (la, lb) = (a.old_logprobs(&t).unwrap(), b.old_logprobs(&t).unwrap());
+    for (x, y) in la.iter().flatten().zip(lb.iter().flatten()) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn parameter_estimates_match_hand_computed_counts() {
+    use arpo_trainer::model::{SAMPLE_PARALLEL_MAX_PARAMETERS, estimated_parameters};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // uitars-tiny-base: hidden 128, MLP 384, 4 layers, 4 heads / 2 KV heads (KV width 64),
+    // vocab 972: 4 * (2*128*128 + 2*128*64 + 3*128*384) + 972*128 = 786,432 + 124,416.
+    let tiny = estimated_parameters(&root.join("fixtures/models/uitars-tiny-base")).unwrap();
+    assert_eq!(tiny, 910_848);
+    assert!(tiny <= SAMPLE_PARALLEL_MAX_PARAMETERS);
+    // Qwen2-VL-2B's language model (hidden 1536, MLP 8960, 28 layers, 12 heads / 2 KV heads,
+    // vocab 151936): 1,543,569,408 by the same formula (HF: 1.54 B without the vision tower).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+            "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936}"#,
+    )
+    .unwrap();
+    let big = estimated_parameters(dir.path()).unwrap();
+    assert_eq!(big, 1_543_569_408);
+    assert!(big > SAMPLE_PARALLEL_MAX_PARAMETERS);
+    assert_eq!(estimated_parameters(&dir.path().join("missing")), None);
+}
+
+#[tokio::test]
 async fn save_then_load_restores_weights_and_optimizer_exactly() {
     for extra in [&[][..], &["worker.actor.model.lora.rank=4"][..]] {
         let dir = tempfile::tempdir().unwrap();

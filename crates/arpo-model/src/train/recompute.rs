@@ -200,6 +200,29 @@ mod tests {
     }
 
     #[test]
+    fn returned_gradients_do_not_hold_the_forward_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[0.2f32, -0.5], [0.7, 0.3]], &dev)?;
+        let x = Tensor::new(&[[0.3f32, -1.2], [1.5, 0.1]], &dev)?;
+        // d/dw sum(w^2 * x) = 2 w x: candle's sqr backward multiplies by its tracked input.
+        let loss = (w.as_tensor().sqr()? * &x)?.sum_all()?;
+        assert!(
+            loss.backward()?.get(w.as_tensor()).expect("grad").track_op(),
+            "candle's own gradient records its op (else this test proves nothing)"
+        );
+        let g = backward(&loss)?;
+        let gw = g.get(w.as_tensor()).expect("grad");
+        assert!(!gw.track_op(), "the gradient still references the forward graph");
+        let plain = loss.backward()?;
+        let diff = (gw - plain.get(w.as_tensor()).expect("grad"))?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    #[test]
     fn parameters_behind_an_untracked_input_still_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[0.3f32, -1.2, 0.7]], &dev)?;
