@@ -21,6 +21,9 @@ use crate::task::{Check, OracleStep, Split, Target, TaskSpec};
 /// Instances per family in each split.
 pub const TRAIN_PER_FAMILY: usize = 16;
 pub const HELDOUT_PER_FAMILY: usize = 8;
+/// Instances per family and split that ids can name: an instance's seed holds its index in
+/// 20 bits.
+pub const MAX_INSTANCES: usize = 1 << 20;
 
 type Generator = fn(&mut Gen) -> Built;
 
@@ -119,9 +122,37 @@ impl Catalogue {
             })
     }
 
-    /// A task by id.
+    /// A task by id: one of this catalogue's, or any other instance of a family and split,
+    /// built on demand (`sim-colour_button-train-050` is the 51st training-distribution
+    /// instance, the same task whatever size of catalogue generated it).
     pub fn task(&self, id: &str) -> Result<arpo_core::Task, SimError> {
-        self.spec(id).map(TaskSpec::to_task)
+        match self.spec(id) {
+            Ok(spec) => Ok(spec.to_task()),
+            Err(e) => Self::instance(id).map(|s| s.to_task()).ok_or(e),
+        }
+    }
+
+    /// The instance an id names (`sim-<family>-<train|heldout>-<index>`), built on demand;
+    /// `None` for an id of no family or split, or an index past [`MAX_INSTANCES`].
+    pub fn instance(id: &str) -> Option<TaskSpec> {
+        let rest = id.strip_prefix("sim-")?;
+        let (rest, index) = rest.rsplit_once('-')?;
+        let (family, split) = rest.rsplit_once('-')?;
+        let split = match split {
+            "train" => Split::Train,
+            "heldout" => Split::Heldout,
+            _ => return None,
+        };
+        if index.len() < 3 || !index.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let index: usize = index.parse().ok()?;
+        if index >= MAX_INSTANCES {
+            return None;
+        }
+        let (fi, (name, gen_fn)) = FAMILIES.iter().enumerate().find(|(_, f)| f.0 == family)?;
+        let spec = build(fi, name, *gen_fn, split, index);
+        (spec.id == id).then_some(spec)
     }
 
     /// OSWorld-style task JSON for one spec.
@@ -1476,4 +1507,50 @@ fn infeasible(g: &mut Gen) -> Built {
     b.oracle.clear();
     b.infeasible = true;
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_past_the_catalogue_name_the_instances_a_bigger_catalogue_generates() {
+        let small = Catalogue::default();
+        let big = Catalogue::generate(TRAIN_PER_FAMILY + 40, HELDOUT_PER_FAMILY + 3);
+        for spec in big.train_specs().iter().chain(big.heldout_specs()) {
+            let built = Catalogue::instance(&spec.id).expect(&spec.id);
+            assert_eq!(&built, spec);
+            let task = small.task(&spec.id).expect(&spec.id);
+            assert_eq!(task.id, spec.id);
+            assert_eq!(task.instruction, spec.instruction);
+        }
+        // Instances past the default catalogue are new tasks, not repeats of its own.
+        let own: std::collections::HashSet<&str> =
+            small.train_specs().iter().map(|s| s.instruction.as_str()).collect();
+        let extra = &big.train_specs()[TRAIN_PER_FAMILY..TRAIN_PER_FAMILY + 40];
+        assert!(extra.iter().any(|s| !own.contains(s.instruction.as_str())));
+    }
+
+    #[test]
+    fn ids_of_no_family_split_or_index_are_refused() {
+        let small = Catalogue::default();
+        for id in [
+            "sim-colour_button-train-12",
+            "sim-colour_button-test-001",
+            "sim-no_such_family-train-001",
+            "sim-colour_button-train-0x1",
+            "sim-colour_button-train-+01",
+            "colour_button-train-001",
+            "sim-colour_button-train-1048576",
+            "sim-colour_button-train-99999999999999999999999",
+            "",
+        ] {
+            assert!(Catalogue::instance(id).is_none(), "{id}");
+            assert!(
+                matches!(small.task(id), Err(SimError::UnknownTask { .. })),
+                "{id}"
+            );
+        }
+        assert!(Catalogue::instance("sim-colour_button-train-1048575").is_some());
+    }
 }

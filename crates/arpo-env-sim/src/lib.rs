@@ -42,7 +42,7 @@ pub mod render;
 mod session;
 pub mod task;
 
-pub use catalogue::{Catalogue, HELDOUT_PER_FAMILY, TRAIN_PER_FAMILY};
+pub use catalogue::{Catalogue, HELDOUT_PER_FAMILY, MAX_INSTANCES, TRAIN_PER_FAMILY};
 pub use env::{DEFAULT_MAX_STEPS, SimEnv};
 pub use error::SimError;
 pub use session::{DEFAULT_SIZE, SCROLL_CLICKS, Session};
