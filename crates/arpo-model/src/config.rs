@@ -33,14 +33,33 @@ impl TextConfig {
     }
 }
 
+/// Which vision tower: the blocks' norm and MLP, and where attention is windowed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VisionArch {
+    /// Qwen2-VL: LayerNorm, QuickGELU MLP (`fc1`/`fc2`, `embed_dim * mlp_ratio` wide), full
+    /// attention within each image in every block; LayerNorm `ln_q` in the merger.
+    Qwen2Vl,
+    /// Qwen2.5-VL: RMSNorm, gated SiLU MLP with biases (`gate_proj`/`up_proj`/`down_proj`),
+    /// attention within windows of `window_size` pixels except in `fullatt_block_indexes`;
+    /// RMSNorm `ln_q` in the merger.
+    Qwen25Vl {
+        intermediate_size: usize,
+        window_size: usize,
+        fullatt_block_indexes: Vec<usize>,
+    },
+}
+
 /// The vision tower's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VisionConfig {
+    pub arch: VisionArch,
     pub depth: usize,
     pub embed_dim: usize,
     /// Output width of the merger (the text hidden size).
     pub hidden_size: usize,
     pub num_heads: usize,
+    /// Qwen2-VL's MLP width as a multiple of `embed_dim` (unused by Qwen2.5-VL).
     pub mlp_ratio: f64,
     pub in_channels: usize,
     pub patch_size: usize,
@@ -55,7 +74,31 @@ impl VisionConfig {
         self.embed_dim / self.num_heads
     }
     pub fn mlp_dim(&self) -> usize {
-        (self.embed_dim as f64 * self.mlp_ratio) as usize
+        match &self.arch {
+            VisionArch::Qwen2Vl => (self.embed_dim as f64 * self.mlp_ratio) as usize,
+            VisionArch::Qwen25Vl {
+                intermediate_size, ..
+            } => *intermediate_size,
+        }
+    }
+    /// Side of an attention window in merged tokens (Qwen2.5-VL), `None` for full attention.
+    pub fn window_merged(&self) -> Option<usize> {
+        match &self.arch {
+            VisionArch::Qwen2Vl => None,
+            VisionArch::Qwen25Vl { window_size, .. } => {
+                Some(window_size / self.spatial_merge_size / self.patch_size)
+            }
+        }
+    }
+    /// Whether block `i` attends within windows (false: within whole images).
+    pub fn windowed_block(&self, i: usize) -> bool {
+        match &self.arch {
+            VisionArch::Qwen2Vl => false,
+            VisionArch::Qwen25Vl {
+                fullatt_block_indexes,
+                ..
+            } => !fullatt_block_indexes.contains(&i),
+        }
     }
     /// Length of one flattened patch row: channels x temporal x patch x patch.
     pub fn patch_dim(&self) -> usize {
@@ -109,12 +152,16 @@ impl Qwen2VlConfig {
             .get("model_type")
             .and_then(Value::as_str)
             .unwrap_or("<missing>");
-        if model_type != "qwen2_vl" {
-            return Err(ModelError::UnsupportedModel {
-                model_type: model_type.to_string(),
-                path: path.to_path_buf(),
-            });
-        }
+        let qwen25 = match model_type {
+            "qwen2_vl" => false,
+            "qwen2_5_vl" => true,
+            _ => {
+                return Err(ModelError::UnsupportedModel {
+                    model_type: model_type.to_string(),
+                    path: path.to_path_buf(),
+                });
+            }
+        };
         // transformers 5.x nests the text fields; the flat form keeps them at the top.
         let text_v = v.get("text_config").unwrap_or(v);
         let need = |obj: &Value, key: &str| {
@@ -168,17 +215,52 @@ impl Qwen2VlConfig {
         let vis_v = v.get("vision_config").ok_or_else(|| {
             ModelError::Config(format!("vision_config is missing in {}", path.display()))
         })?;
-        if let Some(act) = vis_v.get("hidden_act").and_then(Value::as_str) {
-            if act != "quick_gelu" {
-                return Err(ModelError::Config(format!(
-                    "vision hidden_act {act:?} is not supported (Qwen2-VL uses quick_gelu)"
-                )));
-            }
+        let act = vis_v.get("hidden_act").and_then(Value::as_str);
+        let (want_act, family) = if qwen25 {
+            ("silu", "Qwen2.5-VL")
+        } else {
+            ("quick_gelu", "Qwen2-VL")
+        };
+        if let Some(act) = act.filter(|a| *a != want_act) {
+            return Err(ModelError::Config(format!(
+                "vision hidden_act {act:?} in {} is not supported ({family} uses {want_act})",
+                path.display()
+            )));
         }
+        // Qwen2.5-VL names the ViT width `hidden_size` and the merger's output `out_hidden_size`;
+        // Qwen2-VL calls them `embed_dim` and `hidden_size`.
+        let (embed_dim, out_dim, arch) = if qwen25 {
+            let arch = VisionArch::Qwen25Vl {
+                intermediate_size: need(vis_v, "intermediate_size")?,
+                window_size: get_usize(vis_v, "window_size").unwrap_or(112),
+                fullatt_block_indexes: vis_v
+                    .get("fullatt_block_indexes")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_u64)
+                            .map(|x| x as usize)
+                            .collect()
+                    })
+                    .unwrap_or_else(|| vec![7, 15, 23, 31]),
+            };
+            (
+                need(vis_v, "hidden_size")?,
+                get_usize(vis_v, "out_hidden_size").unwrap_or(text.hidden_size),
+                arch,
+            )
+        } else {
+            (
+                need(vis_v, "embed_dim")?,
+                get_usize(vis_v, "hidden_size").unwrap_or(text.hidden_size),
+                VisionArch::Qwen2Vl,
+            )
+        };
         let vision = VisionConfig {
+            arch,
             depth: need(vis_v, "depth")?,
-            embed_dim: need(vis_v, "embed_dim")?,
-            hidden_size: get_usize(vis_v, "hidden_size").unwrap_or(text.hidden_size),
+            embed_dim,
+            hidden_size: out_dim,
             num_heads: need(vis_v, "num_heads")?,
             mlp_ratio: get_f64(vis_v, "mlp_ratio").unwrap_or(4.0),
             in_channels: get_usize(vis_v, "in_channels")
@@ -263,6 +345,25 @@ impl Qwen2VlConfig {
         if v.spatial_merge_size == 0 || v.patch_size == 0 || v.temporal_patch_size == 0 {
             return bad("vision patch/merge sizes must be positive".into());
         }
+        if let VisionArch::Qwen25Vl {
+            window_size,
+            fullatt_block_indexes,
+            ..
+        } = &v.arch
+        {
+            if v.window_merged() == Some(0) {
+                return bad(format!(
+                    "vision window_size {window_size} is smaller than one merged patch ({} px)",
+                    v.patch_size * v.spatial_merge_size
+                ));
+            }
+            if let Some(i) = fullatt_block_indexes.iter().find(|&&i| i >= v.depth) {
+                return bad(format!(
+                    "fullatt_block_indexes names block {i} of a {}-block vision tower",
+                    v.depth
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -283,6 +384,7 @@ impl Qwen2VlConfig {
                 tie_word_embeddings: true,
             },
             vision: VisionConfig {
+                arch: VisionArch::Qwen2Vl,
                 depth: 32,
                 embed_dim: 1280,
                 hidden_size: 1536,
@@ -301,6 +403,55 @@ impl Qwen2VlConfig {
             vision_end_token_id: Some(151_653),
             eos_token_ids: vec![151_645],
         }
+    }
+}
+
+impl Qwen2VlConfig {
+    /// The UI-TARS-1.5-7B (Qwen2.5-VL-7B) shape with the Qwen special-token ids; used by the
+    /// benchmark and memory estimates with random weights.
+    pub fn ui_tars_15_7b() -> Self {
+        Self {
+            text: TextConfig {
+                vocab_size: 152_064,
+                hidden_size: 3584,
+                intermediate_size: 18_944,
+                num_hidden_layers: 28,
+                num_attention_heads: 28,
+                num_key_value_heads: 4,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                mrope_section: vec![16, 24, 24],
+                tie_word_embeddings: false,
+            },
+            vision: VisionConfig {
+                arch: VisionArch::Qwen25Vl {
+                    intermediate_size: 3420,
+                    window_size: 112,
+                    fullatt_block_indexes: vec![7, 15, 23, 31],
+                },
+                depth: 32,
+                embed_dim: 1280,
+                hidden_size: 3584,
+                num_heads: 16,
+                mlp_ratio: 4.0,
+                in_channels: 3,
+                patch_size: 14,
+                spatial_merge_size: 2,
+                temporal_patch_size: 2,
+                rope_theta: 10_000.0,
+                layer_norm_eps: 1e-6,
+            },
+            image_token_id: 151_655,
+            video_token_id: Some(151_656),
+            vision_start_token_id: 151_652,
+            vision_end_token_id: Some(151_653),
+            eos_token_ids: vec![151_645],
+        }
+    }
+
+    /// Whether this is a Qwen2.5-VL (UI-TARS-1.5) model.
+    pub fn is_qwen25(&self) -> bool {
+        matches!(self.vision.arch, VisionArch::Qwen25Vl { .. })
     }
 }
 
@@ -464,10 +615,66 @@ mod tests {
 
     #[test]
     fn other_model_types_are_rejected_by_name() {
-        let v: Value =
-            serde_json::from_str(&FLAT.replace("\"qwen2_vl\"", "\"qwen2_5_vl\"")).unwrap();
+        let v: Value = serde_json::from_str(&FLAT.replace("\"qwen2_vl\"", "\"qwen3_vl\"")).unwrap();
         let err = Qwen2VlConfig::from_value(&v, Path::new("c.json")).unwrap_err();
-        assert!(err.to_string().contains("qwen2_5_vl"), "{err}");
+        assert!(err.to_string().contains("qwen3_vl"), "{err}");
+    }
+
+    /// UI-TARS-1.5-7B's config.json (the flat spelling Qwen2.5-VL-7B-Instruct ships), abridged.
+    const FLAT_15: &str = r#"{
+      "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+      "bos_token_id": 151643, "eos_token_id": 151645,
+      "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+      "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+      "hidden_act": "silu", "hidden_size": 3584, "intermediate_size": 18944,
+      "max_position_embeddings": 128000, "max_window_layers": 28, "model_type": "qwen2_5_vl",
+      "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+      "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+      "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_sliding_window": false,
+      "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+        "intermediate_size": 3420, "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+        "temporal_patch_size": 2},
+      "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+      "vocab_size": 152064
+    }"#;
+
+    #[test]
+    fn flat_ui_tars_15_config_gives_the_7b_shape() {
+        let v: Value = serde_json::from_str(FLAT_15).unwrap();
+        let cfg = Qwen2VlConfig::from_value(&v, Path::new("config.json")).unwrap();
+        assert_eq!(cfg, Qwen2VlConfig::ui_tars_15_7b());
+        assert!(cfg.is_qwen25());
+        assert_eq!(cfg.vision.mlp_dim(), 3420);
+        assert_eq!(cfg.vision.window_merged(), Some(4));
+        assert!(cfg.vision.windowed_block(0) && !cfg.vision.windowed_block(7));
+        // A Qwen2-VL activation in a Qwen2.5-VL config is refused by name.
+        let bad: Value = serde_json::from_str(&FLAT_15.replace(
+            "\"hidden_act\": \"silu\", \"hidden_size\": 1280",
+            "\"hidden_act\": \"quick_gelu\", \"hidden_size\": 1280",
+        ))
+        .unwrap();
+        let err = Qwen2VlConfig::from_value(&bad, Path::new("c.json")).unwrap_err();
+        assert!(err.to_string().contains("quick_gelu"), "{err}");
+    }
+
+    #[test]
+    fn nested_transformers5_qwen25_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models/tiny-qwen25vl/config.json");
+        let cfg = Qwen2VlConfig::from_file(&path).unwrap();
+        assert_eq!(cfg.vision.embed_dim, 32);
+        assert_eq!(cfg.vision.hidden_size, 64);
+        assert_eq!(
+            cfg.vision.arch,
+            VisionArch::Qwen25Vl {
+                intermediate_size: 48,
+                window_size: 56,
+                fullatt_block_indexes: vec![1],
+            }
+        );
+        assert!(!cfg.text.tie_word_embeddings);
     }
 
     #[test]

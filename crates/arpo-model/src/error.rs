@@ -16,12 +16,14 @@ pub enum ModelError {
         source: serde_json::Error,
     },
     #[error(
-        "model type {model_type:?} in {path} is not supported: this crate runs qwen2_vl (UI-TARS-2B/7B); Qwen2.5-VL comes later"
+        "model type {model_type:?} in {path} is not supported: this crate runs qwen2_vl (UI-TARS-2B/7B) and qwen2_5_vl (UI-TARS-1.5)"
     )]
     UnsupportedModel { model_type: String, path: PathBuf },
     #[error("invalid config: {0}")]
     Config(String),
-    #[error("weight {name} is missing from the checkpoint: is this a Qwen2-VL checkpoint?")]
+    #[error(
+        "weight {name} is missing from the checkpoint: is this a Qwen2-VL / Qwen2.5-VL checkpoint matching its config.json?"
+    )]
     MissingWeight { name: String },
     #[error(
         "weight {name} has shape {actual:?}, expected {expected:?}: does config.json match the weights?"

@@ -1,17 +1,19 @@
-//! The whole Qwen2-VL model: vision tower + decoder, image features merged into the text.
+//! The whole Qwen2-VL / Qwen2.5-VL model: vision tower + decoder, image features merged into the
+//! text.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::Qwen2VlConfig;
+use crate::config::{Qwen2VlConfig, VisionArch};
 use crate::error::{ModelError, Result};
 use crate::rope::{RopeIndex, get_rope_index, inv_freq, mrope_cos_sin};
 use crate::text::{TextModel, causal_mask};
 use crate::vision::VisionTower;
 use crate::weights::{CONFIG_FILE, Weights};
 
-/// Qwen2-VL (`Qwen2VLForConditionalGeneration`) on candle.
+/// Qwen2-VL (`Qwen2VLForConditionalGeneration`) or Qwen2.5-VL
+/// (`Qwen2_5_VLForConditionalGeneration`, after [`crate::config::VisionArch`]) on candle.
 #[derive(Debug, Clone)]
 pub struct Qwen2Vl {
     pub config: Qwen2VlConfig,
@@ -237,25 +239,38 @@ pub fn param_shapes(c: &Qwen2VlConfig) -> Vec<(String, Vec<usize>)> {
             vc.patch_size,
         ],
     ));
+    let layer_norm = matches!(vc.arch, VisionArch::Qwen2Vl);
+    let f = vc.mlp_dim();
+    let mlp: &[(&str, usize, usize)] = if layer_norm {
+        &[("mlp.fc1", f, e), ("mlp.fc2", e, f)]
+    } else {
+        &[
+            ("mlp.gate_proj", f, e),
+            ("mlp.up_proj", f, e),
+            ("mlp.down_proj", e, f),
+        ]
+    };
     for i in 0..vc.depth {
         let p = format!("visual.blocks.{i}");
         for n in ["norm1", "norm2"] {
             v.push((format!("{p}.{n}.weight"), vec![e]));
-            v.push((format!("{p}.{n}.bias"), vec![e]));
+            if layer_norm {
+                v.push((format!("{p}.{n}.bias"), vec![e]));
+            }
         }
-        for (n, o, inp) in [
-            ("attn.qkv", 3 * e, e),
-            ("attn.proj", e, e),
-            ("mlp.fc1", vc.mlp_dim(), e),
-            ("mlp.fc2", e, vc.mlp_dim()),
-        ] {
+        for &(n, o, inp) in [("attn.qkv", 3 * e, e), ("attn.proj", e, e)]
+            .iter()
+            .chain(mlp)
+        {
             v.push((format!("{p}.{n}.weight"), vec![o, inp]));
             v.push((format!("{p}.{n}.bias"), vec![o]));
         }
     }
     let m = vc.spatial_merge_size * vc.spatial_merge_size * e;
     v.push(("visual.merger.ln_q.weight".into(), vec![e]));
-    v.push(("visual.merger.ln_q.bias".into(), vec![e]));
+    if layer_norm {
+        v.push(("visual.merger.ln_q.bias".into(), vec![e]));
+    }
     v.push(("visual.merger.mlp.0.weight".into(), vec![m, m]));
     v.push(("visual.merger.mlp.0.bias".into(), vec![m]));
     v.push(("visual.merger.mlp.2.weight".into(), vec![vc.hidden_size, m]));

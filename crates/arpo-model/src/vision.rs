@@ -1,10 +1,17 @@
-//! The Qwen2-VL vision tower: patch embedding, 2-D rotary ViT blocks, PatchMerger.
+//! The Qwen2-VL and Qwen2.5-VL vision towers: patch embedding, 2-D rotary ViT blocks,
+//! PatchMerger.
+//!
+//! Qwen2.5-VL differs in its blocks (RMSNorm, gated SiLU MLP with biases) and in where it
+//! attends: its patches are reordered window by window (windows of `window_size` pixels, in
+//! merged-token units, partial at the right and bottom edges), most blocks attend within a
+//! window and the blocks of `fullatt_block_indexes` within the whole image; the merged features
+//! are put back in image order after the merger.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 
-use crate::config::VisionConfig;
+use crate::config::{VisionArch, VisionConfig};
 use crate::error::Result as ModelResult;
-use crate::nn::{LayerNorm, Linear, apply_rotary, quick_gelu};
+use crate::nn::{LayerNorm, Linear, RmsNorm, apply_rotary, quick_gelu};
 use crate::weights::Weights;
 
 /// Softmax over the last dimension: the fused kernel on inference paths, the differentiable
@@ -17,15 +24,109 @@ pub(crate) fn softmax(x: &Tensor, fused: bool) -> Result<Tensor> {
     }
 }
 
+/// A vision norm: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL).
+#[derive(Debug, Clone)]
+pub enum VisionNorm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Module for VisionNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Layer(n) => n.forward(x),
+            Self::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+impl VisionNorm {
+    /// `(suffix, tensor)` of its parameters: `weight`, and `bias` for LayerNorm.
+    pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Self::Layer(n) => vec![("weight", &n.weight), ("bias", &n.bias)],
+            Self::Rms(n) => vec![("weight", &n.weight)],
+        }
+    }
+
+    pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        match self {
+            Self::Layer(n) => vec![("weight", &mut n.weight), ("bias", &mut n.bias)],
+            Self::Rms(n) => vec![("weight", &mut n.weight)],
+        }
+    }
+}
+
+/// A ViT block's MLP.
+#[derive(Debug, Clone)]
+pub enum VisionMlp {
+    /// Qwen2-VL: `fc2(quick_gelu(fc1(x)))`.
+    QuickGelu { fc1: Linear, fc2: Linear },
+    /// Qwen2.5-VL: `down_proj(silu(gate_proj(x)) * up_proj(x))`, all with biases.
+    SwiGlu {
+        gate_proj: Linear,
+        up_proj: Linear,
+        down_proj: Linear,
+    },
+}
+
+impl Module for VisionMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu { fc1, fc2 } => fc2.forward(&quick_gelu(&fc1.forward(x)?)?),
+            Self::SwiGlu {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => {
+                let gate = candle_nn::ops::silu(&gate_proj.forward(x)?)?;
+                down_proj.forward(&(gate * up_proj.forward(x)?)?)
+            }
+        }
+    }
+}
+
+impl VisionMlp {
+    /// `(name under mlp., layer)` of its projections.
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        match self {
+            Self::QuickGelu { fc1, fc2 } => vec![("fc1", fc1), ("fc2", fc2)],
+            Self::SwiGlu {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => vec![
+                ("gate_proj", gate_proj),
+                ("up_proj", up_proj),
+                ("down_proj", down_proj),
+            ],
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        match self {
+            Self::QuickGelu { fc1, fc2 } => vec![("fc1", fc1), ("fc2", fc2)],
+            Self::SwiGlu {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => vec![
+                ("gate_proj", gate_proj),
+                ("up_proj", up_proj),
+                ("down_proj", down_proj),
+            ],
+        }
+    }
+}
+
 /// One ViT block (pre-norm attention and MLP).
 #[derive(Debug, Clone)]
 pub struct VisionBlock {
-    pub norm1: LayerNorm,
-    pub norm2: LayerNorm,
+    pub norm1: VisionNorm,
+    pub norm2: VisionNorm,
     pub qkv: Linear,
     pub proj: Linear,
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub mlp: VisionMlp,
 }
 
 /// The vision tower.
@@ -35,7 +136,7 @@ pub struct VisionTower {
     /// The Conv3d patch embedding as a Linear over flattened patches (`[embed, c*t*p*p]`).
     pub patch_embed: Linear,
     pub blocks: Vec<VisionBlock>,
-    pub ln_q: LayerNorm,
+    pub ln_q: VisionNorm,
     pub merger_fc1: Linear,
     pub merger_fc2: Linear,
     /// Recompute each block in the backward pass instead of keeping its activations
@@ -44,14 +145,43 @@ pub struct VisionTower {
 }
 
 impl VisionBlock {
+    /// `(name under the block, layer)` of every projection: `attn.qkv`, `attn.proj`, `mlp.*`.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = vec![
+            ("attn.qkv".to_string(), &self.qkv),
+            ("attn.proj".to_string(), &self.proj),
+        ];
+        out.extend(
+            self.mlp
+                .linears()
+                .into_iter()
+                .map(|(n, l)| (format!("mlp.{n}"), l)),
+        );
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = vec![
+            ("attn.qkv".to_string(), &mut self.qkv),
+            ("attn.proj".to_string(), &mut self.proj),
+        ];
+        out.extend(
+            self.mlp
+                .linears_mut()
+                .into_iter()
+                .map(|(n, l)| (format!("mlp.{n}"), l)),
+        );
+        out
+    }
+
     /// The block's trained tensors: `Var` weights, biases and norms, and LoRA adapters.
     pub fn trainable_tensors(&self) -> Vec<Tensor> {
         let mut out = Vec::new();
-        for l in [&self.qkv, &self.proj, &self.fc1, &self.fc2] {
+        for (_, l) in self.linears() {
             out.extend(crate::nn::trainable_of_linear(l));
         }
         for n in [&self.norm1, &self.norm2] {
-            for t in [&n.weight, &n.bias] {
+            for (_, t) in n.tensors() {
                 if t.is_variable() {
                     out.push(t.clone());
                 }
@@ -71,11 +201,17 @@ fn block_forward(
     chunks: &[usize],
     fused: bool,
 ) -> Result<Tensor> {
-    let a = attention(cfg, block, &block.norm1.forward(x)?, cos, sin, chunks, fused)?;
+    let a = attention(
+        cfg,
+        block,
+        &block.norm1.forward(x)?,
+        cos,
+        sin,
+        chunks,
+        fused,
+    )?;
     let x = (x + a)?;
-    let m = block
-        .fc2
-        .forward(&quick_gelu(&block.fc1.forward(&block.norm2.forward(&x)?)?)?)?;
+    let m = block.mlp.forward(&block.norm2.forward(&x)?)?;
     x + m
 }
 
@@ -99,12 +235,57 @@ pub(crate) fn linear_from(
     linear(w, name, out, inp, bias)
 }
 
-fn layer_norm(w: &mut Weights, name: &str, dim: usize, eps: f64) -> ModelResult<LayerNorm> {
-    Ok(LayerNorm::new(
-        w.take(&format!("{name}.weight"), &[dim])?,
-        w.take(&format!("{name}.bias"), &[dim])?,
-        eps,
-    ))
+fn vision_norm(
+    w: &mut Weights,
+    cfg: &VisionConfig,
+    name: &str,
+    dim: usize,
+) -> ModelResult<VisionNorm> {
+    let eps = cfg.layer_norm_eps;
+    let weight = w.take(&format!("{name}.weight"), &[dim])?;
+    Ok(match cfg.arch {
+        VisionArch::Qwen2Vl => VisionNorm::Layer(LayerNorm::new(
+            weight,
+            w.take(&format!("{name}.bias"), &[dim])?,
+            eps,
+        )),
+        VisionArch::Qwen25Vl { .. } => VisionNorm::Rms(RmsNorm::new(weight, eps)),
+    })
+}
+
+/// Qwen2.5-VL's window layout of a batch of images: `order[k]` is the merged token (in image
+/// order, over all images) placed at position `k`, and `lengths` the number of merged tokens in
+/// each window, in that order. Windows tile each frame's merged grid row-major from the top
+/// left, `window` merged tokens a side; those at the right and bottom edges may be partial;
+/// frames and images stay contiguous.
+pub fn window_layout(
+    grid_thw: &[[usize; 3]],
+    merge: usize,
+    window: usize,
+) -> (Vec<u32>, Vec<usize>) {
+    let mut order = Vec::new();
+    let mut lengths = Vec::new();
+    let mut base = 0usize;
+    let window = window.max(1);
+    for &[t, h, w] in grid_thw {
+        let (gh, gw) = (h / merge, w / merge);
+        for ti in 0..t {
+            let frame = base + ti * gh * gw;
+            for wr in (0..gh).step_by(window) {
+                for wc in (0..gw).step_by(window) {
+                    let (rows, cols) = (window.min(gh - wr), window.min(gw - wc));
+                    for r in wr..wr + rows {
+                        for c in wc..wc + cols {
+                            order.push((frame + r * gw + c) as u32);
+                        }
+                    }
+                    lengths.push(rows * cols);
+                }
+            }
+        }
+        base += t * gh * gw;
+    }
+    (order, lengths)
 }
 
 /// Patch (h, w) coordinates in the merge-block order the image processor emits, repeated per
@@ -143,17 +324,27 @@ impl VisionTower {
             ],
         )?;
         let patch_embed = Linear::new(pe.reshape((e, cfg.patch_dim()))?, None);
-        let eps = cfg.layer_norm_eps;
         let mut blocks = Vec::with_capacity(cfg.depth);
+        let f = cfg.mlp_dim();
         for i in 0..cfg.depth {
             let p = format!("visual.blocks.{i}");
+            let mlp = match cfg.arch {
+                VisionArch::Qwen2Vl => VisionMlp::QuickGelu {
+                    fc1: linear(w, &format!("{p}.mlp.fc1"), f, e, true)?,
+                    fc2: linear(w, &format!("{p}.mlp.fc2"), e, f, true)?,
+                },
+                VisionArch::Qwen25Vl { .. } => VisionMlp::SwiGlu {
+                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), f, e, true)?,
+                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), f, e, true)?,
+                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), e, f, true)?,
+                },
+            };
             blocks.push(VisionBlock {
-                norm1: layer_norm(w, &format!("{p}.norm1"), e, eps)?,
-                norm2: layer_norm(w, &format!("{p}.norm2"), e, eps)?,
+                norm1: vision_norm(w, cfg, &format!("{p}.norm1"), e)?,
+                norm2: vision_norm(w, cfg, &format!("{p}.norm2"), e)?,
                 qkv: linear(w, &format!("{p}.attn.qkv"), 3 * e, e, true)?,
                 proj: linear(w, &format!("{p}.attn.proj"), e, e, true)?,
-                fc1: linear(w, &format!("{p}.mlp.fc1"), cfg.mlp_dim(), e, true)?,
-                fc2: linear(w, &format!("{p}.mlp.fc2"), e, cfg.mlp_dim(), true)?,
+                mlp,
             });
         }
         let m = cfg.spatial_merge_size * cfg.spatial_merge_size;
@@ -161,7 +352,7 @@ impl VisionTower {
             config: cfg.clone(),
             patch_embed,
             blocks,
-            ln_q: layer_norm(w, "visual.merger.ln_q", e, eps)?,
+            ln_q: vision_norm(w, cfg, "visual.merger.ln_q", e)?,
             merger_fc1: linear(w, "visual.merger.mlp.0", e * m, e * m, true)?,
             merger_fc2: linear(w, "visual.merger.mlp.2", cfg.hidden_size, e * m, true)?,
             gradient_checkpointing: false,
@@ -177,9 +368,10 @@ impl VisionTower {
                 out.push((format!("{n}.bias"), b.clone()));
             }
         };
-        let ln = |out: &mut Vec<(String, Tensor)>, n: String, l: &LayerNorm| {
-            out.push((format!("{n}.weight"), l.weight.clone()));
-            out.push((format!("{n}.bias"), l.bias.clone()));
+        let ln = |out: &mut Vec<(String, Tensor)>, n: String, l: &VisionNorm| {
+            for (suffix, t) in l.tensors() {
+                out.push((format!("{n}.{suffix}"), t.clone()));
+            }
         };
         out.push((
             "visual.patch_embed.proj.weight".into(),
@@ -189,20 +381,19 @@ impl VisionTower {
             let p = format!("visual.blocks.{i}");
             ln(out, format!("{p}.norm1"), &b.norm1);
             ln(out, format!("{p}.norm2"), &b.norm2);
-            lin(out, format!("{p}.attn.qkv"), &b.qkv);
-            lin(out, format!("{p}.attn.proj"), &b.proj);
-            lin(out, format!("{p}.mlp.fc1"), &b.fc1);
-            lin(out, format!("{p}.mlp.fc2"), &b.fc2);
+            for (n, l) in b.linears() {
+                lin(out, format!("{p}.{n}"), l);
+            }
         }
         ln(out, "visual.merger.ln_q".into(), &self.ln_q);
         lin(out, "visual.merger.mlp.0".into(), &self.merger_fc1);
         lin(out, "visual.merger.mlp.2".into(), &self.merger_fc2);
     }
 
-    /// cos/sin `[N, head_dim]` of the 2-D rotary embedding for every patch.
+    /// cos/sin `[N, 1, head_dim]` of the 2-D rotary embedding of patches at `pos` (row, col).
     fn rotary(
         &self,
-        grid_thw: &[[usize; 3]],
+        pos: &[(usize, usize)],
         device: &candle_core::Device,
     ) -> Result<(Tensor, Tensor)> {
         let cfg = &self.config;
@@ -211,11 +402,10 @@ impl VisionTower {
             .step_by(2)
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / spatial as f32))
             .collect();
-        let pos = vision_patch_positions(grid_thw, cfg.spatial_merge_size);
         let hd = cfg.head_dim();
         let mut cos = Vec::with_capacity(pos.len() * hd);
         let mut sin = Vec::with_capacity(pos.len() * hd);
-        for &(h, w) in &pos {
+        for &(h, w) in pos {
             let mut row: Vec<f32> = inv.iter().map(|f| h as f32 * f).collect();
             row.extend(inv.iter().map(|f| w as f32 * f));
             for _ in 0..2 {
@@ -246,25 +436,58 @@ impl VisionTower {
                 cfg.patch_dim()
             );
         }
+        let merge = cfg.spatial_merge_size;
+        let unit = merge * merge;
+        if let Some(&[t, h, w]) = grid_thw
+            .iter()
+            .find(|g| g[1] % merge != 0 || g[2] % merge != 0)
+        {
+            candle_core::bail!("grid {t}x{h}x{w} is not a multiple of the merge size {merge}");
+        }
         let dtype = self.patch_embed.weight.dtype();
+        let device = pixel_values.device().clone();
         let mut x = self.patch_embed.forward(&pixel_values.to_dtype(dtype)?)?;
-        let (cos, sin) = self.rotary(grid_thw, x.device())?;
+        let mut pos = vision_patch_positions(grid_thw, merge);
         // Attention is full within each frame of each image and absent across them.
-        let mut chunks = Vec::new();
+        let mut full_chunks = Vec::new();
         for &[t, h, w] in grid_thw {
             for _ in 0..t {
-                chunks.push(h * w);
+                full_chunks.push(h * w);
             }
         }
+        // Qwen2.5-VL: patches reordered window by window (merge units stay together).
+        let mut windows = None;
+        if let Some(side) = cfg.window_merged() {
+            let (order, lengths) = window_layout(grid_thw, merge, side);
+            let patch_order: Vec<u32> = order
+                .iter()
+                .flat_map(|&m| (0..unit as u32).map(move |j| m * unit as u32 + j))
+                .collect();
+            pos = patch_order.iter().map(|&i| pos[i as usize]).collect();
+            let idx = Tensor::from_vec(patch_order, n, &device)?;
+            x = x.index_select(&idx, 0)?;
+            let mut restore = vec![0u32; order.len()];
+            for (k, &m) in order.iter().enumerate() {
+                restore[m as usize] = k as u32;
+            }
+            let chunks: Vec<usize> = lengths.iter().map(|l| l * unit).collect();
+            windows = Some((chunks, Tensor::from_vec(restore, order.len(), &device)?));
+        }
+        let (cos, sin) = self.rotary(&pos, &device)?;
         let recompute = self.gradient_checkpointing && !fused;
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let chunks = match &windows {
+                Some((w, _)) if cfg.windowed_block(i) => w.clone(),
+                _ => full_chunks.clone(),
+            };
             if recompute {
                 let (c, b) = (cfg.clone(), block.clone());
-                let (cos, sin, chunks) = (cos.clone(), sin.clone(), chunks.clone());
+                let (cos, sin) = (cos.clone(), sin.clone());
                 let f = crate::train::recompute::block(
-                    [&block.qkv, &block.proj, &block.fc1, &block.fc2]
+                    block
+                        .linears()
                         .into_iter()
-                        .filter_map(|l| l.lora.as_ref()),
+                        .filter_map(|(_, l)| l.lora.as_ref()),
                     move |x: &Tensor| block_forward(&c, &b, x, &cos, &sin, &chunks, false),
                 );
                 x = crate::train::recompute::checkpoint(&x, block.trainable_tensors(), f)?;
@@ -272,12 +495,14 @@ impl VisionTower {
                 x = block_forward(cfg, block, &x, &cos, &sin, &chunks, fused)?;
             }
         }
-        let merged = self
-            .ln_q
-            .forward(&x)?
-            .reshape((n / (cfg.spatial_merge_size * cfg.spatial_merge_size), ()))?;
-        self.merger_fc2
-            .forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)
+        let merged = self.ln_q.forward(&x)?.reshape((n / unit, ()))?;
+        let out = self
+            .merger_fc2
+            .forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)?;
+        match &windows {
+            Some((_, restore)) => out.index_select(restore, 0),
+            None => Ok(out),
+        }
     }
 }
 
@@ -300,7 +525,7 @@ fn attention(
     let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
         .transpose(0, 1)?
         .contiguous()?;
-    let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
+    let k_all = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
         .transpose(0, 1)?
         .contiguous()?;
     let v = qkv
@@ -309,16 +534,36 @@ fn attention(
         .transpose(0, 1)?
         .contiguous()?;
     let scale = 1.0 / (d as f64).sqrt();
+    // Consecutive chunks of equal length (the full windows of Qwen2.5-VL, the frames of an
+    // image) go through one batched product each.
     let mut outs = Vec::with_capacity(chunks.len());
     let mut start = 0;
-    for &len in chunks {
-        let qc = q.narrow(1, start, len)?;
-        let kc = k.narrow(1, start, len)?;
-        let vc = v.narrow(1, start, len)?;
+    let mut i = 0;
+    while i < chunks.len() {
+        let len = chunks[i];
+        let mut k = 1;
+        while i + k < chunks.len() && chunks[i + k] == len {
+            k += 1;
+        }
+        i += k;
+        if len == 0 {
+            continue;
+        }
+        let group = |t: &Tensor| -> Result<Tensor> {
+            t.narrow(1, start, k * len)?
+                .reshape((h, k, len, d))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let (qc, kc, vc) = (group(&q)?, group(&k_all)?, group(&v)?);
         let scores = (qc.matmul(&kc.t()?)? * scale)?;
         let probs = softmax(&scores.to_dtype(DType::F32)?, fused)?.to_dtype(dtype)?;
-        outs.push(probs.matmul(&vc)?);
-        start += len;
+        let o = probs
+            .matmul(&vc)?
+            .transpose(0, 1)?
+            .reshape((h, k * len, d))?;
+        outs.push(o);
+        start += k * len;
     }
     let out = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, e))?;
     block.proj.forward(&out)

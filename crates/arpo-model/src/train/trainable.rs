@@ -22,7 +22,8 @@ use super::optim::AdamW;
 use super::score::{Episode, EpisodeScore, score_episode};
 use super::{Result, TrainError};
 use crate::Qwen2Vl;
-use crate::nn::{LayerNorm, Linear, RmsNorm};
+use crate::nn::{Linear, RmsNorm};
+use crate::vision::VisionNorm;
 
 /// Weights file of a full checkpoint.
 pub const MODEL_WEIGHTS: &str = "model.safetensors";
@@ -49,10 +50,12 @@ fn visit_params(
     fn ln(
         f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
         n: &str,
-        l: &mut LayerNorm,
+        l: &mut VisionNorm,
     ) -> Result<()> {
-        f(&format!("{n}.weight"), &mut l.weight)?;
-        f(&format!("{n}.bias"), &mut l.bias)
+        for (suffix, t) in l.tensors_mut() {
+            f(&format!("{n}.{suffix}"), t)?;
+        }
+        Ok(())
     }
     fn rms(
         f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
@@ -67,10 +70,9 @@ fn visit_params(
         let p = format!("visual.blocks.{i}");
         ln(f, &format!("{p}.norm1"), &mut b.norm1)?;
         ln(f, &format!("{p}.norm2"), &mut b.norm2)?;
-        lin(f, &format!("{p}.attn.qkv"), &mut b.qkv)?;
-        lin(f, &format!("{p}.attn.proj"), &mut b.proj)?;
-        lin(f, &format!("{p}.mlp.fc1"), &mut b.fc1)?;
-        lin(f, &format!("{p}.mlp.fc2"), &mut b.fc2)?;
+        for (n, l) in b.linears_mut() {
+            lin(f, &format!("{p}.{n}"), l)?;
+        }
     }
     ln(f, "visual.merger.ln_q", &mut v.ln_q)?;
     lin(f, "visual.merger.mlp.0", &mut v.merger_fc1)?;
@@ -109,10 +111,9 @@ fn visit_linears(
     f("visual.patch_embed.proj", &mut v.patch_embed)?;
     for (i, b) in v.blocks.iter_mut().enumerate() {
         let p = format!("visual.blocks.{i}");
-        f(&format!("{p}.attn.qkv"), &mut b.qkv)?;
-        f(&format!("{p}.attn.proj"), &mut b.proj)?;
-        f(&format!("{p}.mlp.fc1"), &mut b.fc1)?;
-        f(&format!("{p}.mlp.fc2"), &mut b.fc2)?;
+        for (n, l) in b.linears_mut() {
+            f(&format!("{p}.{n}"), l)?;
+        }
     }
     f("visual.merger.mlp.0", &mut v.merger_fc1)?;
     f("visual.merger.mlp.2", &mut v.merger_fc2)?;
@@ -218,7 +219,11 @@ impl Trainable {
                 })?;
                 k
             };
-            let missing: Vec<&String> = set.adapters().keys().filter(|m| !known.contains(*m)).collect();
+            let missing: Vec<&String> = set
+                .adapters()
+                .keys()
+                .filter(|m| !known.contains(*m))
+                .collect();
             return Err(TrainError::Mismatch {
                 name: "lora adapter".into(),
                 reason: format!("modules {missing:?} are not linear layers of this model"),
