@@ -142,6 +142,11 @@ pub fn run(args: Args) -> Result<()> {
         .context("starting the async runtime")?;
     let report = rt.block_on(run_eval(&args.common, &config, policy.as_ref(), &args.tasks, &label, false))?;
     print!("{}", report.table());
+    println!(
+        "(the interval counts this model's episodes as independent; to compare training runs, \
+         evaluate each seed's checkpoint with one --label and use `cargo xtask compare`, which \
+         takes the run as the unit)"
+    );
     if let Some(out) = &args.out {
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)

@@ -26,6 +26,7 @@
 //! assert_eq!(arpo_trainer::train::replay_config(&config).enabled, false);
 //! ```
 
+pub mod compare;
 pub mod config;
 pub mod curves;
 mod error;
