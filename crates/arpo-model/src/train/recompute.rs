@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CustomOp1, Result, Tensor, Var};
 
 use super::lora::LoraAdapter;
-use super::ops::{into_storage, untracked};
+use super::ops::device_forwards;
 
 thread_local! {
     /// Parameter gradients of the blocks recomputed by this thread's current backward pass.
@@ -91,16 +91,19 @@ struct Recompute {
     params: Vec<Tensor>,
 }
 
+impl Recompute {
+    fn run(&self, [x]: [&Tensor; 1]) -> Result<Tensor> {
+        // The block's graph (built when its parameters are tracked) is dropped with the result.
+        Ok((self.block)(x)?.detach())
+    }
+}
+
 impl CustomOp1 for Recompute {
     fn name(&self) -> &'static str {
         "arpo-recompute"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        // The block's graph (built when its parameters are tracked) is dropped with `y`.
-        let y = (self.block)(&untracked(storage, layout)?)?;
-        into_storage(&y.detach())
-    }
+    device_forwards!(1);
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let input = Var::from_tensor(&x.detach())?;
@@ -141,9 +144,9 @@ impl CustomOp1 for Recompute {
 /// pass collects, and they are needed even when `x` itself is not tracked (the first decoder
 /// layer under LoRA). A block with no trainable parameters and an untracked input simply runs
 /// (nothing to differentiate).
-/// On devices other than the CPU the block runs without recomputation.
+/// The same on every device (the forward runs on the input's device).
 pub fn checkpoint(x: &Tensor, params: Vec<Tensor>, block: Block) -> Result<Tensor> {
-    if !x.device().is_cpu() || (params.is_empty() && !x.track_op()) {
+    if params.is_empty() && !x.track_op() {
         return block(x);
     }
     let x = if x.track_op() {
@@ -172,8 +175,14 @@ mod tests {
     fn recomputed_gradients_equal_the_ordinary_graph() -> Result<()> {
         let dev = Device::Cpu;
         let x0 = Var::new(&[[0.3f32, -1.2, 0.7], [1.5, 0.1, -0.4]], &dev)?;
-        let w1 = Var::new(&[[0.2f32, -0.5, 0.1], [0.7, 0.3, -0.2], [-0.6, 0.4, 0.9]], &dev)?;
-        let w2 = Var::new(&[[1.1f32, 0.0, -0.3], [0.2, -0.8, 0.5], [0.4, 0.6, 0.1]], &dev)?;
+        let w1 = Var::new(
+            &[[0.2f32, -0.5, 0.1], [0.7, 0.3, -0.2], [-0.6, 0.4, 0.9]],
+            &dev,
+        )?;
+        let w2 = Var::new(
+            &[[1.1f32, 0.0, -0.3], [0.2, -0.8, 0.5], [0.4, 0.6, 0.1]],
+            &dev,
+        )?;
         let target = Tensor::new(&[[0.1f32, 0.2, 0.7], [0.5, 0.25, 0.25]], &dev)?;
         let loss = |y: &Tensor| (y - &target)?.sqr()?.sum_all();
 
@@ -184,7 +193,11 @@ mod tests {
         let g_plain = plain.backward()?;
         let ckpt = {
             let h = checkpoint(x0.as_tensor(), vec![w1.as_tensor().clone()], block_of(&w1))?;
-            loss(&checkpoint(&h, vec![w2.as_tensor().clone()], block_of(&w2))?)?
+            loss(&checkpoint(
+                &h,
+                vec![w2.as_tensor().clone()],
+                block_of(&w2),
+            )?)?
         };
         let g_ckpt = backward(&ckpt)?;
         assert_eq!(plain.to_scalar::<f32>()?, ckpt.to_scalar::<f32>()?);
@@ -194,7 +207,10 @@ mod tests {
             let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(scale > 1e-3, "the test needs non-zero gradients");
-            assert!(diff <= 1e-6 * scale, "gradient differs by {diff} (scale {scale})");
+            assert!(
+                diff <= 1e-6 * scale,
+                "gradient differs by {diff} (scale {scale})"
+            );
         }
         Ok(())
     }
@@ -207,12 +223,18 @@ mod tests {
         // d/dw sum(w^2 * x) = 2 w x: candle's sqr backward multiplies by its tracked input.
         let loss = (w.as_tensor().sqr()? * &x)?.sum_all()?;
         assert!(
-            loss.backward()?.get(w.as_tensor()).expect("grad").track_op(),
+            loss.backward()?
+                .get(w.as_tensor())
+                .expect("grad")
+                .track_op(),
             "candle's own gradient records its op (else this test proves nothing)"
         );
         let g = backward(&loss)?;
         let gw = g.get(w.as_tensor()).expect("grad");
-        assert!(!gw.track_op(), "the gradient still references the forward graph");
+        assert!(
+            !gw.track_op(),
+            "the gradient still references the forward graph"
+        );
         let plain = loss.backward()?;
         let diff = (gw - plain.get(w.as_tensor()).expect("grad"))?
             .abs()?
@@ -226,9 +248,16 @@ mod tests {
     fn parameters_behind_an_untracked_input_still_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[0.3f32, -1.2, 0.7]], &dev)?;
-        let w = Var::new(&[[0.2f32, -0.5, 0.1], [0.7, 0.3, -0.2], [-0.6, 0.4, 0.9]], &dev)?;
+        let w = Var::new(
+            &[[0.2f32, -0.5, 0.1], [0.7, 0.3, -0.2], [-0.6, 0.4, 0.9]],
+            &dev,
+        )?;
         let plain = block_of(&w)(&x)?.sqr()?.sum_all()?.backward()?;
-        let g = backward(&checkpoint(&x, vec![w.as_tensor().clone()], block_of(&w))?.sqr()?.sum_all()?)?;
+        let g = backward(
+            &checkpoint(&x, vec![w.as_tensor().clone()], block_of(&w))?
+                .sqr()?
+                .sum_all()?,
+        )?;
         let a = plain.get(w.as_tensor()).expect("plain");
         let b = g.get(w.as_tensor()).expect("checkpointed");
         assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? <= 1e-7);

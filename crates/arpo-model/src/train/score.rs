@@ -6,7 +6,9 @@
 //! `assistant_mask[t]` are scored, and logits are computed only at the rows that predict them
 //! (the `[len, vocab]` matrix of a long episode is never built). No KV cache is involved.
 
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp2, D, DType, Result as CandleResult, Tensor};
+
+use super::ops::device_forwards;
 
 use super::{Result, TrainError};
 use crate::Qwen2Vl;
@@ -110,12 +112,6 @@ pub fn score_episode(model: &Qwen2Vl, episode: &Episode) -> Result<EpisodeScore>
 /// `log_softmax(logits)[i, targets[i]]` for `logits: [n, vocab]`, `targets: [n]` (u32),
 /// differentiable in `logits` without keeping a `[n, vocab]` log-softmax in the graph.
 pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    if !logits.device().is_cpu() {
-        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        return lp
-            .gather(&targets.unsqueeze(1)?.contiguous()?, 1)?
-            .squeeze(1);
-    }
     logits
         .contiguous()?
         .apply_op2(&targets.contiguous()?, TokenLogProbs)
@@ -140,24 +136,19 @@ fn logsumexp(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct TokenLogProbs;
 
+impl TokenLogProbs {
+    fn run(&self, [logits, targets]: [&Tensor; 2]) -> CandleResult<Tensor> {
+        let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
+        (picked - logsumexp(logits)?)?.squeeze(1)
+    }
+}
+
 impl CustomOp2 for TokenLogProbs {
     fn name(&self) -> &'static str {
         "arpo-token-log-probs"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let logits = super::ops::untracked(s1, l1)?;
-        let targets = super::ops::untracked(s2, l2)?;
-        let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
-        let lp = (picked - logsumexp(&logits)?)?.squeeze(1)?;
-        super::ops::into_storage(&lp)
-    }
+    device_forwards!(2);
 
     fn bwd(
         &self,
