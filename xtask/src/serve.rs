@@ -12,7 +12,8 @@ pub struct Args {
     /// A model directory (HF layout) or a Hugging Face repo id already in the local cache.
     #[arg(long)]
     model: String,
-    /// The address to listen on (loopback by default; 0.0.0.0 to accept other machines).
+    /// The address to listen on (loopback by default; 0.0.0.0 to accept other machines, which
+    /// needs --api-key or --allow-unauthenticated).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 9000)]
@@ -20,6 +21,18 @@ pub struct Args {
     /// Require `Authorization: Bearer <KEY>` on every request.
     #[arg(long, env = "ARPO_SERVE_API_KEY")]
     api_key: Option<String>,
+    /// Serve a non-loopback --host without --api-key (only on a network you trust).
+    #[arg(long)]
+    allow_unauthenticated: bool,
+    /// Largest request body in bytes (a request carries its screenshots as base64).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_request_bytes: usize,
+    /// Most LoRA adapters loaded at once (each is a merged copy of the model).
+    #[arg(long, default_value_t = 4)]
+    max_loras: usize,
+    /// Most memory the loaded LoRA adapters may take together, in MiB.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_lora_memory_mb: u64,
     /// The name clients put in `model` (default: the --model argument).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -58,6 +71,13 @@ pub fn run(args: Args) -> Result<()> {
                 args.host, args.port
             )
         })?;
+    // Refused before the (slow) model load.
+    let bind_check = ServeConfig {
+        api_key: args.api_key.clone(),
+        allow_unauthenticated: args.allow_unauthenticated,
+        ..ServeConfig::default()
+    };
+    bind_check.check_bind(addr)?;
     println!(
         "Loading {} ({}, {}) ...",
         args.model, args.dtype, args.device
@@ -82,6 +102,10 @@ pub fn run(args: Args) -> Result<()> {
             allowed_local_media_path: args.allowed_local_media_path,
         },
         max_images: args.max_images,
+        max_request_bytes: args.max_request_bytes,
+        max_loras: args.max_loras,
+        max_lora_bytes: args.max_lora_memory_mb.saturating_mul(1 << 20),
+        allow_unauthenticated: args.allow_unauthenticated,
         ..ServeConfig::default()
     };
     let name = config.served_model_name.clone();

@@ -105,7 +105,7 @@ pub async fn check_server(
         responses: vec![],
     };
     let messages = build_messages(&context, &PromptConfig::default());
-    let mut body = policy.request_body(&messages, &SamplingParams::greedy(max_tokens));
+    let mut body = policy.request_body(&model, &messages, &SamplingParams::greedy(max_tokens));
     if let Some(map) = body.as_object_mut() {
         // Plain OpenAI: any server answers this.
         map.remove("logprobs");

@@ -143,6 +143,12 @@ pub trait Engine: Send + Sync + 'static {
     /// The names of the loaded adapters.
     fn adapters(&self) -> Vec<String>;
 
+    /// The memory one loaded adapter takes, in bytes (what the server's adapter bound
+    /// counts); 0 when the engine does not know.
+    fn adapter_bytes(&self) -> u64 {
+        0
+    }
+
     /// Replaces the base weights with those of a checkpoint directory (HF layout).
     fn reload_weights(&self, path: &Path) -> Result<(), EngineError>;
 }

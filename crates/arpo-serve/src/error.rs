@@ -16,12 +16,18 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(
+        "refusing to serve on {addr} without an api key: other machines can reach that address. Start with --api-key <KEY> (or ARPO_SERVE_API_KEY), bind 127.0.0.1, or pass --allow-unauthenticated on a trusted network"
+    )]
+    Unauthenticated { addr: String },
     #[error("the server stopped with an error: {0}")]
     Serve(std::io::Error),
     #[error("cannot read tokenizer {path}: {reason}")]
     Tokenizer { path: String, reason: String },
     #[error("invalid server url {url:?}: {reason}")]
     Url { url: String, reason: String },
+    #[error("unknown weight sync {given:?}: use lora_adapter (vLLM, arpo-serve), sglang_disk (SGLang), arpo_reload (arpo-serve, full weights) or none")]
+    WeightSync { given: String },
     #[error("request to {url} failed: {reason}")]
     Http { url: String, reason: String },
 }

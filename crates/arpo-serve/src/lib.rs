@@ -5,16 +5,20 @@
 //!   `image_url` parts, sampling settings, `n`, `seed`, `stop`, `logprobs`/`top_logprobs`,
 //!   server-sent-event streaming, `usage`), `GET /v1/models`, `GET /health`, vLLM's
 //!   `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`, and `/v1/reload_weights` for full
-//!   checkpoints. Bad input is answered with a 4xx and OpenAI's error JSON.
+//!   checkpoints (SGLang's `/update_weights_from_disk` too). Bad input is answered with a 4xx
+//!   and OpenAI's error JSON, parsed in one pass off the async threads; client numbers are
+//!   checked before any arithmetic; loaded adapters are bounded in count and memory; a
+//!   non-loopback address is refused without an api key unless explicitly allowed.
 //! - Dynamic batching: concurrent requests are generated together, up to `max_batch`
 //!   sequences; a bounded queue answers 503 with `Retry-After` when full.
 //! - [`Engine`] is the seam to the model: tokenization + "generate this batch".
 //!   [`ScriptedEngine`] is a deterministic stand-in (no weights) that the tests of the HTTP
 //!   layer use.
 //! - [`RemotePolicy`]: the [`Policy`](arpo_core::Policy) of the trainer over any
-//!   OpenAI-compatible server (this one, vLLM, SGLang): the same UI-TARS prompts as the local
-//!   policy, token ids and log-probs from the answer's `logprobs`, and LoRA pushes after
-//!   each update.
+//!   OpenAI-compatible server (this one, vLLM, SGLang), or several: the same UI-TARS prompts
+//!   as the local policy, token ids and log-probs from the answer's `logprobs`, the model name
+//!   from `/v1/models` when none is given, an api key on every request, requests spread over
+//!   the servers with failover, and weight pushes after each update ([`WeightSync`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -50,6 +54,6 @@ pub use engine::{
 pub use error::{ApiError, ServeError};
 pub use images::{ImageLimits, check_image, load_image_url};
 pub use model_engine::ModelEngine;
-pub use remote::{RemotePolicy, RemotePolicyConfig, TokenMapper};
+pub use remote::{RemotePolicy, RemotePolicyConfig, ServerFailures, TokenMapper, WeightSync};
 pub use scripted::ScriptedEngine;
 pub use server::{ServeConfig, Server};

@@ -24,9 +24,11 @@ const DEFAULT_MAX_CONTEXT: usize = 32768;
 /// A loaded UI-TARS checkpoint served by [`crate::Server`].
 ///
 /// LoRA adapters are merged into a copy of the base weights when loaded (one copy per
-/// adapter); a full-weights reload unloads every adapter (they were merged into the old
-/// weights). `top_logprobs` alternatives are not reported (the model returns the sampled
-/// token's log-prob only), and a batch's tokens reach the server when the batch is done.
+/// adapter, [`Engine::adapter_bytes`] each); a full-weights reload unloads every adapter (they
+/// were merged into the old weights). `top_logprobs` alternatives come from one more forward
+/// pass over prompt and answer (only for sequences that ask for them): the top-k of
+/// `log_softmax(logits / temperature)` at each step, vision placeholders left out as the
+/// sampler leaves them out. A batch's tokens reach the server when the batch is done.
 #[derive(Debug)]
 pub struct ModelEngine {
     base: RwLock<UiTars>,
@@ -37,6 +39,83 @@ pub struct ModelEngine {
     max_context: usize,
     /// Token id -> (literal text, special) of the tokenizer's added tokens.
     added: HashMap<u32, (String, bool)>,
+    /// Bytes of one copy of the weights (what a merged adapter takes).
+    model_bytes: u64,
+}
+
+fn model_bytes(model: &Qwen2Vl) -> u64 {
+    model
+        .parameters()
+        .iter()
+        .map(|(_, t)| (t.elem_count() as u64).saturating_mul(t.dtype().size_in_bytes() as u64))
+        .fold(0u64, u64::saturating_add)
+}
+
+/// Token ids the sampler never picks (vision placeholders), as `generate` leaves them out.
+fn placeholder_ids(model: &Qwen2Vl) -> Vec<u32> {
+    let c = &model.config;
+    [
+        Some(c.image_token_id),
+        c.video_token_id,
+        Some(c.vision_start_token_id),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The `k` most likely tokens of one row of logits under `log_softmax(logits / temperature)`
+/// (temperature 0 read as 1, as the sampler reports log-probs), best first, ties by id;
+/// `excluded` ids are left out of the list but stay in the normalisation.
+pub(crate) fn top_logprobs(logits: &[f32], temperature: f64, k: usize, excluded: &[u32]) -> Vec<(u32, f32)> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let t = if temperature > 0.0 { temperature as f32 } else { 1.0 };
+    let max = logits.iter().map(|l| l / t).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| f64::from((l / t - max).exp())).sum();
+    let log_z = max + sum.ln() as f32;
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|id| !excluded.contains(id))
+        .collect();
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    order
+        .into_iter()
+        .take(k)
+        .map(|id| (id, logits[id as usize] / t - log_z))
+        .collect()
+}
+
+/// Per generated token, its `k` alternatives: one forward over prompt + answer.
+fn alternatives(
+    model: &Qwen2Vl,
+    prompt: &GenerationRequest,
+    generated: &[u32],
+    temperature: f64,
+    k: usize,
+) -> Result<Vec<Vec<(u32, f32)>>, EngineError> {
+    if generated.is_empty() || k == 0 {
+        return Ok(vec![Vec::new(); generated.len()]);
+    }
+    let mut ids = prompt.input_ids.clone();
+    ids.extend_from_slice(&generated[..generated.len() - 1]);
+    let logits = model
+        .forward(&ids, prompt.pixel_values.as_ref(), &prompt.grid_thw)
+        .and_then(|l| {
+            Ok(l.narrow(0, prompt.input_ids.len() - 1, generated.len())?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?)
+        })
+        .map_err(model_error)?;
+    let excluded = placeholder_ids(model);
+    Ok(logits
+        .iter()
+        .map(|row| top_logprobs(row, temperature, k, &excluded))
+        .collect())
 }
 
 fn model_error(e: ModelError) -> EngineError {
@@ -118,6 +197,7 @@ impl ModelEngine {
             .map(|(id, token)| (id, (token.content.clone(), token.special)))
             .collect();
         Self {
+            model_bytes: model_bytes(&uitars.model),
             device: uitars.model.device().clone(),
             dtype: uitars.model.dtype(),
             base: RwLock::new(uitars),
@@ -169,7 +249,7 @@ impl Engine for ModelEngine {
             ));
         }
         let request = self.base().prepare(messages).map_err(model_error)?;
-        if request.input_ids.len() + max_tokens > self.max_context {
+        if request.input_ids.len().saturating_add(max_tokens) > self.max_context {
             return Err(EngineError::ContextTooLong {
                 prompt_tokens: request.input_ids.len(),
                 max_tokens,
@@ -226,13 +306,26 @@ impl Engine for ModelEngine {
                             FinishReason::Stop => EngineFinish::EndOfTurn,
                             FinishReason::Length => EngineFinish::Length,
                         };
-                        for (&id, &logprob) in generation.token_ids.iter().zip(&generation.logprobs)
+                        let tops = match alternatives(
+                            model,
+                            batch[i].prompt,
+                            &generation.token_ids,
+                            sampling.temperature,
+                            batch[i].top_logprobs,
+                        ) {
+                            Ok(tops) => tops,
+                            Err(e) => {
+                                results[i] = Some(Err(e));
+                                continue;
+                            }
+                        };
+                        for ((&id, &logprob), top) in generation
+                            .token_ids
+                            .iter()
+                            .zip(&generation.logprobs)
+                            .zip(tops)
                         {
-                            let token = GeneratedToken {
-                                id,
-                                logprob,
-                                top: Vec::new(),
-                            };
+                            let token = GeneratedToken { id, logprob, top };
                             if on_token(i, &token) == Flow::Stop {
                                 finish = EngineFinish::Stopped;
                                 break;
@@ -335,6 +428,10 @@ impl Engine for ModelEngine {
         names
     }
 
+    fn adapter_bytes(&self) -> u64 {
+        self.model_bytes
+    }
+
     fn reload_weights(&self, path: &Path) -> Result<(), EngineError> {
         let model =
             Qwen2Vl::load(path, self.dtype, &self.device).map_err(|e| EngineError::Load {
@@ -350,5 +447,29 @@ impl Engine for ModelEngine {
         drop(base);
         self.adapter_map_mut().clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_logprobs;
+
+    #[test]
+    fn top_logprobs_are_the_best_of_the_whole_softmax_without_excluded_ids() {
+        // logits [0, ln 2, ln 3, ln 4]: softmax = [1, 2, 3, 4] / 10.
+        let logits = [0.0, 2f32.ln(), 3f32.ln(), 4f32.ln()];
+        let top = top_logprobs(&logits, 0.0, 2, &[3]);
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].0, top[1].0), (2, 1));
+        assert!((top[0].1 - 0.3f32.ln()).abs() < 1e-6, "{top:?}");
+        assert!((top[1].1 - 0.2f32.ln()).abs() < 1e-6, "{top:?}");
+        // Temperature 2: softmax of logits / 2 = sqrt([1, 2, 3, 4]) / sum.
+        let z: f32 = [1f32, 2.0, 3.0, 4.0].iter().map(|x| x.sqrt()).sum();
+        let top = top_logprobs(&logits, 2.0, 1, &[]);
+        assert_eq!(top[0].0, 3);
+        assert!((top[0].1 - (2.0 / z).ln()).abs() < 1e-6, "{top:?}");
+        // Ties go to the lower id; asking for more than the vocabulary gives all of it.
+        let top = top_logprobs(&[1.0, 1.0, 0.0], 1.0, 10, &[]);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 }

@@ -4,11 +4,19 @@
 //! Prompts are built with [`arpo_core::protocol::build_messages`], the same as the local
 //! policy's. Token ids come from the log-prob entries: `token_id:<id>` when the server honours
 //! vLLM's `return_tokens_as_token_ids` (arpo-serve and vLLM do), else the entry's `bytes`
-//! mapped through the model's byte-level BPE vocabulary (`tokenizer.json`).
+//! mapped through the model's byte-level BPE vocabulary (`tokenizer.json`, SGLang).
+//!
+//! One policy may spread its requests over several servers (the least busy live one first);
+//! a server that does not answer is set aside for a while, its request retried on another,
+//! and the failure logged and counted ([`RemotePolicy::server_failures`]). With no model name
+//! the first model `GET /v1/models` lists is used. Weights reach every server through the
+//! engine's own route ([`WeightSync`]).
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arpo_core::protocol::{PromptConfig, build_messages};
 use arpo_core::{
@@ -19,38 +27,169 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::api::{ChatCompletion, ErrorBody, TokenLogprob};
+use crate::api::{ChatCompletion, ErrorBody, ModelList, TokenLogprob};
 use crate::error::ServeError;
+
+/// The environment variable the api key is read from when the config gives none.
+pub const API_KEY_ENV: &str = "ARPO_SERVER_API_KEY";
+
+/// How long a server that failed is passed over (unless every server is down).
+const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Where and how the remote policy asks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RemotePolicyConfig {
-    /// The OpenAI base URL, e.g. `http://localhost:9000/v1`.
-    pub base_url: String,
-    /// The `model` of each request (the served name, or a LoRA adapter's name).
+    /// The OpenAI base URLs, e.g. `http://localhost:9000/v1`; requests are spread over them.
+    pub base_urls: Vec<String>,
+    /// The `model` of each request (the served name, or a LoRA adapter's name); empty: the
+    /// first model the server lists (`GET /v1/models`).
     pub model: String,
+    /// Sent as `Authorization: Bearer <key>` on every request.
     pub api_key: Option<String>,
     pub prompt: PromptConfig,
     /// Per-request time limit.
     pub timeout: Duration,
-    /// Most requests in flight at once (the server batches them).
+    /// Most requests in flight at once over all servers (each server batches its share).
     pub max_concurrency: usize,
     /// Ask for vLLM's `return_tokens_as_token_ids` (turn off for servers that reject it).
     pub token_ids_in_logprobs: bool,
 }
 
 impl RemotePolicyConfig {
+    /// `base_url` may list several servers separated by commas; the api key is read from
+    /// [`API_KEY_ENV`] when set.
     pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        let base_url = base_url.into();
         Self {
-            base_url: base_url.into().trim_end_matches('/').to_string(),
+            base_urls: split_urls(&base_url),
             model: model.into(),
-            api_key: None,
+            api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()),
             prompt: PromptConfig::default(),
             timeout: Duration::from_secs(600),
             max_concurrency: 64,
             token_ids_in_logprobs: true,
         }
     }
+
+    /// Adds servers to spread requests over (commas allowed inside each entry).
+    pub fn with_more_urls<S: AsRef<str>>(mut self, urls: &[S]) -> Self {
+        for url in urls {
+            for u in split_urls(url.as_ref()) {
+                if !self.base_urls.contains(&u) {
+                    self.base_urls.push(u);
+                }
+            }
+        }
+        self
+    }
+}
+
+fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// How trained weights reach the serving engine (`worker.rollout.weight_sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightSync {
+    /// A PEFT adapter directory through `POST /v1/load_lora_adapter` (vLLM, arpo-serve); the
+    /// adapter's name becomes the model of further requests.
+    LoraAdapter,
+    /// A full checkpoint directory through SGLang's `POST /update_weights_from_disk`.
+    SglangDisk,
+    /// A full checkpoint directory through arpo-serve's `POST /v1/reload_weights`.
+    ArpoReload,
+    /// The server keeps its weights (evaluation, or weights synced by other means).
+    None,
+}
+
+impl WeightSync {
+    pub const NAMES: [&'static str; 4] = ["lora_adapter", "sglang_disk", "arpo_reload", "none"];
+
+    /// Whether the push is a LoRA adapter (else a full checkpoint, or nothing).
+    pub fn is_adapter(self) -> bool {
+        self == Self::LoraAdapter
+    }
+}
+
+impl FromStr for WeightSync {
+    type Err = ServeError;
+
+    fn from_str(s: &str) -> Result<Self, ServeError> {
+        match s {
+            "lora_adapter" => Ok(Self::LoraAdapter),
+            "sglang_disk" => Ok(Self::SglangDisk),
+            "arpo_reload" => Ok(Self::ArpoReload),
+            "none" => Ok(Self::None),
+            other => Err(ServeError::WeightSync {
+                given: other.to_string(),
+            }),
+        }
+    }
+}
+
+/// What one server went through: requests sent and failures (transport errors, 5xx).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFailures {
+    pub url: String,
+    pub requests: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    url: String,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    down_until: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Endpoint {
+    fn is_down(&self, now: Instant) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|t| t > now)
+    }
+
+    fn mark_down(&self, error: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self
+            .down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now() + DOWN_FOR);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
+    }
+
+    fn mark_up(&self) {
+        *self
+            .down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+/// Counts a request in flight on an endpoint while alive.
+struct InFlight<'a>(&'a Endpoint);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A failed call: `retry` when another server may do better.
+struct Failure {
+    error: PolicyError,
+    retry: bool,
 }
 
 /// Maps a log-prob entry to its token id with a byte-level BPE vocabulary.
@@ -130,12 +269,15 @@ pub fn byte_level_bytes(spelled: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A [`Policy`] over an OpenAI-compatible server.
+/// A [`Policy`] over one or more OpenAI-compatible servers.
 #[derive(Debug, Clone)]
 pub struct RemotePolicy {
     config: RemotePolicyConfig,
     client: reqwest::Client,
     mapper: Option<TokenMapper>,
+    endpoints: Arc<Vec<Endpoint>>,
+    /// The model `GET /v1/models` named, when the config names none.
+    listed_model: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl RemotePolicy {
@@ -145,24 +287,46 @@ impl RemotePolicy {
         config: RemotePolicyConfig,
         mapper: Option<TokenMapper>,
     ) -> Result<Self, ServeError> {
-        if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
+        if config.base_urls.is_empty() {
             return Err(ServeError::Url {
-                url: config.base_url.clone(),
-                reason: "it must start with http:// or https:// (e.g. http://localhost:9000/v1)"
-                    .into(),
+                url: String::new(),
+                reason: "no server url given (e.g. http://localhost:9000/v1)".into(),
             });
+        }
+        for url in &config.base_urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ServeError::Url {
+                    url: url.clone(),
+                    reason: "it must start with http:// or https:// (e.g. http://localhost:9000/v1)"
+                        .into(),
+                });
+            }
         }
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .build()
             .map_err(|e| ServeError::Http {
-                url: config.base_url.clone(),
+                url: config.base_urls.join(","),
                 reason: e.to_string(),
             })?;
+        let endpoints = config
+            .base_urls
+            .iter()
+            .map(|url| Endpoint {
+                url: url.clone(),
+                in_flight: AtomicUsize::new(0),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                down_until: Mutex::new(None),
+                last_error: Mutex::new(None),
+            })
+            .collect();
         Ok(Self {
             config,
             client,
             mapper,
+            endpoints: Arc::new(endpoints),
+            listed_model: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 
@@ -175,43 +339,185 @@ impl RemotePolicy {
         self.config.model = model.into();
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let request = self.client.post(format!("{}{path}", self.config.base_url));
+    /// Per server: requests sent, failures, the last failure.
+    pub fn server_failures(&self) -> Vec<ServerFailures> {
+        self.endpoints
+            .iter()
+            .map(|e| ServerFailures {
+                url: e.url.clone(),
+                requests: e.requests.load(Ordering::Relaxed),
+                failures: e.failures.load(Ordering::Relaxed),
+                last_error: e
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
+            })
+            .collect()
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.config.api_key {
             Some(key) => request.bearer_auth(key),
             None => request,
         }
     }
 
-    async fn send(&self, path: &str, body: &Value) -> Result<String, PolicyError> {
-        let url = format!("{}{path}", self.config.base_url);
-        let response = self
-            .post(path)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| PolicyError::Server(format!("POST {url}: {e}")))?;
-        let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| PolicyError::Server(format!("POST {url}: reading the answer: {e}")))?;
-        if !status.is_success() {
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|e| e.error.message)
-                .unwrap_or_else(|_| text.chars().take(500).collect());
-            return Err(if status.is_client_error() {
-                PolicyError::InvalidInput(format!("POST {url} answered {status}: {message}"))
-            } else {
-                PolicyError::Server(format!("POST {url} answered {status}: {message}"))
-            });
-        }
-        Ok(text)
+    /// The order to try the servers in: live ones by fewest requests in flight (round-robin
+    /// among equals), then the ones set aside.
+    fn order(&self) -> Vec<usize> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = self.endpoints.len();
+        let start = NEXT.fetch_add(1, Ordering::Relaxed) % n;
+        let now = Instant::now();
+        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+        order.sort_by_key(|&i| {
+            let e = &self.endpoints[i];
+            (e.is_down(now), e.in_flight.load(Ordering::Relaxed))
+        });
+        order
     }
 
-    /// vLLM's `POST /v1/load_lora_adapter` (a PEFT adapter directory the server can read).
+    /// One call on one server: the answer's text, or a failure (retryable when the server
+    /// did not answer or answered 5xx).
+    async fn call(
+        &self,
+        endpoint: &Endpoint,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<String, Failure> {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(endpoint);
+        endpoint.requests.fetch_add(1, Ordering::Relaxed);
+        let mut request = self.authorized(self.client.request(method.clone(), url));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| Failure {
+            error: PolicyError::Server(format!("{method} {url}: {e}")),
+            retry: true,
+        })?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| Failure {
+            error: PolicyError::Server(format!("{method} {url}: reading the answer: {e}")),
+            retry: true,
+        })?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|e| e.error.message)
+            .unwrap_or_else(|_| text.chars().take(500).collect());
+        let message = format!("{method} {url} answered {status}: {message}");
+        Err(if status.is_client_error() {
+            Failure {
+                error: PolicyError::InvalidInput(message),
+                retry: false,
+            }
+        } else {
+            Failure {
+                error: PolicyError::Server(message),
+                retry: true,
+            }
+        })
+    }
+
+    /// `path` on one server after another until one answers; a server that fails is set
+    /// aside and reported.
+    async fn send_any(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<String, PolicyError> {
+        let mut errors = Vec::new();
+        for i in self.order() {
+            let endpoint = &self.endpoints[i];
+            let url = format!("{}{path}", endpoint.url);
+            match self.call(endpoint, method.clone(), &url, body).await {
+                Ok(text) => {
+                    endpoint.mark_up();
+                    return Ok(text);
+                }
+                Err(Failure { error, retry: false }) => return Err(error),
+                Err(Failure { error, retry: true }) => {
+                    let message = error.to_string();
+                    endpoint.mark_down(&message);
+                    if self.endpoints.len() > 1 {
+                        tracing::warn!(server = %endpoint.url, error = %message, "model server failed; retrying on another");
+                    }
+                    errors.push(message);
+                }
+            }
+        }
+        Err(PolicyError::Server(if errors.len() == 1 {
+            errors.remove(0)
+        } else {
+            format!(
+                "every model server failed: {}",
+                errors.join("; ")
+            )
+        }))
+    }
+
+    /// `path` on every server (weight pushes): all must succeed.
+    async fn send_all(&self, path: &str, body: &Value) -> Result<Vec<String>, PolicyError> {
+        let calls = self.endpoints.iter().map(|endpoint| async move {
+            let url = format!("{}{path}", endpoint.url);
+            self.call(endpoint, reqwest::Method::POST, &url, Some(body))
+                .await
+                .map_err(|f| f.error)
+        });
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+
+    /// The model requests go to: the configured one, else the first `GET /v1/models` lists.
+    pub async fn model(&self) -> Result<String, PolicyError> {
+        if !self.config.model.is_empty() {
+            return Ok(self.config.model.clone());
+        }
+        self.listed_model
+            .get_or_try_init(|| async {
+                let text = self.send_any(reqwest::Method::GET, "/models", None).await?;
+                let list: ModelList = serde_json::from_str(&text).map_err(|e| {
+                    PolicyError::Server(format!(
+                        "GET /v1/models did not answer a model list ({e}): is this an OpenAI-compatible server?"
+                    ))
+                })?;
+                list.data.first().map(|m| m.id.clone()).ok_or_else(|| {
+                    PolicyError::Server(
+                        "GET /v1/models lists no model: set worker.rollout.server_model".into(),
+                    )
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    /// Asks every server for its model list (with the api key): the model requests will go
+    /// to, or what is wrong with which server.
+    pub async fn preflight(&self) -> Result<String, PolicyError> {
+        let mut problems = Vec::new();
+        for endpoint in self.endpoints.iter() {
+            let url = format!("{}/models", endpoint.url);
+            if let Err(f) = self.call(endpoint, reqwest::Method::GET, &url, None).await {
+                problems.push(f.error.to_string());
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PolicyError::Server(format!(
+                "model server check failed: {} (start one with `cargo xtask serve --model <dir>`; with --api-key, set worker.rollout.server_api_key or {API_KEY_ENV})",
+                problems.join("; ")
+            )));
+        }
+        self.model().await
+    }
+
+    /// vLLM's `POST /v1/load_lora_adapter` (a PEFT adapter directory the servers can read),
+    /// on every server.
     pub async fn load_lora_adapter(&self, name: &str, path: &Path) -> Result<(), PolicyError> {
-        self.send(
+        self.send_all(
             "/load_lora_adapter",
             &json!({"lora_name": name, "lora_path": path}),
         )
@@ -219,9 +525,9 @@ impl RemotePolicy {
         .map(|_| ())
     }
 
-    /// vLLM's `POST /v1/unload_lora_adapter`.
+    /// vLLM's `POST /v1/unload_lora_adapter`, on every server.
     pub async fn unload_lora_adapter(&self, name: &str) -> Result<(), PolicyError> {
-        self.send("/unload_lora_adapter", &json!({"lora_name": name}))
+        self.send_all("/unload_lora_adapter", &json!({"lora_name": name}))
             .await
             .map(|_| ())
     }
@@ -229,22 +535,73 @@ impl RemotePolicy {
     /// Pushes new adapter weights after a training update: unloads `name` if the server has
     /// it, loads it again from `path`, and sends further requests to it.
     pub async fn push_lora_adapter(&mut self, name: &str, path: &Path) -> Result<(), PolicyError> {
-        // A first push finds nothing to unload; any other failure shows up in the load.
-        let _ = self.unload_lora_adapter(name).await;
-        self.load_lora_adapter(name, path).await?;
+        self.push_weights(WeightSync::LoraAdapter, path, name).await?;
         self.set_model(name);
         Ok(())
     }
 
     /// Full weights from a checkpoint directory (arpo-serve's `/v1/reload_weights`).
     pub async fn reload_weights(&self, path: &Path) -> Result<(), PolicyError> {
-        self.send("/reload_weights", &json!({"model_path": path}))
+        self.send_all("/reload_weights", &json!({"model_path": path}))
             .await
             .map(|_| ())
     }
 
+    /// SGLang's `POST /update_weights_from_disk` (at the server root, not under `/v1`); its
+    /// answer says `success`.
+    pub async fn update_weights_from_disk(&self, path: &Path) -> Result<(), PolicyError> {
+        let body = json!({"model_path": path});
+        let calls = self.endpoints.iter().map(|endpoint| {
+            let body = &body;
+            async move {
+                let root = endpoint.url.strip_suffix("/v1").unwrap_or(&endpoint.url);
+                let url = format!("{root}/update_weights_from_disk");
+                let text = self
+                    .call(endpoint, reqwest::Method::POST, &url, Some(body))
+                    .await
+                    .map_err(|f| f.error)?;
+                let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                if answer.get("success").and_then(Value::as_bool) == Some(false) {
+                    return Err(PolicyError::Server(format!(
+                        "POST {url} did not load {}: {}",
+                        path.display(),
+                        answer.get("message").and_then(Value::as_str).unwrap_or(&text)
+                    )));
+                }
+                Ok(())
+            }
+        });
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+
+    /// Sends the weights in `dir` to every server the way `sync` says (for
+    /// [`WeightSync::LoraAdapter`], `dir` is a PEFT adapter loaded as `adapter`; the caller
+    /// then sends requests to `adapter`).
+    pub async fn push_weights(
+        &self,
+        sync: WeightSync,
+        dir: &Path,
+        adapter: &str,
+    ) -> Result<(), PolicyError> {
+        match sync {
+            WeightSync::LoraAdapter => {
+                // A first push finds nothing to unload; any other failure shows in the load.
+                let _ = self.unload_lora_adapter(adapter).await;
+                self.load_lora_adapter(adapter, dir).await
+            }
+            WeightSync::SglangDisk => self.update_weights_from_disk(dir).await,
+            WeightSync::ArpoReload => self.reload_weights(dir).await,
+            WeightSync::None => Ok(()),
+        }
+    }
+
     /// The request body for one agent context.
-    pub fn request_body(&self, messages: &[ChatMessage], sampling: &SamplingParams) -> Value {
+    pub fn request_body(
+        &self,
+        model: &str,
+        messages: &[ChatMessage],
+        sampling: &SamplingParams,
+    ) -> Value {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -264,7 +621,7 @@ impl RemotePolicy {
             })
             .collect();
         let mut body = json!({
-            "model": self.config.model,
+            "model": model,
             "messages": messages,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -290,9 +647,12 @@ impl RemotePolicy {
         context: &AgentContext,
         sampling: &SamplingParams,
     ) -> Result<Response, PolicyError> {
+        let model = self.model().await?;
         let messages = build_messages(context, &self.config.prompt);
-        let body = self.request_body(&messages, sampling);
-        let text = self.send("/chat/completions", &body).await?;
+        let body = self.request_body(&model, &messages, sampling);
+        let text = self
+            .send_any(reqwest::Method::POST, "/chat/completions", Some(&body))
+            .await?;
         let answer: ChatCompletion = serde_json::from_str(&text).map_err(|e| {
             PolicyError::Server(format!("the server's answer is not a chat completion: {e}"))
         })?;
@@ -367,7 +727,12 @@ impl Policy for RemotePolicy {
     }
 
     fn describe(&self) -> String {
-        format!("{} (model {})", self.config.base_url, self.config.model)
+        let model = match (self.config.model.as_str(), self.listed_model.get()) {
+            ("", Some(listed)) => listed.as_str(),
+            ("", None) => "the server's first",
+            (named, _) => named,
+        };
+        format!("{} (model {model})", self.config.base_urls.join(", "))
     }
 }
 

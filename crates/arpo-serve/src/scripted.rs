@@ -35,6 +35,7 @@ pub struct ScriptedPrompt {
 pub struct ScriptedEngine {
     max_context: usize,
     step_cost: Duration,
+    adapter_bytes: u64,
     state: Mutex<ScriptedState>,
 }
 
@@ -56,6 +57,7 @@ impl ScriptedEngine {
         Self {
             max_context,
             step_cost: Duration::ZERO,
+            adapter_bytes: 0,
             state: Mutex::new(ScriptedState::default()),
         }
     }
@@ -64,6 +66,12 @@ impl ScriptedEngine {
     /// of a memory-bound model costs about the same for 1 or 16 sequences).
     pub fn with_step_cost(mut self, step_cost: Duration) -> Self {
         self.step_cost = step_cost;
+        self
+    }
+
+    /// Reports this many bytes per loaded adapter (for the server's adapter memory bound).
+    pub fn with_adapter_bytes(mut self, bytes: u64) -> Self {
+        self.adapter_bytes = bytes;
         self
     }
 
@@ -176,7 +184,7 @@ impl Engine for ScriptedEngine {
                 }
             }
         }
-        if tokens + max_tokens > self.max_context {
+        if tokens.saturating_add(max_tokens) > self.max_context {
             return Err(EngineError::ContextTooLong {
                 prompt_tokens: tokens,
                 max_tokens,
@@ -312,6 +320,10 @@ impl Engine for ScriptedEngine {
         let mut names: Vec<String> = self.lock().adapters.keys().cloned().collect();
         names.sort();
         names
+    }
+
+    fn adapter_bytes(&self) -> u64 {
+        self.adapter_bytes
     }
 
     fn reload_weights(&self, path: &Path) -> Result<(), EngineError> {

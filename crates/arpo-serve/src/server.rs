@@ -47,6 +47,13 @@ pub struct ServeConfig {
     pub default_max_tokens: usize,
     /// Largest `n`.
     pub max_n: usize,
+    /// Most LoRA adapters loaded at once (vLLM's `--max-loras`); more are refused with 409.
+    pub max_loras: usize,
+    /// Most memory the loaded adapters may take together, in bytes, as the engine counts it
+    /// ([`Engine::adapter_bytes`]: a merged copy of the model per adapter for `ModelEngine`).
+    pub max_lora_bytes: u64,
+    /// Serve without `api_key` on an address other machines can reach (by default refused).
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for ServeConfig {
@@ -61,6 +68,23 @@ impl Default for ServeConfig {
             max_request_bytes: 64 * 1024 * 1024,
             default_max_tokens: 1024,
             max_n: 16,
+            max_loras: 4,
+            max_lora_bytes: 16 << 30,
+            allow_unauthenticated: false,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Refuses an address other machines can reach when no api key is set (unless
+    /// `allow_unauthenticated`): a server there would run anyone's requests and weight loads.
+    pub fn check_bind(&self, addr: SocketAddr) -> Result<(), ServeError> {
+        if addr.ip().is_loopback() || self.api_key.is_some() || self.allow_unauthenticated {
+            Ok(())
+        } else {
+            Err(ServeError::Unauthenticated {
+                addr: addr.to_string(),
+            })
         }
     }
 }
@@ -70,6 +94,8 @@ struct AppState<E: Engine> {
     queue: Arc<Queue<E::Prompt>>,
     config: ServeConfig,
     created: u64,
+    /// Held while an adapter loads: the bound on adapters is checked and the load done as one.
+    adapter_loading: tokio::sync::Mutex<()>,
 }
 
 impl<E: Engine> std::fmt::Debug for AppState<E> {
@@ -103,6 +129,7 @@ impl Server {
         config: ServeConfig,
         addr: SocketAddr,
     ) -> Result<Self, ServeError> {
+        config.check_bind(addr)?;
         let queue = Arc::new(Queue::new(config.max_queue.max(1)));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -118,6 +145,7 @@ impl Server {
             queue: queue.clone(),
             config,
             created: now(),
+            adapter_loading: tokio::sync::Mutex::new(()),
         });
         let app = router(state);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -191,7 +219,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such route: the server offers /health, /v1/models, /v1/chat/completions, /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_weights",
+        "no such route: the server offers /health, /v1/models, /v1/chat/completions, /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_weights, /update_weights_from_disk",
     )
 }
 
@@ -221,48 +249,55 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             format!(
-                "the request body is larger than the server's limit of {limit} bytes (--max-request-bytes)"
+                "the request body is larger than the server's limit of {limit} bytes: send less, or start the server with a larger --max-request-bytes"
             ),
         )
-    })?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid json: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::invalid("the body must be a json object"));
-    }
-    serde_json::from_value::<T>(value.clone()).map_err(|e| {
-        let mut err = ApiError::invalid(format!("invalid request: {e}"));
-        if let Some(param) = offending_field::<T>(&value) {
-            err = ApiError::invalid(format!("invalid value for {param:?}: {e}")).param(param);
-        }
-        err
+        .code("request_too_large")
     })
 }
 
-/// The top-level field whose value makes the body fail to parse, found by parsing the body
-/// without each field in turn (a missing required field is reported by its name).
-fn offending_field<T: DeserializeOwned>(value: &serde_json::Value) -> Option<String> {
-    let object = value.as_object()?;
-    for key in object.keys() {
-        let mut without = object.clone();
-        without.remove(key);
-        match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
-            Ok(_) => return Some(key.clone()),
-            // serde reports a missing field only after every present field parsed: the
-            // removed (required) field was the only wrong one.
-            Err(e) if e.to_string().starts_with(&format!("missing field `{key}`")) => {
-                return Some(key.clone());
-            }
-            Err(_) => {}
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    parse_json(&read_body(body, limit).await?)
+}
+
+/// Parses a request body in one pass; a wrong field is named by its path
+/// (`messages[0].content`), a missing one by its name.
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
+        let inner = e.inner();
+        if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+            return ApiError::invalid(format!("the body is not valid json: {inner}"));
         }
-    }
-    None
+        let path = e.path().to_string();
+        let message = inner.to_string();
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        let param = match (path.as_str(), missing) {
+            (".", Some(field)) => Some(field.to_string()),
+            (".", None) => None,
+            (p, Some(field)) => Some(format!("{p}.{field}")),
+            (p, None) => Some(p.to_string()),
+        };
+        match param {
+            Some(param) => {
+                ApiError::invalid(format!("invalid value for {param:?}: {message}")).param(param)
+            }
+            None => ApiError::invalid(format!(
+                "invalid request: {message} (the body must be a json object)"
+            )),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::invalid(format!("the body is not valid json: {e}")))?;
+    Ok(value)
 }
 
 async fn health<E: Engine>(State(state): State<Arc<AppState<E>>>, headers: HeaderMap) -> Response {
@@ -321,6 +356,7 @@ async fn load_lora<E: Engine>(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let req: LoadLoraRequest = read_json(body, 1 << 20).await?;
+    let _loading = state.adapter_loading.lock().await;
     if req.lora_name.is_empty() || req.lora_name == state.config.served_model_name {
         return Err(ApiError::invalid(format!(
             "lora_name {:?} is empty or the base model's name: pick another",
@@ -335,6 +371,7 @@ async fn load_lora<E: Engine>(
         ))
         .param("lora_name"));
     }
+    check_adapter_room(&state)?;
     let engine = state.engine.clone();
     let name = req.lora_name.clone();
     tokio::task::spawn_blocking(move || {
@@ -343,6 +380,33 @@ async fn load_lora<E: Engine>(
     .await
     .map_err(|e| ApiError::internal(format!("adapter loading panicked: {e}")))??;
     Ok(format!("Success: LoRA adapter '{name}' added successfully.").into_response())
+}
+
+/// Refuses a new adapter when the count or memory bound would be passed.
+fn check_adapter_room<E: Engine>(state: &AppState<E>) -> Result<(), ApiError> {
+    let config = &state.config;
+    let loaded = state.engine.adapters();
+    let full = |what: String| {
+        ApiError::new(StatusCode::CONFLICT, "invalid_request_error", what)
+            .param("lora_name")
+            .code("too_many_adapters")
+    };
+    if loaded.len() >= config.max_loras {
+        return Err(full(format!(
+            "{} lora adapters are loaded ({loaded:?}), the server's limit (--max-loras {}): unload one with POST /v1/unload_lora_adapter, or restart the server with a larger --max-loras",
+            loaded.len(),
+            config.max_loras
+        )));
+    }
+    let each = state.engine.adapter_bytes();
+    let needed = each.saturating_mul(loaded.len() as u64 + 1);
+    if needed > config.max_lora_bytes {
+        return Err(full(format!(
+            "one more lora adapter would take {needed} bytes of adapter memory ({each} each), over the server's limit of {} (--max-lora-memory-mb): unload one with POST /v1/unload_lora_adapter, or restart the server with a larger limit",
+            config.max_lora_bytes
+        )));
+    }
+    Ok(())
 }
 
 async fn unload_lora<E: Engine>(
@@ -435,7 +499,21 @@ fn check_request<E: Engine>(
     if max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens must be at least 1").param("max_tokens"));
     }
-    let max_tokens = max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+    // Checked here, before any arithmetic: no client number reaches a sum unbounded.
+    let max_context = state.engine.info().max_context;
+    let max_tokens = match max_tokens {
+        None => None,
+        Some(m) => match usize::try_from(m) {
+            Ok(m) if m <= max_context => Some(m),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "max_tokens is {m} but the model's context holds {max_context} tokens (prompt included): ask for fewer"
+                ))
+                .param("max_tokens")
+                .code("context_length_exceeded"));
+            }
+        },
+    };
     let n = req.n.unwrap_or(1);
     if n == 0 || n > config.max_n as u64 {
         return Err(ApiError::invalid(format!(
@@ -538,10 +616,12 @@ async fn chat_completions<E: Engine>(
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let req: ChatCompletionRequest = read_json(body, state.config.max_request_bytes).await?;
-    // Image decoding and tokenization compute: off the async threads.
+    let bytes = read_body(body, state.config.max_request_bytes).await?;
+    // Parsing (up to --max-request-bytes of json), image decoding and tokenization compute:
+    // off the async threads, so one large request never stalls the others.
     let prep_state = state.clone();
     let (mut checked, prompt) = tokio::task::spawn_blocking(move || {
+        let req: ChatCompletionRequest = parse_json(&bytes)?;
         let checked = check_request(&prep_state, req)?;
         let prompt = prep_state
             .engine

@@ -525,11 +525,67 @@ async fn bad_inputs_get_4xx_with_openai_error_json() -> TestResult {
             Some("messages"),
             Some("context_length_exceeded"),
         ),
+        // More than the whole context (2048): the number itself is wrong.
         (
             request_with_images(0, json!({"max_tokens": 5000})),
             400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        // Fits alone, not after the prompt.
+        (
+            request_with_images(0, json!({"max_tokens": 2040})),
+            400,
             Some("messages"),
             Some("context_length_exceeded"),
+        ),
+        (
+            request_with_images(0, json!({"max_tokens": u64::MAX})),
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            request_with_images(0, json!({"max_completion_tokens": u64::MAX})),
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            request_with_images(0, json!({"max_tokens": 1e30})),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            request_with_images(0, json!({"n": u64::MAX})),
+            400,
+            Some("n"),
+            None,
+        ),
+        (
+            request_with_images(0, json!({"logprobs": true, "top_logprobs": u64::MAX})),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            json!({"model": "ui-tars"}),
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            json!({"messages": [{"content": "no role"}]}),
+            400,
+            Some("messages[0].role"),
+            None,
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+            400,
+            Some("messages[0].content"),
+            None,
         ),
     ];
     for (body, want_status, want_param, want_code) in cases {
@@ -551,6 +607,22 @@ async fn bad_inputs_get_4xx_with_openai_error_json() -> TestResult {
         assert!(!err.error.message.is_empty());
         assert!(!err.error.kind.is_empty());
     }
+
+    // Json followed by something else.
+    let raw = client
+        .post(&url)
+        .body("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]} trailing")
+        .send()
+        .await?;
+    assert_eq!(error_of(raw).await.0, 400);
+
+    // Numbers at the edge that are fine: the seed wraps by design (seed + choice index).
+    let ok = post(
+        &url,
+        &request_with_images(0, json!({"seed": u64::MAX, "n": 2, "temperature": 1.0, "top_k": i64::MAX})),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
 
     // A body over --max-request-bytes.
     let big = json!({"messages": [{"role": "user", "content": "y".repeat(300_000)}]});
@@ -930,7 +1002,7 @@ mod remote {
     };
     use arpo_core::{Action, AgentContext, FinishReason, Policy};
     use arpo_serve::api::TokenLogprob;
-    use arpo_serve::{RemotePolicy, RemotePolicyConfig, TokenMapper};
+    use arpo_serve::{RemotePolicy, RemotePolicyConfig, TokenMapper, WeightSync};
 
     fn context(steps: usize) -> AgentContext {
         AgentContext {
@@ -1029,6 +1101,137 @@ mod remote {
     }
 
     use std::path::Path;
+
+    /// With no model name, requests go to the first model the server lists (not `""`, which
+    /// every engine answers 404); the api key goes with every request and the pre-flight.
+    #[tokio::test]
+    async fn remote_policy_without_a_model_name_and_with_an_api_key() -> TestResult {
+        let engine = Arc::new(ScriptedEngine::default());
+        let server = start(
+            engine.clone(),
+            ServeConfig {
+                served_model_name: "served-name".into(),
+                api_key: Some("k3y".into()),
+                ..ServeConfig::default()
+            },
+        )
+        .await;
+        let mut config = RemotePolicyConfig::new(server.base_url(), "");
+        config.api_key = Some("wrong".into());
+        let wrong = RemotePolicy::new(config.clone(), None)?;
+        let err = wrong.preflight().await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::Server(ref m)) if m.contains("401") && m.contains("server_api_key")),
+            "{err:?}"
+        );
+        config.api_key = Some("k3y".into());
+        let policy = RemotePolicy::new(config, None)?;
+        assert_eq!(policy.preflight().await?, "served-name");
+        let responses = policy
+            .act(&[context(0), context(1)], &SamplingParams::greedy(256))
+            .await?;
+        for (ctx, response) in [context(0), context(1)].iter().zip(&responses) {
+            let (text, ids, _) = in_process(&engine, &build_messages(ctx, &PromptConfig::default()));
+            assert_eq!(response.text, text);
+            assert_eq!(response.token_ids, ids);
+        }
+        assert!(policy.describe().contains("model served-name"), "{}", policy.describe());
+        // A named model that is not there is the server's 404, not a silent fallback.
+        let mut named = RemotePolicyConfig::new(server.base_url(), "nope");
+        named.api_key = Some("k3y".into());
+        let err = RemotePolicy::new(named, None)?
+            .act(&[context(0)], &SamplingParams::greedy(8))
+            .await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::InvalidInput(ref m)) if m.contains("404")),
+            "{err:?}"
+        );
+        server.shutdown().await?;
+        Ok(())
+    }
+
+    /// A port nothing listens on (bound, then released).
+    fn dead_url() -> Result<String, Box<dyn std::error::Error>> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        drop(listener);
+        Ok(format!("http://{addr}/v1"))
+    }
+
+    /// Requests spread over every live server; one that is down is retried on another and
+    /// reported; weights reach every server.
+    #[tokio::test]
+    async fn requests_spread_over_servers_and_a_dead_one_is_retried_elsewhere() -> TestResult {
+        let engines = [
+            Arc::new(ScriptedEngine::default().with_step_cost(Duration::from_millis(2))),
+            Arc::new(ScriptedEngine::default().with_step_cost(Duration::from_millis(2))),
+        ];
+        let a = start(engines[0].clone(), ServeConfig::default()).await;
+        let b = start(engines[1].clone(), ServeConfig::default()).await;
+        let dead = dead_url()?;
+        let list = format!("{}, {dead}", a.base_url());
+        let config = RemotePolicyConfig::new(list, "ui-tars").with_more_urls(&[b.base_url()]);
+        assert_eq!(config.base_urls, vec![a.base_url(), dead.clone(), b.base_url()]);
+        let policy = RemotePolicy::new(config, None)?;
+        let contexts: Vec<AgentContext> = (0..12).map(|i| context(i % 3)).collect();
+        let responses = policy.act(&contexts, &SamplingParams::greedy(256)).await?;
+        let served: Vec<usize> = engines
+            .iter()
+            .map(|e| e.batch_sizes().iter().sum())
+            .collect();
+        for (ctx, response) in contexts.iter().zip(&responses) {
+            let (text, _, _) = in_process(&engines[0], &build_messages(ctx, &PromptConfig::default()));
+            assert_eq!(response.text, text);
+        }
+        assert_eq!(served.iter().sum::<usize>(), 12, "{served:?}");
+        assert!(served.iter().all(|&n| n >= 2), "both live servers serve: {served:?}");
+        let report = policy.server_failures();
+        let dead_report = report.iter().find(|r| r.url == dead).ok_or("dead server listed")?;
+        assert!(dead_report.failures >= 1, "{report:?}");
+        assert!(dead_report.last_error.is_some());
+        assert!(report.iter().filter(|r| r.url != dead).all(|r| r.failures == 0), "{report:?}");
+
+        // Every server down: one error naming each.
+        let all_dead = RemotePolicy::new(
+            RemotePolicyConfig::new(format!("{dead},{}", dead_url()?), "ui-tars"),
+            None,
+        )?;
+        let err = all_dead.act(&[context(0)], &SamplingParams::greedy(8)).await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::Server(ref m)) if m.starts_with("every model server failed") && m.contains(&dead)),
+            "{err:?}"
+        );
+
+        // Full weights to both live servers, by arpo's route and by SGLang's (which this
+        // server also offers, at its root): the scripted answer names the weights version.
+        let live = RemotePolicy::new(
+            RemotePolicyConfig::new(format!("{},{}", a.base_url(), b.base_url()), "ui-tars"),
+            None,
+        )?;
+        let ckpt = tempfile::tempdir()?;
+        std::fs::write(ckpt.path().join("config.json"), "{}")?;
+        live.push_weights(WeightSync::ArpoReload, ckpt.path(), "unused").await?;
+        live.push_weights(WeightSync::SglangDisk, ckpt.path(), "unused").await?;
+        live.push_weights(WeightSync::None, Path::new("/no/such/dir"), "unused").await?;
+        for _ in 0..2 {
+            let r = live.act(&[context(0)], &SamplingParams::greedy(256)).await?;
+            assert!(r[0].text.starts_with("Thought: I see 1 screenshot(s) v2."), "{}", r[0].text);
+        }
+        // A failed push names the server and the reason.
+        let err = live
+            .push_weights(WeightSync::ArpoReload, Path::new("/no/such/dir"), "unused")
+            .await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::InvalidInput(ref m)) if m.contains("config.json")),
+            "{err:?}"
+        );
+        assert_eq!("sglang_disk".parse::<WeightSync>()?, WeightSync::SglangDisk);
+        let bad = "nccl".parse::<WeightSync>().map_err(|e| e.to_string());
+        assert!(matches!(bad, Err(ref m) if m.contains("lora_adapter")), "{bad:?}");
+        a.shutdown().await?;
+        b.shutdown().await?;
+        Ok(())
+    }
 
     /// Without `token_id:` names (SGLang), ids come from the entries' bytes through the
     /// model's byte-level vocabulary; the reference ids are the tokenizer's own encoding.
@@ -1130,5 +1333,129 @@ async fn server_check_with_the_fixture_screenshot() -> TestResult {
     .await;
     let message = down.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("is the server running"), "{message}");
+    Ok(())
+}
+
+/// A 10k-key body without `messages` is answered 400 in well under a second, and requests
+/// sent at the same time are served. (Parsing it once per key, as a field-by-field search
+/// for the culprit would, takes 10k parses of 10k keys: many seconds.)
+#[tokio::test]
+async fn a_10k_key_body_is_refused_fast_while_others_are_served() -> TestResult {
+    let engine = Arc::new(ScriptedEngine::default());
+    let server = start(engine, ServeConfig::default()).await;
+    let url = format!("{}/chat/completions", server.base_url());
+    let mut hostile = serde_json::Map::new();
+    for i in 0..10_000 {
+        hostile.insert(format!("key{i}"), json!(i));
+    }
+    let hostile = Value::Object(hostile);
+    let hostile_calls = (0..4).map(|_| {
+        let url = url.clone();
+        let hostile = hostile.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let (status, err) = error_of(post(&url, &hostile).await).await;
+            (status, err, started.elapsed())
+        }
+    });
+    let normal_calls = (0..4).map(|i| {
+        let url = url.clone();
+        async move {
+            let r = post(&url, &request_with_images(i % 2, json!({}))).await;
+            r.status().as_u16()
+        }
+    });
+    let (hostile, normal) = tokio::join!(
+        futures::future::join_all(hostile_calls),
+        futures::future::join_all(normal_calls)
+    );
+    for (status, err, took) in hostile {
+        assert_eq!(status, 400, "{:?}", err.error);
+        assert_eq!(err.error.param.as_deref(), Some("messages"));
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+    }
+    assert_eq!(normal, vec![200; 4]);
+    server.shutdown().await?;
+    Ok(())
+}
+
+/// At most `max_loras` adapters and `max_lora_bytes` of them: the next load is refused with
+/// 409 and a message naming the limit; after an unload it fits again.
+#[tokio::test]
+async fn adapter_loads_are_bounded_by_count_and_memory() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("adapter_config.json"), "{}")?;
+    let load = |base: String, name: &str| {
+        let body = json!({"lora_name": name, "lora_path": dir.path()});
+        async move { post(&format!("{base}/load_lora_adapter"), &body).await }
+    };
+    // Count: 2 adapters.
+    let engine = Arc::new(ScriptedEngine::default().with_adapter_bytes(100));
+    let config = ServeConfig {
+        max_loras: 2,
+        max_lora_bytes: 10_000,
+        ..ServeConfig::default()
+    };
+    let server = start(engine, config).await;
+    let base = server.base_url();
+    assert_eq!(load(base.clone(), "a").await.status(), 200);
+    assert_eq!(load(base.clone(), "b").await.status(), 200);
+    let (status, err) = error_of(load(base.clone(), "c").await).await;
+    assert_eq!(status, 409);
+    assert_eq!(err.error.code.as_deref(), Some("too_many_adapters"));
+    assert!(err.error.message.contains("--max-loras 2"), "{}", err.error.message);
+    let r = post(&format!("{base}/unload_lora_adapter"), &json!({"lora_name": "a"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(load(base.clone(), "c").await.status(), 200);
+    server.shutdown().await?;
+
+    // Memory: 100 bytes each, 250 allowed: two fit, the third (300) does not.
+    let engine = Arc::new(ScriptedEngine::default().with_adapter_bytes(100));
+    let config = ServeConfig {
+        max_loras: 10,
+        max_lora_bytes: 250,
+        ..ServeConfig::default()
+    };
+    let server = start(engine, config).await;
+    let base = server.base_url();
+    assert_eq!(load(base.clone(), "a").await.status(), 200);
+    assert_eq!(load(base.clone(), "b").await.status(), 200);
+    let (status, err) = error_of(load(base.clone(), "c").await).await;
+    assert_eq!(status, 409);
+    assert!(err.error.message.contains("300 bytes"), "{}", err.error.message);
+    server.shutdown().await?;
+    Ok(())
+}
+
+/// A non-loopback address needs an api key, unless allowed explicitly.
+#[tokio::test]
+async fn non_loopback_bind_needs_an_api_key_or_an_explicit_allow() -> TestResult {
+    let engine = Arc::new(ScriptedEngine::default());
+    let everywhere: std::net::SocketAddr = "0.0.0.0:0".parse()?;
+    let refused = Server::start(engine.clone(), ServeConfig::default(), everywhere).await;
+    match refused {
+        Err(arpo_serve::ServeError::Unauthenticated { addr }) => assert_eq!(addr, "0.0.0.0:0"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let with_key = ServeConfig {
+        api_key: Some("k".into()),
+        ..ServeConfig::default()
+    };
+    Server::start(engine.clone(), with_key, everywhere)
+        .await?
+        .shutdown()
+        .await?;
+    let allowed = ServeConfig {
+        allow_unauthenticated: true,
+        ..ServeConfig::default()
+    };
+    Server::start(engine.clone(), allowed, everywhere)
+        .await?
+        .shutdown()
+        .await?;
+    // Loopback is fine without a key (v4 and v6).
+    ServeConfig::default().check_bind("127.0.0.1:9000".parse()?)?;
+    ServeConfig::default().check_bind("[::1]:9000".parse()?)?;
+    assert!(ServeConfig::default().check_bind("192.168.1.5:9000".parse()?).is_err());
     Ok(())
 }

@@ -410,3 +410,89 @@ async fn lora_adapter_load_changes_the_answer_to_the_merged_models_and_unload_re
     server.shutdown().await?;
     Ok(())
 }
+
+/// `top_logprobs` are the top-k of the model's whole next-token distribution, vision
+/// placeholders left out as the sampler leaves them out. Reference: the logits transformers
+/// computed for the golden prompts (`fixtures/models/tiny-qwen2vl-golden`, made by
+/// `fixtures/scripts/make_tiny_qwen2vl.py`), log-softmaxed here; the second token's best
+/// alternative is transformers' second greedy token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_logprobs_equal_the_transformers_distribution() -> TestResult {
+    let golden_dir = model_dir().join("../tiny-qwen2vl-golden");
+    let golden: Value = serde_json::from_slice(&std::fs::read(golden_dir.join("golden.json"))?)?;
+    let placeholders = [412u32, 413, 409]; // <|image_pad|>, <|video_pad|>, <|vision_start|>
+    let server = start(4).await?;
+    let url = format!("{}/chat/completions", server.base_url());
+    for case in ["text_only", "one_image"] {
+        let c = &golden["cases"][case];
+        let mut images = c["images"]
+            .as_array()
+            .ok_or("images")?
+            .iter()
+            .map(|n| n.as_str().ok_or("image name"));
+        let mut messages = Vec::new();
+        for m in c["messages"].as_array().ok_or("messages")? {
+            let mut parts = Vec::new();
+            for p in m["content"].as_array().ok_or("content")? {
+                if p["type"] == "image" {
+                    let shot = golden_image(images.next().ok_or("an image per part")??)?;
+                    let data = base64::engine::general_purpose::STANDARD.encode(&shot.bytes);
+                    parts.push(json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}}));
+                } else {
+                    parts.push(p.clone());
+                }
+            }
+            messages.push(json!({"role": m["role"], "content": parts}));
+        }
+        let body = json!({
+            "model": "ui-tars",
+            "messages": messages,
+            "temperature": 0.0,
+            "max_tokens": 2,
+            "logprobs": true,
+            "top_logprobs": 5,
+            "return_tokens_as_token_ids": true,
+        });
+        let answer = complete(&url, &body).await?;
+        let input_len = c["input_ids"].as_array().ok_or("input_ids")?.len();
+        assert_eq!(answer.usage.prompt_tokens as usize, input_len, "{case}: the golden prompt");
+        let tensors = candle_core::safetensors::load(golden_dir.join(format!("{case}.safetensors")), &Device::Cpu)?;
+        let logits = tensors.get("logits").ok_or("logits")?;
+        let last: Vec<f32> = logits.get(logits.dim(0)? - 1)?.to_vec1()?;
+        let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_z = max + last.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let mut want: Vec<(u32, f64)> = last
+            .iter()
+            .enumerate()
+            .filter(|(id, _)| !placeholders.contains(&(*id as u32)))
+            .map(|(id, &l)| (id as u32, l as f64 - log_z))
+            .collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1));
+        want.truncate(5);
+
+        let entries = &answer.choices[0].logprobs.as_ref().ok_or("logprobs")?.content;
+        assert_eq!(entries.len(), 2, "{case}");
+        let first = &entries[0];
+        assert_eq!(first.top_logprobs.len(), 5, "{case}");
+        for (k, (got, (id, lp))) in first.top_logprobs.iter().zip(&want).enumerate() {
+            assert_eq!(parse_token_id(&got.token), Some(*id), "{case}: alternative {k}");
+            assert!(
+                (f64::from(got.logprob) - lp).abs() < 1e-4,
+                "{case}: alternative {k}: {} here, {lp} from transformers",
+                got.logprob
+            );
+        }
+        // Greedy: the sampled token is the best alternative, with the same log-prob.
+        assert_eq!(parse_token_id(&first.token), Some(want[0].0), "{case}");
+        assert!((f64::from(first.logprob) - want[0].1).abs() < 1e-4, "{case}");
+        let greedy = c["greedy_tokens"].as_array().ok_or("greedy_tokens")?;
+        let second = &entries[1];
+        assert_eq!(
+            parse_token_id(&second.top_logprobs[0].token).map(u64::from),
+            greedy[1].as_u64(),
+            "{case}: the second step's best alternative is transformers' second greedy token"
+        );
+    }
+    server.shutdown().await?;
+    Ok(())
+}
