@@ -1,6 +1,7 @@
 //! The `Environment` implementation: OSWorld's `DesktopEnv` over a VMware VM or a remote guest.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arpo_core::{Action, EnvError, Environment, Observation, Step, Task};
@@ -10,9 +11,11 @@ use crate::VmwareError;
 use crate::evaluate::{Evaluator, GetterContext};
 use crate::guest::{GuestClient, GuestConfig};
 use crate::pyautogui::{GuestCommand, guest_command};
-use crate::setup::{SetupContext, SetupStep, run_steps, safe_file_name};
+use crate::raw::RawStep;
+use crate::setup::{SetupContext, SetupStep, check_uploads, run_steps, safe_file_name};
 use crate::task::OsworldTask;
 use crate::vmrun::Vmrun;
+use crate::worker::{GuestSpec, OsworldNames, OsworldWorker, WorkerConfig};
 
 /// Where the guest runs: something that can bring it to a clean state and tell its server URL.
 #[async_trait]
@@ -133,6 +136,108 @@ pub struct EnvConfig {
     /// Pause the VM between steps (while the model thinks).
     pub pause_between_steps: bool,
     pub download_timeout: Duration,
+    /// The largest file a `download` step or `cloud_file` getter may fetch (default 2 GiB).
+    pub max_download_bytes: u64,
+    /// OSWorld's `evaluation_examples` folder: `upload_file` may read under it (and under this
+    /// env's cache folder), nowhere else.
+    pub examples_dir: Option<PathBuf>,
+    /// Which evaluator scores tasks, and how OSWorld's own one runs.
+    pub osworld: OsworldEvaluatorConfig,
+}
+
+/// Which evaluator scores a task (`env.osworld.evaluator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvaluatorBackend {
+    /// Native when every setup step, getter and metric of the task is native, else OSWorld's.
+    #[default]
+    Auto,
+    /// Only the native evaluators: a task that needs more is refused.
+    Native,
+    /// OSWorld's evaluator for every task (setup steps we have natively still run natively).
+    Osworld,
+}
+
+impl std::str::FromStr for EvaluatorBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "osworld" => Ok(Self::Osworld),
+            other => Err(format!(
+                "evaluator {other:?}: use auto (native when possible, else OSWorld's), native or osworld"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for EvaluatorBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Osworld => "osworld",
+        })
+    }
+}
+
+/// OSWorld's own evaluator (`env.osworld.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OsworldEvaluatorConfig {
+    /// `env.osworld.evaluator`: auto | native | osworld.
+    pub evaluator: EvaluatorBackend,
+    /// `env.osworld.python`: the interpreter that has `desktop-env` (default `python3`).
+    pub python: String,
+    /// Folders put first on the worker's `PYTHONPATH`.
+    pub pythonpath: Vec<PathBuf>,
+    /// The longest one evaluation or setup step through the worker may take.
+    pub timeout: Duration,
+    /// The guest's Chrome remote debugging port (OSWorld: 9222).
+    pub chromium_port: u16,
+    /// The guest's VLC HTTP port (OSWorld: 8080).
+    pub vlc_port: u16,
+}
+
+impl Default for OsworldEvaluatorConfig {
+    fn default() -> Self {
+        let worker = WorkerConfig::default();
+        Self {
+            evaluator: EvaluatorBackend::Auto,
+            python: worker.python,
+            pythonpath: worker.pythonpath,
+            timeout: worker.timeout,
+            chromium_port: 9222,
+            vlc_port: 8080,
+        }
+    }
+}
+
+impl OsworldEvaluatorConfig {
+    pub fn worker(&self) -> WorkerConfig {
+        WorkerConfig {
+            python: self.python.clone(),
+            pythonpath: self.pythonpath.clone(),
+            timeout: self.timeout,
+            ..WorkerConfig::default()
+        }
+    }
+}
+
+/// A setup step and who runs it.
+#[derive(Debug, Clone, PartialEq)]
+enum PlannedStep {
+    Native(SetupStep),
+    /// Through OSWorld's `SetupController` in the worker.
+    Worker(RawStep),
+}
+
+/// Who scores the episode.
+#[derive(Debug, Clone, PartialEq)]
+enum Scoring {
+    Native(Evaluator),
+    /// OSWorld's `DesktopEnv.evaluate` in the worker, on the task's raw `evaluator`.
+    Worker(serde_json::Value),
 }
 
 impl Default for EnvConfig {
@@ -149,6 +254,9 @@ impl Default for EnvConfig {
             settle: Duration::ZERO,
             pause_between_steps: false,
             download_timeout: Duration::from_secs(600),
+            max_download_bytes: 2 << 30,
+            examples_dir: None,
+            osworld: OsworldEvaluatorConfig::default(),
         }
     }
 }
@@ -156,8 +264,9 @@ impl Default for EnvConfig {
 #[derive(Debug)]
 struct Episode {
     task: OsworldTask,
-    evaluator: Evaluator,
+    scoring: Scoring,
     guest: GuestClient,
+    spec: GuestSpec,
     setup: SetupContext,
     screen: (u32, u32),
     paused: bool,
@@ -168,15 +277,18 @@ struct Episode {
 pub struct OsworldEnv {
     provider: Box<dyn Provider>,
     config: EnvConfig,
+    worker: Arc<OsworldWorker>,
     episode: Option<Episode>,
     screen: (u32, u32),
 }
 
 impl OsworldEnv {
     pub fn new(provider: Box<dyn Provider>, config: EnvConfig) -> Self {
+        let worker = OsworldWorker::new(config.osworld.worker(), &config.cache_dir.join("worker"));
         Self {
             provider,
             config,
+            worker: Arc::new(worker),
             episode: None,
             screen: (1920, 1080),
         }
@@ -201,11 +313,96 @@ impl OsworldEnv {
         self.provider.describe()
     }
 
+    /// This environment's OSWorld evaluator worker.
+    pub fn worker(&self) -> &OsworldWorker {
+        &self.worker
+    }
+
+    /// Pre-flight: with `evaluator: auto | osworld`, starts the worker and checks it imports
+    /// `desktop_env` (the error carries the install command); `None` with `native`.
+    pub async fn check_evaluator(&self) -> Result<Option<OsworldNames>, VmwareError> {
+        match self.config.osworld.evaluator {
+            EvaluatorBackend::Native => Ok(None),
+            _ => self.worker.hello().await.map(Some),
+        }
+    }
+
+    /// Who runs each setup step and who scores, by `env.osworld.evaluator`; what cannot run
+    /// (natively, or in OSWorld's evaluator either) is refused here, before the guest is touched.
+    async fn plan(&self, task: &OsworldTask) -> Result<(Vec<PlannedStep>, Scoring), VmwareError> {
+        let unsupported = |missing: Vec<String>| VmwareError::Unsupported {
+            task_id: task.id.clone(),
+            missing,
+        };
+        if let Some(problem) = task.evaluator_problem() {
+            return Err(problem);
+        }
+        let native_steps = task.setup_steps();
+        let native_eval = task.parsed_evaluator();
+        let backend = self.config.osworld.evaluator;
+        if backend == EvaluatorBackend::Native
+            || (backend == EvaluatorBackend::Auto && native_steps.is_ok() && native_eval.is_ok())
+        {
+            task.check_supported()?;
+            let steps = native_steps.map_err(unsupported)?;
+            let evaluator = native_eval.map_err(unsupported)?;
+            check_uploads(&task.id, &steps)?;
+            check_uploads(&task.id, &evaluator.postconfig)?;
+            return Ok((
+                steps.into_iter().map(PlannedStep::Native).collect(),
+                Scoring::Native(evaluator),
+            ));
+        }
+        let names = self.worker.hello().await?;
+        let mut missing = Vec::new();
+        let mut planned = Vec::new();
+        for raw in &task.config {
+            match SetupStep::parse(raw) {
+                Ok(step) => planned.push(PlannedStep::Native(step)),
+                Err(_) if names.has_setup_step(&raw.kind) => {
+                    planned.push(PlannedStep::Worker(raw.clone()))
+                }
+                Err(m) => missing.push(format!("{m} (OSWorld's SetupController has none either)")),
+            }
+        }
+        let needs = crate::evaluate::EvaluatorNames::of(&task.evaluator);
+        for m in needs.metrics.iter().filter(|m| !names.has_metric(m)) {
+            missing.push(format!(
+                "metric {m} (not in desktop_env {})",
+                names.desktop_env
+            ));
+        }
+        for g in needs.getters.iter().filter(|g| !names.has_getter(g)) {
+            missing.push(format!(
+                "getter {g} (not in desktop_env {})",
+                names.desktop_env
+            ));
+        }
+        for s in needs.postconfig.iter().filter(|s| !names.has_setup_step(s)) {
+            missing.push(format!(
+                "setup step {s} (not in desktop_env {})",
+                names.desktop_env
+            ));
+        }
+        if !missing.is_empty() {
+            return Err(unsupported(missing));
+        }
+        let natives: Vec<SetupStep> = planned
+            .iter()
+            .filter_map(|p| match p {
+                PlannedStep::Native(s) => Some(s.clone()),
+                PlannedStep::Worker(_) => None,
+            })
+            .collect();
+        check_uploads(&task.id, &natives)?;
+        Ok((planned, Scoring::Worker(task.evaluator.clone())))
+    }
+
     async fn try_reset(
         &mut self,
         task: &OsworldTask,
-        steps: &[SetupStep],
-        evaluator: &Evaluator,
+        steps: &[PlannedStep],
+        scoring: &Scoring,
     ) -> Result<Observation, VmwareError> {
         let url = self.provider.prepare().await?;
         let guest = GuestClient::new(&url, self.config.guest.clone())?;
@@ -223,6 +420,14 @@ impl OsworldEnv {
             client_password: self.config.client_password.clone(),
             screen,
             download_timeout: self.config.download_timeout,
+            max_download_bytes: self.config.max_download_bytes,
+            upload_roots: self
+                .config
+                .examples_dir
+                .iter()
+                .cloned()
+                .chain([self.config.cache_dir.clone()])
+                .collect(),
         };
         // A clean task cache: getters of an earlier episode must not be read as this one's.
         if setup.task_cache.exists() {
@@ -231,7 +436,34 @@ impl OsworldEnv {
         }
         std::fs::create_dir_all(&setup.task_cache)
             .map_err(|e| VmwareError::io("create folder", &setup.task_cache, e))?;
-        run_steps(steps, &guest, &setup).await?;
+        let (vm_ip, server_port) =
+            GuestSpec::host_port(&url).ok_or_else(|| VmwareError::GuestProtocol {
+                url: url.clone(),
+                operation: "reset".into(),
+                reason: "the guest URL has no host and port".into(),
+            })?;
+        let spec = GuestSpec {
+            vm_ip,
+            server_port,
+            chromium_port: self.config.osworld.chromium_port,
+            vlc_port: self.config.osworld.vlc_port,
+            cache_dir: std::path::absolute(&setup.task_cache)
+                .map_err(|e| VmwareError::io("resolve", &setup.task_cache, e))?,
+            client_password: self.config.client_password.clone(),
+            screen_width: screen.0,
+            screen_height: screen.1,
+        };
+        for step in steps {
+            match step {
+                PlannedStep::Native(s) => {
+                    run_steps(std::slice::from_ref(s), &guest, &setup).await?
+                }
+                PlannedStep::Worker(raw) => {
+                    tracing::info!(step = %raw.kind, "setup through OSWorld's SetupController");
+                    self.worker.setup_step(&spec, raw).await?;
+                }
+            }
+        }
         if !self.config.settle.is_zero() {
             tokio::time::sleep(self.config.settle).await;
         }
@@ -239,8 +471,9 @@ impl OsworldEnv {
         self.screen = (shot.width, shot.height);
         let mut episode = Episode {
             task: task.clone(),
-            evaluator: evaluator.clone(),
+            scoring: scoring.clone(),
             guest,
+            spec,
             setup,
             screen: self.screen,
             paused: false,
@@ -274,27 +507,14 @@ impl Environment for OsworldEnv {
     async fn reset(&mut self, task: &Task) -> Result<Observation, EnvError> {
         self.episode = None;
         let parsed = OsworldTask::from_task(task).map_err(|e| e.into_env_error("reset"))?;
-        parsed
-            .check_supported()
+        let (steps, scoring) = self
+            .plan(&parsed)
+            .await
             .map_err(|e| e.into_env_error("reset"))?;
-        let steps = parsed.setup_steps().map_err(|missing| {
-            VmwareError::Unsupported {
-                task_id: parsed.id.clone(),
-                missing,
-            }
-            .into_env_error("reset")
-        })?;
-        let evaluator = parsed.parsed_evaluator().map_err(|missing| {
-            VmwareError::Unsupported {
-                task_id: parsed.id.clone(),
-                missing,
-            }
-            .into_env_error("reset")
-        })?;
         let attempts = self.config.reset_attempts.max(1);
         let mut last = None;
         for attempt in 1..=attempts {
-            match self.try_reset(&parsed, &steps, &evaluator).await {
+            match self.try_reset(&parsed, &steps, &scoring).await {
                 Ok(obs) => return Ok(obs),
                 Err(e) => {
                     tracing::warn!(task = %parsed.id, attempt, error = %e, "reset failed");
@@ -378,13 +598,26 @@ impl Environment for OsworldEnv {
         let Some(ep) = self.episode.as_ref() else {
             return Err(EnvError::NotReset);
         };
-        let ctx = GetterContext {
-            guest: &ep.guest,
-            setup: &ep.setup,
-        };
         let last_was_fail = matches!(last_action, Some(Action::CallUser));
-        let result = crate::evaluate::evaluate(&ep.evaluator, &ctx, last_was_fail).await;
-        tracing::info!(task = %ep.task.id, ?result, "evaluated");
+        let started = std::time::Instant::now();
+        let (result, by) = match &ep.scoring {
+            Scoring::Native(evaluator) => {
+                let ctx = GetterContext {
+                    guest: &ep.guest,
+                    setup: &ep.setup,
+                };
+                let r = crate::evaluate::evaluate(evaluator, &ctx, last_was_fail).await;
+                (r, "native")
+            }
+            Scoring::Worker(evaluator) => {
+                let r = self
+                    .worker
+                    .evaluate(&ep.spec, evaluator, last_was_fail)
+                    .await;
+                (r, "osworld")
+            }
+        };
+        tracing::info!(task = %ep.task.id, ?result, by, seconds = started.elapsed().as_secs_f64(), "evaluated");
         result.map_err(|e| match e {
             VmwareError::Evaluation { .. } => EnvError::Evaluation(e.to_string()),
             other => EnvError::Evaluation(format!("environment failure while evaluating: {other}")),
@@ -393,6 +626,7 @@ impl Environment for OsworldEnv {
 
     async fn close(&mut self) -> Result<(), EnvError> {
         self.episode = None;
+        self.worker.stop().await;
         self.provider
             .close()
             .await
@@ -404,15 +638,31 @@ impl Environment for OsworldEnv {
     }
 }
 
-/// One environment per VM (.vmx) for parallel rollouts; each has its own cache folder so that
-/// parallel episodes never share files.
+impl EnvConfig {
+    /// The settings of the `index`-th of several parallel environments: its own cache folder
+    /// `<cache_dir>/env<index>`, so that parallel episodes of one task never share files (a
+    /// reset clears `tasks/<id>/`, getters write into it).
+    pub fn for_env(&self, index: usize) -> EnvConfig {
+        let mut c = self.clone();
+        c.cache_dir = self.cache_dir.join(format!("env{index}"));
+        c
+    }
+}
+
+/// One environment per VM (.vmx) for parallel rollouts; each has its own cache folder
+/// ([`EnvConfig::for_env`]) so that parallel episodes never share files.
 pub fn vmware_pool(vmrun: &Vmrun, vmxs: &[PathBuf], config: &EnvConfig) -> Vec<OsworldEnv> {
     vmxs.iter()
         .enumerate()
-        .map(|(i, vmx)| {
-            let mut c = config.clone();
-            c.cache_dir = config.cache_dir.join(format!("env{i}"));
-            OsworldEnv::vmware(vmrun.clone(), vmx.clone(), c)
-        })
+        .map(|(i, vmx)| OsworldEnv::vmware(vmrun.clone(), vmx.clone(), config.for_env(i)))
+        .collect()
+}
+
+/// One environment per guest server URL, each with its own cache folder
+/// ([`EnvConfig::for_env`]).
+pub fn remote_pool(urls: &[String], config: &EnvConfig) -> Vec<OsworldEnv> {
+    urls.iter()
+        .enumerate()
+        .map(|(i, url)| OsworldEnv::remote(url, config.for_env(i)))
         .collect()
 }

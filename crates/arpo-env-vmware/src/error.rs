@@ -78,6 +78,51 @@ pub enum VmwareError {
     /// A task or index file is not what OSWorld writes.
     #[error("invalid OSWorld task {what}: {reason}")]
     InvalidTask { what: String, reason: String },
+    /// A field of a task file that we use is missing or malformed.
+    #[error("invalid OSWorld task {file}: field {field}: {reason}")]
+    TaskField {
+        file: String,
+        field: String,
+        reason: String,
+    },
+    /// An `upload_file` step names a host path outside the examples folder and the env's cache.
+    #[error(
+        "task {task_id}: upload_file local_path {path:?} is refused: {reason}: a task may upload only files under the examples folder or the environment's cache folder"
+    )]
+    UnsafeUpload {
+        task_id: String,
+        path: String,
+        reason: String,
+    },
+    /// A download went past the configured size cap.
+    #[error(
+        "download of {url} is larger than the cap of {limit} bytes ({seen} bytes seen): raise max_download_bytes in the environment's settings, or pre-fill the cache at {cache}"
+    )]
+    DownloadTooLarge {
+        url: String,
+        limit: u64,
+        seen: u64,
+        cache: PathBuf,
+    },
+    /// OSWorld's evaluator worker cannot start or cannot import `desktop_env`.
+    #[error(
+        "the OSWorld evaluator worker ({python}) is not usable: {reason}: install it with `{install}`"
+    )]
+    WorkerUnavailable {
+        python: String,
+        reason: String,
+        install: String,
+    },
+    /// The worker did not answer in time; it was killed.
+    #[error(
+        "the OSWorld evaluator worker did not answer {op} within {seconds} s: it was killed and is restarted at the next request; raise the worker timeout if the evaluator is slow"
+    )]
+    WorkerTimeout { op: String, seconds: f64 },
+    /// The worker answered with an error, or died.
+    #[error(
+        "the OSWorld evaluator worker failed {op}: {reason} (its stderr is in the log, target osworld_worker)"
+    )]
+    WorkerFailed { op: String, reason: String },
     /// The task needs setup steps, getters or metrics this crate does not implement.
     #[error("task {task_id} needs what is not supported yet: {}", missing.join(", "))]
     Unsupported {
@@ -148,7 +193,21 @@ impl VmwareError {
                 seconds,
                 hint,
             },
-            Self::Evaluation { .. } => EnvError::Evaluation(self.to_string()),
+            Self::WorkerTimeout { op, seconds } => EnvError::Timeout {
+                operation: format!("{operation}: OSWorld evaluator worker {op}"),
+                seconds,
+                hint: "the worker was killed and restarts at the next request".into(),
+            },
+            Self::TaskField { ref file, .. }
+            | Self::UnsafeUpload {
+                task_id: ref file, ..
+            } => EnvError::Unsupported {
+                task_id: file.clone(),
+                reason: self.to_string(),
+            },
+            Self::Evaluation { .. } | Self::WorkerFailed { .. } => {
+                EnvError::Evaluation(self.to_string())
+            }
             other => EnvError::Unavailable {
                 operation: operation.to_owned(),
                 reason: other.to_string(),

@@ -7,8 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::VmwareError;
 use crate::guest::GuestClient;
-use crate::setup::{SetupContext, SetupStep, fetch_cached, run_steps, safe_file_name};
-use crate::task::{RawStep, parse_steps};
+use crate::raw::RawStep;
+use crate::setup::{SetupContext, SetupStep, fetch_cached, parse_steps, run_steps, safe_file_name};
 
 /// The metrics implemented here.
 pub const SUPPORTED_METRICS: &[&str] = &[
@@ -268,6 +268,65 @@ impl Evaluator {
     }
 }
 
+/// A JSON value for a message, cut to 80 characters.
+pub(crate) fn short_json(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(80) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text,
+    }
+}
+
+/// The metric, getter and postconfig step names an `evaluator` object uses, supported or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EvaluatorNames {
+    pub metrics: Vec<String>,
+    pub getters: Vec<String>,
+    pub postconfig: Vec<String>,
+}
+
+impl EvaluatorNames {
+    pub fn of(evaluator: &Value) -> Self {
+        let strings = |v: Option<&Value>| -> Vec<String> {
+            match v {
+                Some(Value::String(s)) => vec![s.clone()],
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let getter_types = |v: Option<&Value>| -> Vec<String> {
+            let one = |g: &Value| g.get("type").and_then(Value::as_str).map(str::to_owned);
+            match v {
+                Some(Value::Array(items)) => items.iter().filter_map(one).collect(),
+                Some(g @ Value::Object(_)) => one(g).into_iter().collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut getters = getter_types(evaluator.get("result"));
+        getters.extend(getter_types(evaluator.get("expected")));
+        getters.sort();
+        getters.dedup();
+        let mut metrics = strings(evaluator.get("func"));
+        metrics.sort();
+        metrics.dedup();
+        let postconfig = match evaluator.get("postconfig") {
+            Some(Value::Array(steps)) => steps
+                .iter()
+                .filter_map(|s| s.get("type").and_then(Value::as_str).map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Self {
+            metrics,
+            getters,
+            postconfig,
+        }
+    }
+}
+
 /// Runs getters against a guest.
 #[derive(Debug)]
 pub struct GetterContext<'a> {
@@ -299,7 +358,13 @@ impl GetterContext<'_> {
                     Err(e) => return Err(e),
                 }
             } else {
-                fetch_cached(source, &local, self.setup.download_timeout).await?;
+                fetch_cached(
+                    source,
+                    &local,
+                    self.setup.download_timeout,
+                    self.setup.max_download_bytes,
+                )
+                .await?;
                 true
             };
             if gives.contains(&i) {
@@ -539,11 +604,15 @@ pub fn metric(
             let text = read_text(func, path)?;
             let mut found = vec![false; expect.len()];
             let mut clean = true;
+            // Python's `re.search` on a line: its `$` also matches before the final newline.
+            let search = |r: &regex::Regex, line: &str| {
+                r.is_match(line) || line.strip_suffix('\n').is_some_and(|l| r.is_match(l))
+            };
             for line in text.split_inclusive('\n') {
                 for (f, r) in found.iter_mut().zip(&expect) {
-                    *f = *f || r.is_match(line);
+                    *f = *f || search(r, line);
                 }
-                clean = clean && unexpect.iter().all(|r| !r.is_match(line));
+                clean = clean && unexpect.iter().all(|r| !search(r, line));
             }
             score(found.iter().all(|f| *f) && clean)
         }

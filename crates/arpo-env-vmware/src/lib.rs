@@ -10,7 +10,8 @@
 //!   setup steps, the simple getters and metrics; whatever a task needs that is missing is
 //!   reported by name ([`OsworldTask::unsupported`]) before it runs.
 //! - [`OsworldEnv`]: the [`arpo_core::Environment`] over a [`VmwareProvider`] (revert, start, IP)
-//!   or a [`RemoteProvider`] (a guest server by URL); [`vmware_pool`] for parallel VMs.
+//!   or a [`RemoteProvider`] (a guest server by URL); [`vmware_pool`] / [`remote_pool`] for parallel
+//!   environments, each with its own cache folder.
 //!
 //! ```
 //! use arpo_core::{Action, Point};
@@ -37,17 +38,24 @@
 //! );
 //! ```
 
+pub mod coverage;
 mod env;
 mod error;
 pub mod evaluate;
 pub mod guest;
 pub mod pyautogui;
+mod raw;
 pub mod setup;
 pub mod task;
 pub mod vmrun;
+pub mod worker;
 
-pub use env::{EnvConfig, OsworldEnv, Provider, RemoteProvider, VmwareProvider, vmware_pool};
+pub use env::{
+    EnvConfig, EvaluatorBackend, OsworldEnv, OsworldEvaluatorConfig, Provider, RemoteProvider,
+    VmwareProvider, remote_pool, vmware_pool,
+};
 pub use error::VmwareError;
 pub use guest::{GuestClient, GuestConfig};
 pub use task::{IndexEntry, OsworldTask, load_index};
 pub use vmrun::{HostType, Vmrun, VmrunConfig, VmrunFailure};
+pub use worker::{GuestSpec, OsworldNames, OsworldWorker, WorkerConfig};

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::VmwareError;
 use crate::guest::GuestClient;
-use crate::task::RawStep;
+use crate::raw::RawStep;
 
 /// The setup step types implemented here.
 pub const SUPPORTED_STEPS: &[&str] = &[
@@ -182,6 +182,23 @@ impl SetupStep {
     }
 }
 
+/// Parses every step, or names every one we do not support.
+pub(crate) fn parse_steps(raw: &[RawStep]) -> Result<Vec<SetupStep>, Vec<String>> {
+    let mut steps = Vec::new();
+    let mut missing = Vec::new();
+    for step in raw {
+        match SetupStep::parse(step) {
+            Ok(s) => steps.push(s),
+            Err(m) => missing.push(m),
+        }
+    }
+    if missing.is_empty() {
+        Ok(steps)
+    } else {
+        Err(missing)
+    }
+}
+
 fn file_pairs(p: &Value, source_key: &str) -> Option<Vec<(String, String)>> {
     p.get("files")?
         .as_array()?
@@ -206,6 +223,11 @@ pub struct SetupContext {
     /// Replaces `{SCREEN_WIDTH}`, `{SCREEN_HEIGHT}` and their `_HALF`s.
     pub screen: (u32, u32),
     pub download_timeout: Duration,
+    /// The largest download kept; a larger one stops with [`VmwareError::DownloadTooLarge`].
+    pub max_download_bytes: u64,
+    /// The folders `upload_file` may read from (the examples folder, the env's cache); a
+    /// relative `local_path` is looked up in each, in order.
+    pub upload_roots: Vec<PathBuf>,
 }
 
 /// `{CLIENT_PASSWORD}`, `{SCREEN_WIDTH}`, `{SCREEN_HEIGHT}`, `{SCREEN_WIDTH_HALF}`,
@@ -269,8 +291,84 @@ pub fn download_cache_path(cache: &Path, url: &str, guest_path: &str) -> PathBuf
     cache.join(format!("{hash:016x}_{}", safe_file_name(guest_path)))
 }
 
-/// Fetches `url` into `dest` (atomically: a temporary file, then a rename) unless it is there.
-pub async fn fetch_cached(url: &str, dest: &Path, timeout: Duration) -> Result<(), VmwareError> {
+/// Why an `upload_file` `local_path` is refused before anything is read: absolute paths and
+/// `..` components could name any host file.
+pub fn upload_path_problem(local: &Path) -> Option<&'static str> {
+    use std::path::Component;
+    if local.as_os_str().is_empty() {
+        return Some("it is empty");
+    }
+    for c in local.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => {
+                return Some("it is absolute (give a path relative to the examples folder)");
+            }
+            Component::ParentDir => return Some("it climbs out with `..`"),
+            Component::CurDir | Component::Normal(_) => {}
+        }
+    }
+    None
+}
+
+/// The host file of an `upload_file` `local_path`: the first of `roots` that holds it, checked
+/// (after resolving links) to stay inside that root.
+pub fn resolve_upload(local: &Path, roots: &[PathBuf]) -> Result<PathBuf, String> {
+    if let Some(problem) = upload_path_problem(local) {
+        return Err(problem.to_owned());
+    }
+    for root in roots {
+        let candidate = root.join(local);
+        if !candidate.is_file() {
+            continue;
+        }
+        let (Ok(real), Ok(real_root)) = (candidate.canonicalize(), root.canonicalize()) else {
+            continue;
+        };
+        if !real.starts_with(&real_root) {
+            return Err(format!(
+                "it resolves (through a link) to {}, outside {}",
+                real.display(),
+                real_root.display()
+            ));
+        }
+        return Ok(real);
+    }
+    Err(format!(
+        "no such file under {}",
+        roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    ))
+}
+
+/// Every `upload_file` path of `steps` checked before any step runs.
+pub fn check_uploads(task_id: &str, steps: &[SetupStep]) -> Result<(), VmwareError> {
+    for step in steps {
+        if let SetupStep::UploadFile { files } = step {
+            for (local, _) in files {
+                if let Some(reason) = upload_path_problem(local) {
+                    return Err(VmwareError::UnsafeUpload {
+                        task_id: task_id.to_owned(),
+                        path: local.display().to_string(),
+                        reason: reason.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fetches `url` into `dest` unless it is there: streamed to a temporary file (never more than
+/// `max_bytes`), then renamed, so that a partial download is never taken for the file.
+pub async fn fetch_cached(
+    url: &str,
+    dest: &Path,
+    timeout: Duration,
+    max_bytes: u64,
+) -> Result<(), VmwareError> {
     if dest.is_file() {
         return Ok(());
     }
@@ -285,18 +383,40 @@ pub async fn fetch_cached(url: &str, dest: &Path, timeout: Duration) -> Result<(
         .timeout(timeout)
         .build()
         .map_err(|e| fail(e.to_string()))?;
+    let too_large = |seen: u64| VmwareError::DownloadTooLarge {
+        url: url.to_owned(),
+        limit: max_bytes,
+        seen,
+        cache: cache.clone(),
+    };
     let mut last = String::new();
     for attempt in 1..=3u32 {
         match client.get(url).send().await {
-            Ok(r) if r.status().is_success() => match r.bytes().await {
-                Ok(bytes) => {
-                    let tmp = dest.with_extension(format!("part{}", std::process::id()));
-                    std::fs::write(&tmp, &bytes).map_err(|e| VmwareError::io("write", &tmp, e))?;
-                    std::fs::rename(&tmp, dest).map_err(|e| VmwareError::io("rename", &tmp, e))?;
-                    return Ok(());
+            Ok(r) if r.status().is_success() => {
+                if let Some(len) = r.content_length().filter(|l| *l > max_bytes) {
+                    return Err(too_large(len));
                 }
-                Err(e) => last = e.to_string(),
-            },
+                let tmp = dest.with_extension(format!("part{}", std::process::id()));
+                match stream_to(r, &tmp, max_bytes).await {
+                    Ok(()) => {
+                        std::fs::rename(&tmp, dest)
+                            .map_err(|e| VmwareError::io("rename", &tmp, e))?;
+                        return Ok(());
+                    }
+                    Err(Streamed::TooLarge(seen)) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(too_large(seen));
+                    }
+                    Err(Streamed::Io(e)) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(VmwareError::io("write", &tmp, e));
+                    }
+                    Err(Streamed::Http(e)) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        last = e;
+                    }
+                }
+            }
             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
             Err(e) => last = e.to_string(),
         }
@@ -306,6 +426,35 @@ pub async fn fetch_cached(url: &str, dest: &Path, timeout: Duration) -> Result<(
         }
     }
     Err(fail(last))
+}
+
+enum Streamed {
+    TooLarge(u64),
+    Io(std::io::Error),
+    Http(String),
+}
+
+/// Writes a response body to `path` chunk by chunk, stopping past `max_bytes`.
+async fn stream_to(
+    mut response: reqwest::Response,
+    path: &Path,
+    max_bytes: u64,
+) -> Result<(), Streamed> {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).map_err(Streamed::Io)?;
+    let mut seen = 0u64;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Streamed::Http(e.to_string()))?
+    {
+        seen += chunk.len() as u64;
+        if seen > max_bytes {
+            return Err(Streamed::TooLarge(seen));
+        }
+        file.write_all(&chunk).map_err(Streamed::Io)?;
+    }
+    file.flush().map_err(Streamed::Io)
 }
 
 /// Logs a guest error status and goes on (OSWorld's behaviour); other errors stop setup.
@@ -410,7 +559,7 @@ async fn run_step(
         SetupStep::Download { files } => {
             for (url, path) in files {
                 let cached = download_cache_path(&ctx.download_cache, url, path);
-                fetch_cached(url, &cached, ctx.download_timeout).await?;
+                fetch_cached(url, &cached, ctx.download_timeout, ctx.max_download_bytes).await?;
                 let data =
                     std::fs::read(&cached).map_err(|e| VmwareError::io("read", &cached, e))?;
                 tolerate("download (upload)", guest.upload(path, data).await)?;
@@ -419,9 +568,20 @@ async fn run_step(
         }
         SetupStep::UploadFile { files } => {
             for (local, path) in files {
-                let data = std::fs::read(local).map_err(|e| VmwareError::Setup {
+                let host = resolve_upload(local, &ctx.upload_roots).map_err(|reason| {
+                    VmwareError::UnsafeUpload {
+                        task_id: ctx
+                            .task_cache
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        path: local.display().to_string(),
+                        reason,
+                    }
+                })?;
+                let data = std::fs::read(&host).map_err(|e| VmwareError::Setup {
                     step: "upload_file".into(),
-                    reason: format!("cannot read {}: {e}", local.display()),
+                    reason: format!("cannot read {}: {e}", host.display()),
                 })?;
                 tolerate("upload_file", guest.upload(path, data).await)?;
             }
@@ -486,6 +646,8 @@ mod tests {
             client_password: "pw".into(),
             screen: (1920, 1080),
             download_timeout: Duration::from_secs(1),
+            max_download_bytes: 1 << 20,
+            upload_roots: Vec::new(),
         };
         assert_eq!(
             substitute(
@@ -521,5 +683,27 @@ mod tests {
         assert!(a.to_string_lossy().ends_with("_a.txt"));
         assert_eq!(safe_file_name("../.."), "file");
         assert_eq!(safe_file_name("GLUE: A.pdf"), "GLUE_ A.pdf");
+    }
+
+    #[test]
+    fn upload_paths_outside_the_roots_are_refused() {
+        let root = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("tmp");
+        std::fs::write(root.path().join("a.txt"), "a").expect("write");
+        std::fs::write(outside.path().join("secret"), "s").expect("write");
+        let roots = vec![root.path().to_path_buf()];
+        assert!(resolve_upload(Path::new("a.txt"), &roots).is_ok());
+        for bad in ["/etc/passwd", "../secret", "x/../../secret", ""] {
+            assert!(upload_path_problem(Path::new(bad)).is_some(), "{bad}");
+            assert!(resolve_upload(Path::new(bad), &roots).is_err(), "{bad}");
+        }
+        assert!(resolve_upload(Path::new("missing.txt"), &roots).is_err());
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("link"))
+                .expect("symlink");
+            let err = resolve_upload(Path::new("link"), &roots).expect_err("a link out");
+            assert!(err.contains("outside"), "{err}");
+        }
     }
 }

@@ -9,58 +9,113 @@ use serde_json::Value;
 
 use crate::VmwareError;
 use crate::evaluate::Evaluator;
-use crate::setup::SetupStep;
+pub use crate::raw::RawStep;
+use crate::setup::{SetupStep, parse_steps};
 
-/// A setup step as written in the JSON: `{type, parameters}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RawStep {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub parameters: Value,
-}
-
-/// One OSWorld task, as its JSON file has it.
+/// One OSWorld task, as its JSON file has it. Only the fields we use are typed and validated
+/// (`id`, `instruction`, `config`, `evaluator`); every other one (`snapshot`, `source`,
+/// `related_apps`, `trajectory`, `proxy`, ...) is kept as is, whatever its shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OsworldTask {
     pub id: String,
-    #[serde(default)]
-    pub snapshot: Option<String>,
     pub instruction: String,
-    #[serde(default)]
-    pub source: Option<String>,
     /// Setup steps, run by `reset`.
     #[serde(default)]
     pub config: Vec<RawStep>,
-    #[serde(default)]
-    pub related_apps: Vec<String>,
     /// `{func, result, expected?, options?, conj?, postconfig?}`, kept raw; see [`Evaluator`].
     pub evaluator: Value,
-    /// Every other field (`trajectory`, `proxy`, `fixed_ip`, ...), kept as is.
+    /// Every other field, kept as is.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }
 
 impl OsworldTask {
-    /// Reads a task file.
+    /// Reads a task file; an error names the file and the field.
     pub fn load(path: &Path) -> Result<Self, VmwareError> {
         let text = std::fs::read_to_string(path).map_err(|e| VmwareError::Read {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        Self::from_json(&text).map_err(|e| match e {
-            VmwareError::InvalidTask { reason, .. } => VmwareError::InvalidTask {
-                what: path.display().to_string(),
-                reason,
-            },
-            other => other,
-        })
+        Self::parse(&text, &path.display().to_string())
     }
 
     pub fn from_json(text: &str) -> Result<Self, VmwareError> {
-        serde_json::from_str(text).map_err(|e| VmwareError::InvalidTask {
-            what: "json".into(),
-            reason: e.to_string(),
+        Self::parse(text, "json")
+    }
+
+    /// Parses a task JSON; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, VmwareError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| VmwareError::InvalidTask {
+            what: file.to_owned(),
+            reason: format!("not JSON: {e}"),
+        })?;
+        Self::from_value(value, file)
+    }
+
+    /// Validates the fields we use, keeps the others untouched.
+    pub fn from_value(value: Value, file: &str) -> Result<Self, VmwareError> {
+        let field = |field: &str, reason: &str| VmwareError::TaskField {
+            file: file.to_owned(),
+            field: field.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let Value::Object(mut map) = value else {
+            return Err(field(
+                "(top level)",
+                "not an OSWorld task JSON: it must be an object {id, instruction, config, evaluator}",
+            ));
+        };
+        let mut text = |name: &str| match map.remove(name) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(field(name, "must be a string")),
+            None => Err(field(name, "is missing")),
+        };
+        let id = text("id")?;
+        let instruction = text("instruction")?;
+        let config = match map.remove("config") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let at = format!("config[{i}]");
+                    let Value::Object(mut step) = item else {
+                        return Err(field(
+                            &at,
+                            "a setup step must be {\"type\", \"parameters\"}",
+                        ));
+                    };
+                    let kind = match step.remove("type") {
+                        Some(Value::String(k)) => k,
+                        _ => {
+                            return Err(field(
+                                &format!("{at}.type"),
+                                "must be a step name (a string)",
+                            ));
+                        }
+                    };
+                    let parameters = match step.remove("parameters") {
+                        None => Value::Null,
+                        Some(p @ (Value::Object(_) | Value::Null)) => p,
+                        Some(_) => {
+                            return Err(field(&format!("{at}.parameters"), "must be an object"));
+                        }
+                    };
+                    Ok(RawStep { kind, parameters })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(field("config", "must be a list of setup steps")),
+        };
+        // Checked where it is used (`evaluator_problem`): a file whose evaluator is malformed
+        // (two of OSWorld's vlc files have a string there) still loads and is reported as not
+        // runnable.
+        let evaluator = map.remove("evaluator").unwrap_or(Value::Null);
+        Ok(Self {
+            id,
+            instruction,
+            config,
+            evaluator,
+            extra: map.into_iter().collect(),
         })
     }
 
@@ -76,9 +131,29 @@ impl OsworldTask {
 
     /// Reads back a task carried by [`OsworldTask::to_task`].
     pub fn from_task(task: &arpo_core::Task) -> Result<Self, VmwareError> {
-        serde_json::from_value(task.config.clone()).map_err(|e| VmwareError::InvalidTask {
-            what: task.id.clone(),
-            reason: format!("its config is not an OSWorld task JSON: {e}"),
+        Self::from_value(
+            task.config.clone(),
+            &format!("{} (the task's config)", task.id),
+        )
+    }
+
+    /// What is wrong with the `evaluator` field, if anything: it must be an object whose `func`
+    /// is a metric name or a list of them.
+    pub fn evaluator_problem(&self) -> Option<VmwareError> {
+        let ok = match self.evaluator.get("func") {
+            Some(Value::String(f)) => !f.is_empty(),
+            Some(Value::Array(fs)) => {
+                !fs.is_empty() && fs.iter().all(|f| f.as_str().is_some_and(|f| !f.is_empty()))
+            }
+            _ => false,
+        };
+        (!ok).then(|| VmwareError::TaskField {
+            file: self.id.clone(),
+            field: "evaluator".into(),
+            reason: format!(
+                "must be an object {{func, result, expected?, options?}} with func a metric name or a list of them, not {}",
+                crate::evaluate::short_json(&self.evaluator)
+            ),
         })
     }
 
@@ -118,22 +193,6 @@ impl OsworldTask {
                 missing,
             })
         }
-    }
-}
-
-pub(crate) fn parse_steps(raw: &[RawStep]) -> Result<Vec<SetupStep>, Vec<String>> {
-    let mut steps = Vec::new();
-    let mut missing = Vec::new();
-    for step in raw {
-        match SetupStep::parse(step) {
-            Ok(s) => steps.push(s),
-            Err(m) => missing.push(m),
-        }
-    }
-    if missing.is_empty() {
-        Ok(steps)
-    } else {
-        Err(missing)
     }
 }
 

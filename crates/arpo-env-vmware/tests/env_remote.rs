@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arpo_core::{Action, EnvError, Environment, Point, Task};
-use arpo_env_vmware::{EnvConfig, GuestClient, GuestConfig, OsworldEnv, OsworldTask, VmwareError};
+use arpo_env_vmware::{
+    EnvConfig, EvaluatorBackend, GuestClient, GuestConfig, OsworldEnv, OsworldEvaluatorConfig,
+    OsworldTask, VmwareError, remote_pool,
+};
 use serde_json::{Value, json};
 use support::{FakeGuest, Script};
 
@@ -46,6 +49,12 @@ fn config(cache: &Path) -> EnvConfig {
         settle: Duration::ZERO,
         pause_between_steps: false,
         download_timeout: Duration::from_secs(1),
+        // These tests check the native evaluators; the worker's tests are in osworld_worker.rs.
+        osworld: OsworldEvaluatorConfig {
+            evaluator: EvaluatorBackend::Native,
+            ..OsworldEvaluatorConfig::default()
+        },
+        ..EnvConfig::default()
     }
 }
 
@@ -378,4 +387,120 @@ async fn off_screen_points_are_rejected_and_the_episode_goes_on() {
         .expect_err("off screen");
     assert!(err.episode_can_continue());
     env.step(&Action::Wait).await.expect("still running");
+}
+
+/// A task whose score depends only on the guest's `/home/user/answer.txt`.
+fn answer_task() -> Task {
+    OsworldTask::from_json(
+        r#"{"id": "answer", "instruction": "Write right into answer.txt",
+            "config": [{"type": "execute", "parameters": {"command": ["cat", "/home/user/answer.txt"], "stdout": "seen.txt"}}],
+            "evaluator": {"func": "check_list",
+                          "result": {"type": "vm_file", "path": "/home/user/answer.txt", "dest": "answer.txt"},
+                          "expected": {"type": "rule", "rules": {"expect": ["^right$"], "unexpect": []}}}}"#,
+    )
+    .expect("task")
+    .to_task(Some("os"))
+}
+
+#[tokio::test]
+async fn four_envs_resetting_one_task_at_once_each_score_their_own_file() {
+    let contents = ["right\n", "wrong 1\n", "right\n", "wrong 3\n"];
+    let guests: Vec<FakeGuest> = contents
+        .iter()
+        .map(|c| {
+            let g = guest();
+            g.state
+                .lock()
+                .expect("lock")
+                .files
+                .insert("/home/user/answer.txt".into(), c.as_bytes().to_vec());
+            g
+        })
+        .collect();
+    let urls: Vec<String> = guests.iter().map(FakeGuest::url).collect();
+    let cache = tempfile::tempdir().expect("tmp");
+    // The same builder the trainer's setup uses for remote guests.
+    let envs = remote_pool(&urls, &config(cache.path()));
+    let Ok([mut a, mut b, mut c, mut d]) = <[OsworldEnv; 4]>::try_from(envs) else {
+        panic!("four envs");
+    };
+    let t = answer_task();
+    let (ra, rb, rc, rd) = tokio::join!(a.reset(&t), b.reset(&t), c.reset(&t), d.reset(&t));
+    for r in [ra, rb, rc, rd] {
+        r.expect("reset");
+    }
+    let done = Action::Finished { content: None };
+    let (sa, sb, sc, sd) = tokio::join!(
+        a.evaluate(Some(&done)),
+        b.evaluate(Some(&done)),
+        c.evaluate(Some(&done)),
+        d.evaluate(Some(&done))
+    );
+    let scores: Vec<f64> = [sa, sb, sc, sd]
+        .into_iter()
+        .map(|s| s.expect("evaluate"))
+        .collect();
+    assert_eq!(scores, [1.0, 0.0, 1.0, 0.0]);
+    // Each env fetched its own guest's file into its own cache folder.
+    let mut folders = std::collections::BTreeSet::new();
+    for (i, content) in contents.iter().enumerate() {
+        let task_cache = cache
+            .path()
+            .join(format!("env{i}"))
+            .join("tasks")
+            .join("answer");
+        let got = std::fs::read_to_string(task_cache.join("answer.txt")).expect("answer file");
+        assert_eq!(&got, content, "env {i}");
+        folders.insert(task_cache);
+    }
+    assert_eq!(folders.len(), 4);
+}
+
+#[tokio::test]
+async fn an_upload_path_out_of_the_examples_folder_is_refused_before_anything_is_read() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), config(cache.path()));
+    for local in ["../secret.txt", "/etc/passwd"] {
+        let t = OsworldTask::from_json(&format!(
+            r#"{{"id": "up", "instruction": "x",
+                "config": [{{"type": "launch", "parameters": {{"command": ["true"]}}}},
+                           {{"type": "upload_file", "parameters": {{"files": [{{"local_path": "{local}", "path": "/tmp/x"}}]}}}}],
+                "evaluator": {{"func": "infeasible"}}}}"#
+        ))
+        .expect("task")
+        .to_task(None);
+        let err = env.reset(&t).await.expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("upload_file local_path") && text.contains(local),
+            "{text}"
+        );
+    }
+    // Refused before the guest saw anything (not even the launch before it).
+    assert_eq!(g.state.lock().expect("lock").requests, 0);
+}
+
+#[tokio::test]
+async fn downloads_past_the_size_cap_stop_with_a_named_error_and_leave_nothing() {
+    let g = guest();
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("blob.bin");
+    let url = format!("{}/blob", g.url());
+    let err = arpo_env_vmware::setup::fetch_cached(&url, &dest, Duration::from_secs(5), 1000)
+        .await
+        .expect_err("too large");
+    match &err {
+        VmwareError::DownloadTooLarge { limit, seen, .. } => {
+            assert_eq!(*limit, 1000);
+            assert!(*seen > 1000);
+        }
+        other => panic!("wrong error {other:?}"),
+    }
+    assert!(err.to_string().contains("max_download_bytes"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+    arpo_env_vmware::setup::fetch_cached(&url, &dest, Duration::from_secs(5), 2 << 20)
+        .await
+        .expect("under the cap");
+    assert_eq!(std::fs::metadata(&dest).expect("file").len(), 1 << 20);
 }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arpo_core::{Action, Environment, Point};
-use arpo_env_vmware::{EnvConfig, GuestConfig, OsworldEnv, OsworldTask, VmwareProvider, vmware_pool};
+use arpo_env_vmware::{
+    EnvConfig, GuestConfig, OsworldEnv, OsworldTask, VmwareProvider, vmware_pool,
+};
 use serde_json::json;
 use support::{FakeGuest, Script, fake_vmrun, vmrun_calls};
 
@@ -48,7 +50,11 @@ async fn reset_retries_a_missing_ip_and_pauses_the_vm_between_steps() {
     let dir = tempfile::tempdir().expect("tmp");
     let vmx = dir.path().join("Ubuntu0.vmx");
     std::fs::write(&vmx, "").expect("vmx");
-    std::fs::write(dir.path().join("state.json"), json!({"ip": "127.0.0.1"}).to_string()).expect("state");
+    std::fs::write(
+        dir.path().join("state.json"),
+        json!({"ip": "127.0.0.1"}).to_string(),
+    )
+    .expect("state");
     // The first getGuestIPAddress prints VMware's error with exit 0; the reset tries again.
     std::fs::write(
         dir.path().join("script.json"),
@@ -61,20 +67,38 @@ async fn reset_retries_a_missing_ip_and_pauses_the_vm_between_steps() {
     let mut env = OsworldEnv::new(Box::new(provider), config(cache.path(), true));
 
     env.reset(&task()).await.expect("reset");
-    env.step(&Action::Click { point: Point::new(3.0, 4.0) }).await.expect("step");
+    env.step(&Action::Click {
+        point: Point::new(3.0, 4.0),
+    })
+    .await
+    .expect("step");
     env.step(&Action::CallUser).await.expect("call_user");
-    assert_eq!(env.evaluate(Some(&Action::CallUser)).await.expect("eval"), 1.0);
+    assert_eq!(
+        env.evaluate(Some(&Action::CallUser)).await.expect("eval"),
+        1.0
+    );
 
     assert_eq!(
         vmrun_calls(dir.path()),
         [
             // attempt 1: the IP never came
-            "revertToSnapshot", "list", "start", "list", "getGuestIPAddress",
+            "revertToSnapshot",
+            "list",
+            "start",
+            "list",
+            "getGuestIPAddress",
             // attempt 2 (the VM runs already: no second start)
-            "revertToSnapshot", "list", "start", "list", "getGuestIPAddress",
+            "revertToSnapshot",
+            "list",
+            "start",
+            "list",
+            "getGuestIPAddress",
             // paused after reset, unpaused for the click, paused while the model thinks,
             // unpaused for call_user (which ends the episode: no pause after it)
-            "pause", "unpause", "pause", "unpause",
+            "pause",
+            "unpause",
+            "pause",
+            "unpause",
         ]
     );
 }
@@ -84,8 +108,13 @@ async fn a_pool_gives_one_env_per_vm_with_its_own_cache() {
     let dir = tempfile::tempdir().expect("tmp");
     let vmrun = fake_vmrun(dir.path(), Duration::from_secs(5));
     let vmxs = [dir.path().join("a.vmx"), dir.path().join("b.vmx")];
-    let envs = vmware_pool(&vmrun, &vmxs, &config(dir.path(), false));
+    let config = config(dir.path(), false);
+    let envs = vmware_pool(&vmrun, &vmxs, &config);
     let described: Vec<String> = envs.iter().map(OsworldEnv::describe).collect();
+    assert_eq!(
+        [config.for_env(0).cache_dir, config.for_env(1).cache_dir],
+        [dir.path().join("env0"), dir.path().join("env1")]
+    );
     assert_eq!(
         described,
         [

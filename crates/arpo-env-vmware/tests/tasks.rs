@@ -86,9 +86,93 @@ fn the_trainer_task_carries_the_whole_json() {
 fn a_non_osworld_task_is_refused_with_the_reason() {
     let err = OsworldTask::from_task(&arpo_core::Task::new("x", "y")).expect_err("null config");
     assert!(
-        err.to_string().contains("not an OSWorld task JSON"),
+        err.to_string().contains("not an OSWorld task JSON") && err.to_string().contains("x"),
         "{err}"
     );
     let err = OsworldTask::load(Path::new("/nonexistent.json")).expect_err("missing");
     assert!(err.to_string().contains("/nonexistent.json"), "{err}");
+}
+
+/// OSWorld's published task set, shared on this machine (not copied into the repository).
+fn shared_examples() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/osworld/evaluation_examples/examples");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        println!(
+            "skipped: {} is absent (OSWorld's evaluation_examples, shared next to the checkout)",
+            dir.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn every_published_task_file_loads() {
+    let Some(dir) = shared_examples() else {
+        return;
+    };
+    let files = find_task_files(&dir).expect("files");
+    assert!(files.len() >= 369, "{} files", files.len());
+    let failures: Vec<String> = files
+        .iter()
+        .filter_map(|f| OsworldTask::load(f).err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The one whose `source` is a list (we do not use `source`).
+    let vs = find_task_files(&dir.join("vs_code"))
+        .expect("vs_code")
+        .into_iter()
+        .find(|f| f.to_string_lossy().contains("ea98c5d7"))
+        .expect("vs_code/ea98c5d7-...");
+    let task = OsworldTask::load(&vs).expect("loads");
+    assert!(task.extra.get("source").is_some_and(|s| s.is_array()));
+}
+
+#[test]
+fn a_field_we_use_that_is_malformed_is_named_with_the_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (body, field) in [
+        (
+            r#"{"id": 3, "instruction": "x", "evaluator": {}}"#,
+            "field id",
+        ),
+        (r#"{"id": "a", "evaluator": {}}"#, "field instruction"),
+        (
+            r#"{"id": "a", "instruction": "x", "config": {}, "evaluator": {}}"#,
+            "field config",
+        ),
+        (
+            r#"{"id": "a", "instruction": "x", "config": [{"parameters": {}}], "evaluator": {}}"#,
+            "field config[0].type",
+        ),
+    ] {
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, body).expect("write");
+        let err = OsworldTask::load(&path).expect_err(body).to_string();
+        assert!(err.contains(field) && err.contains("t.json"), "{err}");
+    }
+    // Unused fields of any shape are kept, not validated.
+    let ok = OsworldTask::from_json(
+        r#"{"id": "a", "instruction": "x", "evaluator": {"func": "infeasible"},
+            "source": ["a", "b"], "snapshot": 3, "related_apps": "chrome"}"#,
+    )
+    .expect("loads");
+    assert_eq!(ok.extra.len(), 3);
+    assert!(ok.evaluator_problem().is_none());
+    // A malformed evaluator loads (OSWorld ships two) but is named where it is used.
+    let bad =
+        OsworldTask::from_json(r#"{"id": "v", "instruction": "x", "evaluator": "evaluation_dir"}"#)
+            .expect("loads");
+    let err = bad.evaluator_problem().expect("a problem").to_string();
+    assert!(
+        err.contains("field evaluator") && err.contains("evaluation_dir"),
+        "{err}"
+    );
 }

@@ -171,6 +171,11 @@ async fn file(State(state): State<Shared>, body: Bytes) -> Response {
     }
 }
 
+/// 1 MiB of bytes, for download size caps.
+async fn blob() -> Response {
+    vec![7u8; 1 << 20].into_response()
+}
+
 fn decode_form(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
@@ -201,6 +206,7 @@ pub fn router(state: Shared) -> Router {
         .route("/setup/close_window", post(close))
         .route("/setup/upload", post(upload))
         .route("/file", post(file))
+        .route("/blob", get(blob))
         .with_state(state)
 }
 
@@ -273,7 +279,8 @@ impl Drop for FakeGuest {
 #[cfg(unix)]
 pub fn fake_vmrun(dir: &std::path::Path, timeout: Duration) -> arpo_env_vmware::Vmrun {
     use std::os::unix::fs::PermissionsExt;
-    let fake = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fake-vmrun/vmrun");
+    let fake =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fake-vmrun/vmrun");
     let wrapper = dir.join("vmrun-wrapper.sh");
     std::fs::write(
         &wrapper,
