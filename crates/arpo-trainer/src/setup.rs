@@ -8,7 +8,7 @@ use arpo_core::Task;
 use arpo_env_sim::{Catalogue, SimEnv};
 use arpo_env_vmware::{
     EnvConfig as OsworldConfig, GuestClient, GuestConfig, HostType, OsworldEnv, OsworldTask,
-    VmwareProvider, Vmrun, VmrunConfig, load_index,
+    VmwareProvider, Vmrun, VmrunConfig, load_index, remote_pool,
 };
 
 use crate::TrainerError;
@@ -185,13 +185,9 @@ pub fn build_envs(config: &Config) -> Result<Envs, TrainerError> {
                     ],
                 });
             }
-            Ok(Envs::Osworld(
-                urls.iter()
-                    .cycle()
-                    .take(n.min(urls.len()))
-                    .map(|u| OsworldEnv::remote(u, osworld_config(config)))
-                    .collect(),
-            ))
+            // One cache folder per environment: parallel resets of one task must not share files.
+            let urls: Vec<String> = urls.iter().take(n).cloned().collect();
+            Ok(Envs::Osworld(remote_pool(&urls, &osworld_config(config))))
         }
         EnvProvider::Vmware => {
             let paths = &config.env.vmware.vm_paths;
@@ -207,10 +203,12 @@ pub fn build_envs(config: &Config) -> Result<Envs, TrainerError> {
                 paths
                     .iter()
                     .take(n)
-                    .map(|vmx| {
+                    .enumerate()
+                    .map(|(i, vmx)| {
                         let mut p = VmwareProvider::new(vmrun.clone(), vmx.clone());
                         p.snapshot = config.env.vmware.snapshot_name.clone();
-                        OsworldEnv::new(Box::new(p), osworld_config(config))
+                        // One cache folder per environment, as in `vmware_pool`.
+                        OsworldEnv::new(Box::new(p), osworld_config(config).for_env(i))
                     })
                     .collect(),
             ))
