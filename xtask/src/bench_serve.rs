@@ -8,6 +8,9 @@
 //! answer's `usage.completion_tokens` (an answer may stop at end of turn before `max_tokens`).
 //! `--seeded` samples instead, with one seed per request, as training rollouts do.
 //! Prints one JSON line per configuration and a Markdown table at the end.
+//!
+//! `--url` measures an already running OpenAI-compatible server instead (vLLM, SGLang, another
+//! `cargo xtask serve`) with the same requests and clients: the side-by-side comparison.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,6 +53,13 @@ pub struct Args {
     /// cpu, cuda or cuda:N (cuda needs a build with candle's cuda feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Measure this running server (its OpenAI base URL, e.g. http://127.0.0.1:8000/v1)
+    /// instead of starting one; its model is the first `GET /v1/models` lists.
+    #[arg(long)]
+    url: Option<String>,
+    /// Sent to --url as `Authorization: Bearer <key>`.
+    #[arg(long, env = "ARPO_SERVER_API_KEY")]
+    api_key: Option<String>,
 }
 
 /// The result of one configuration.
@@ -62,6 +72,8 @@ struct Row {
     generated_tokens: u64,
     mean_latency_s: f64,
     seeded: bool,
+    /// The measured server when it is not the in-process one.
+    external: Option<String>,
 }
 
 impl Row {
@@ -84,6 +96,7 @@ impl Row {
             "generated_tokens": self.generated_tokens,
             "mean_latency_s": round(self.mean_latency_s, 4),
             "sampling": if self.seeded { "seeded" } else { "greedy" },
+            "server": self.external.as_deref().unwrap_or("arpo-serve (in process)"),
         })
     }
 }
@@ -96,7 +109,7 @@ fn round(x: f64, digits: i32) -> f64 {
 const SERVED_NAME: &str = "bench";
 
 /// Request bodies: one screenshot of an embedded-desktop task and its instruction each.
-async fn request_bodies(screens: usize, max_tokens: usize) -> Result<Vec<String>> {
+async fn request_bodies(screens: usize, max_tokens: usize, model: &str) -> Result<Vec<String>> {
     let catalogue = Catalogue::default();
     let mut bodies = Vec::new();
     for task in catalogue.train().iter().take(screens.max(1)) {
@@ -107,7 +120,7 @@ async fn request_bodies(screens: usize, max_tokens: usize) -> Result<Vec<String>
             .with_context(|| format!("resetting the simulated desktop on task {}", task.id))?;
         let png = base64::engine::general_purpose::STANDARD.encode(&observation.screenshot.bytes);
         let body = json!({
-            "model": SERVED_NAME,
+            "model": model,
             "messages": [{
                 "role": "user",
                 "content": [
@@ -131,6 +144,7 @@ async fn send(
     url: &str,
     body: &str,
     seed: Option<u64>,
+    api_key: Option<&str>,
 ) -> Result<(u64, u64)> {
     let body = match seed {
         None => body.to_string(),
@@ -141,9 +155,11 @@ async fn send(
             serde_json::to_string(&v)?
         }
     };
-    let response = client
-        .post(url)
-        .header("content-type", "application/json")
+    let mut request = client.post(url).header("content-type", "application/json");
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
         .body(body)
         .send()
         .await
@@ -167,16 +183,18 @@ async fn run_config(
     concurrency: usize,
     requests: usize,
     seeded: bool,
+    api_key: Option<&str>,
 ) -> Result<(f64, u64, f64)> {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (client, url, bodies, next) = (
+        let (client, url, bodies, next, key) = (
             client.clone(),
             url.to_string(),
             bodies.clone(),
             next.clone(),
+            api_key.map(str::to_string),
         );
         clients.push(tokio::spawn(async move {
             let mut tokens = 0u64;
@@ -188,7 +206,8 @@ async fn run_config(
                 }
                 let sent = Instant::now();
                 let seed = seeded.then_some(i as u64);
-                let (generated, _) = send(&client, &url, &bodies[i % bodies.len()], seed).await?;
+                let (generated, _) =
+                    send(&client, &url, &bodies[i % bodies.len()], seed, key.as_deref()).await?;
                 latency += sent.elapsed();
                 tokens += generated;
             }
@@ -216,10 +235,14 @@ fn markdown(rows: &[Row]) -> String {
          |---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
+        let max_batch = match &r.external {
+            Some(_) => "server's".to_string(),
+            None => r.max_batch.to_string(),
+        };
         out.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.3} |\n",
             r.concurrency,
-            r.max_batch,
+            max_batch,
             r.requests,
             r.seconds,
             r.requests_per_s(),
@@ -230,9 +253,82 @@ fn markdown(rows: &[Row]) -> String {
     out
 }
 
+/// The model a running server lists first.
+async fn listed_model(client: &reqwest::Client, base: &str, api_key: Option<&str>) -> Result<String> {
+    let url = format!("{base}/models");
+    let mut request = client.get(&url);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("GET {url}: is the server running?"))?;
+    let status = response.status();
+    let text = response.text().await?;
+    ensure!(status.is_success(), "GET {url} answered {status}: {text}");
+    let list: Value = serde_json::from_str(&text)?;
+    list["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("GET {url} lists no model: {text}"))
+}
+
+/// The same rows against a running server.
+fn run_external(args: &Args, base: &str) -> Result<()> {
+    let base = base.trim_end_matches('/');
+    let key = args.api_key.as_deref();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let rows = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3600))
+            .build()?;
+        let model = listed_model(&client, base, key).await?;
+        let bodies = Arc::new(request_bodies(args.screens, args.max_tokens, &model).await?);
+        let url = format!("{base}/chat/completions");
+        let mut prompt_tokens = Vec::new();
+        for body in bodies.iter() {
+            prompt_tokens.push(send(&client, &url, body, None, key).await?.1);
+        }
+        eprintln!("{base} (model {model}; prompt tokens per request: {prompt_tokens:?})");
+        let mut rows = Vec::new();
+        for &concurrency in &args.concurrency {
+            let (seconds, generated_tokens, mean_latency_s) =
+                run_config(&client, &url, &bodies, concurrency, args.requests, args.seeded, key)
+                    .await?;
+            let row = Row {
+                concurrency,
+                max_batch: 0,
+                requests: args.requests,
+                seconds,
+                generated_tokens,
+                mean_latency_s,
+                seeded: args.seeded,
+                external: Some(base.to_string()),
+            };
+            println!("{}", row.json());
+            rows.push(row);
+        }
+        anyhow::Ok(rows)
+    })?;
+    println!();
+    println!(
+        "{base}, {} requests per row, max_tokens {}, {}:",
+        args.requests,
+        args.max_tokens,
+        if args.seeded { "temperature 1, one seed per request" } else { "greedy" }
+    );
+    println!();
+    print!("{}", markdown(&rows));
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.requests > 0, "--requests must be at least 1");
     ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
+    if let Some(url) = &args.url {
+        return run_external(&args, url);
+    }
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -250,7 +346,7 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!("Model on {}", engine.info().device);
     let runtime = tokio::runtime::Runtime::new()?;
     let rows = runtime.block_on(async {
-        let bodies = Arc::new(request_bodies(args.screens, args.max_tokens).await?);
+        let bodies = Arc::new(request_bodies(args.screens, args.max_tokens, SERVED_NAME).await?);
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3600))
             .build()?;
@@ -268,7 +364,7 @@ pub fn run(args: Args) -> Result<()> {
             // Warm-up (not timed): one request per screen.
             let mut prompt_tokens = Vec::new();
             for body in bodies.iter() {
-                prompt_tokens.push(send(&client, &url, body, None).await?.1);
+                prompt_tokens.push(send(&client, &url, body, None, None).await?.1);
             }
             eprintln!(
                 "max_batch {max_batch}: serving on {} (prompt tokens per request: {prompt_tokens:?})",
@@ -283,6 +379,7 @@ pub fn run(args: Args) -> Result<()> {
                         concurrency,
                         args.requests,
                         args.seeded,
+                        None,
                     )
                     .await?;
                 let row = Row {
@@ -293,6 +390,7 @@ pub fn run(args: Args) -> Result<()> {
                     generated_tokens,
                     mean_latency_s,
                     seeded: args.seeded,
+                    external: None,
                 };
                 println!("{}", row.json());
                 rows.push(row);

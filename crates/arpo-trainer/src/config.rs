@@ -307,8 +307,20 @@ pub struct RolloutConfig {
     /// Sample from an OpenAI-compatible server instead of the in-process model.
     pub use_external_server: bool,
     pub server_url: String,
-    /// The served model name sent in requests (empty: the server's default).
+    /// The served model name sent in requests (empty: the first model the server's
+    /// `GET /v1/models` lists).
     pub server_model: String,
+    /// More servers besides `server_url` (same model): requests are spread over all of them,
+    /// a server that fails is retried elsewhere, and weights are pushed to each.
+    pub server_urls: Vec<String>,
+    /// Sent as `Authorization: Bearer <key>` to the server(s) (`serve --api-key`, vLLM's
+    /// `--api-key`); unset: the `ARPO_SERVER_API_KEY` environment variable, if any.
+    pub server_api_key: Option<String>,
+    /// How trained weights reach the server(s): `lora_adapter` (vLLM, arpo-serve:
+    /// `/v1/load_lora_adapter`), `sglang_disk` (SGLang: `/update_weights_from_disk`),
+    /// `arpo_reload` (arpo-serve, full weights: `/v1/reload_weights`), `none`, or `auto`
+    /// (`lora_adapter` when training LoRA, else `arpo_reload`).
+    pub weight_sync: String,
     /// Settings for validation rollouts.
     pub val_override_config: ValOverride,
 }
@@ -324,6 +336,9 @@ impl Default for RolloutConfig {
             use_external_server: false,
             server_url: "http://localhost:9000/v1".into(),
             server_model: String::new(),
+            server_urls: Vec::new(),
+            server_api_key: None,
+            weight_sync: "auto".into(),
             val_override_config: ValOverride::default(),
         }
     }

@@ -292,11 +292,23 @@ pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
         }
     }
     if config.worker.rollout.use_external_server {
-        let url = config.worker.rollout.server_url.trim_end_matches('/');
-        if let Err(e) = http_get_ok(&format!("{url}/models")).await {
-            problems.push(format!(
-                "the model server at {url} does not answer ({e}): start it with `cargo xtask serve --model <dir>` and check it with `cargo xtask test-server --url {url}`"
-            ));
+        let ro = &config.worker.rollout;
+        let key = ro
+            .server_api_key
+            .clone()
+            .or_else(|| std::env::var("ARPO_SERVER_API_KEY").ok())
+            .filter(|k| !k.is_empty());
+        let urls = std::iter::once(&ro.server_url)
+            .chain(&ro.server_urls)
+            .flat_map(|u| u.split(','))
+            .map(|u| u.trim().trim_end_matches('/'))
+            .filter(|u| !u.is_empty());
+        for url in urls {
+            if let Err(e) = http_get_ok(&format!("{url}/models"), key.as_deref()).await {
+                problems.push(format!(
+                    "the model server at {url} does not answer ({e}): start it with `cargo xtask serve --model <dir>` and check it with `cargo xtask test-server --url {url}`; a server started with --api-key needs worker.rollout.server_api_key or ARPO_SERVER_API_KEY"
+                ));
+            }
         }
     }
     if problems.is_empty() {
@@ -319,12 +331,16 @@ async fn guest_answers(url: &str) -> Result<(), String> {
     client.screenshot().await.map(|_| ()).map_err(|e| e.to_string())
 }
 
-async fn http_get_ok(url: &str) -> Result<(), String> {
+async fn http_get_ok(url: &str, api_key: Option<&str>) -> Result<(), String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| e.to_string())?;
-    let r = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let mut request = client.get(url);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let r = request.send().await.map_err(|e| e.to_string())?;
     if r.status().is_success() {
         Ok(())
     } else {
