@@ -307,3 +307,35 @@ pub fn param_shapes(c: &Qwen2VlConfig) -> Vec<(String, Vec<usize>)> {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(c: &Qwen2VlConfig, prefix: &str) -> usize {
+        param_shapes(c)
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// The 7B shape against the published checkpoint: Qwen2.5-VL-7B-Instruct's (and so
+    /// UI-TARS-1.5-7B's) `model.safetensors.index.json` gives a total_size of 16,584,333,312
+    /// bytes in bf16, i.e. 8,292,166,656 parameters.
+    #[test]
+    fn ui_tars_15_7b_shape_has_the_published_parameter_count() {
+        let c = Qwen2VlConfig::ui_tars_15_7b();
+        assert_eq!(count(&c, ""), 16_584_333_312 / 2);
+        assert_eq!(count(&c, "visual."), 676_550_144);
+        // Qwen2.5-VL blocks: RMSNorm without bias, gated MLP with biases.
+        let names: Vec<String> = param_shapes(&c).into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"visual.blocks.31.mlp.up_proj.bias".to_string()));
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.ends_with("norm1.bias") || n.contains("fc1"))
+        );
+        assert!(names.contains(&"lm_head.weight".to_string()));
+    }
+}
