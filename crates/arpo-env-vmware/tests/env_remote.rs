@@ -504,3 +504,254 @@ async fn downloads_past_the_size_cap_stop_with_a_named_error_and_leave_nothing()
         .expect("under the cap");
     assert_eq!(std::fs::metadata(&dest).expect("file").len(), 1 << 20);
 }
+
+// OSWorld's own evaluator through the worker (`python/osworld_worker.py`).
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The worker's interpreter: `ARPO_OSWORLD_PYTHON`, else `.venv-osworld/bin/python` (made by
+/// `.ci/run`). `None` (the test skips, saying why) only when it is missing and
+/// `ARPO_REQUIRE_OSWORLD` is not set.
+fn osworld_python() -> Option<String> {
+    let python = std::env::var("ARPO_OSWORLD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join(".venv-osworld/bin/python"));
+    if python.exists() {
+        return Some(python.display().to_string());
+    }
+    if std::env::var_os("ARPO_REQUIRE_OSWORLD").is_some() {
+        panic!(
+            "ARPO_REQUIRE_OSWORLD is set but {} is missing: run .ci/run (it makes the virtualenv) or the README's install",
+            python.display()
+        );
+    }
+    println!(
+        "skipped: no OSWorld evaluator at {} (make it as .ci/run does, or set ARPO_REQUIRE_OSWORLD to make this a failure)",
+        python.display()
+    );
+    None
+}
+
+fn osworld_config(cache: &Path, python: &str) -> EnvConfig {
+    EnvConfig {
+        osworld: OsworldEvaluatorConfig {
+            evaluator: EvaluatorBackend::Osworld,
+            python: python.to_owned(),
+            // easyocr (torch) stands in: only compare_image_text uses it, and no test does.
+            pythonpath: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/pystub")],
+            timeout: Duration::from_secs(120),
+            ..OsworldEvaluatorConfig::default()
+        },
+        ..config(cache)
+    }
+}
+
+fn shared_task(rel: &str) -> Option<OsworldTask> {
+    let path = repo_root()
+        .join("../shared/osworld/evaluation_examples/examples")
+        .join(rel);
+    if path.is_file() {
+        return Some(OsworldTask::load(&path).expect("task"));
+    }
+    if std::env::var_os("ARPO_REQUIRE_OSWORLD").is_some() {
+        panic!(
+            "ARPO_REQUIRE_OSWORLD is set but OSWorld's task file {} is missing",
+            path.display()
+        );
+    }
+    println!("skipped: OSWorld's task file {} is absent", path.display());
+    None
+}
+
+/// Points every cloud_file getter at the fake guest's `/cloud/<dest>`.
+fn local_cloud(getter: &mut Value, base: &str) {
+    match getter {
+        Value::Array(items) => items.iter_mut().for_each(|g| local_cloud(g, base)),
+        Value::Object(g) if g.get("type") == Some(&json!("cloud_file")) => {
+            let url = |dest: &Value| json!(format!("{base}/cloud/{}", dest.as_str().unwrap_or("")));
+            let new_path = match g.get("dest") {
+                Some(Value::Array(dests)) => Value::Array(dests.iter().map(url).collect()),
+                Some(dest) => url(dest),
+                None => return,
+            };
+            g.insert("path".into(), new_path);
+        }
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn every_domain_is_scored_by_osworlds_own_evaluator_as_osworld_scores_it() {
+    let Some(python) = osworld_python() else {
+        return;
+    };
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/osworld_eval");
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("record.json")).expect("record"),
+    )
+    .expect("record json");
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(&g.url(), osworld_config(cache.path(), &python));
+    let done = Action::Finished { content: None };
+    let mut domains = Vec::new();
+    for entry in record["tasks"].as_array().expect("tasks") {
+        let domain = entry["domain"].as_str().expect("domain");
+        let Some(mut task) = shared_task(entry["task"].as_str().expect("task")) else {
+            return;
+        };
+        // Setup downloads from the internet; the fake guest serves the files instead.
+        task.config.clear();
+        for key in ["result", "expected"] {
+            if let Some(getter) = task.evaluator.get_mut(key) {
+                local_cloud(getter, &g.url());
+            }
+        }
+        for (which, case) in entry["cases"].as_object().expect("cases") {
+            {
+                let mut s = g.state.lock().expect("lock");
+                s.files.clear();
+                s.cloud.clear();
+                s.outputs.clear();
+                let read = |v: &Value| {
+                    std::fs::read(fixtures.join(v.as_str().expect("file"))).expect("fixture")
+                };
+                for (guest_path, file) in case["files"].as_object().expect("files") {
+                    s.files.insert(guest_path.clone(), read(file));
+                }
+                for (dest, file) in case["cloud"].as_object().expect("cloud") {
+                    s.cloud.insert(dest.clone(), read(file));
+                }
+                for (command, output) in case["outputs"].as_object().expect("outputs") {
+                    let command: Value = serde_json::from_str(command).expect("command json");
+                    s.outputs.insert(
+                        command.to_string(),
+                        output.as_str().expect("output").to_owned(),
+                    );
+                }
+            }
+            env.reset(&task.to_task(Some(domain))).await.expect("reset");
+            let started = Instant::now();
+            let score = env.evaluate(Some(&done)).await.expect("evaluate");
+            let osworld = case["osworld_direct"]["score"].as_f64().expect("score");
+            println!(
+                "{domain} {which}: {score} through the worker in {:.2} s; OSWorld's {} called directly: {osworld}",
+                started.elapsed().as_secs_f64(),
+                case["osworld_direct"]["func"]
+            );
+            assert!(
+                (score - osworld).abs() < 1e-9,
+                "{domain} {which}: {score} vs OSWorld's {osworld}"
+            );
+            if which == "correct" {
+                assert_eq!(score, 1.0, "{domain}");
+            } else {
+                assert!(score < 1.0, "{domain}");
+            }
+        }
+        domains.push(domain.to_owned());
+    }
+    domains.sort();
+    assert_eq!(
+        domains,
+        [
+            "chrome",
+            "gimp",
+            "libreoffice_calc",
+            "libreoffice_impress",
+            "libreoffice_writer",
+            "multi_apps",
+            "os",
+            "thunderbird",
+            "vlc",
+            "vs_code"
+        ]
+    );
+    assert_eq!(
+        env.worker().starts(),
+        1,
+        "one worker served every evaluation"
+    );
+}
+
+#[tokio::test]
+async fn the_worker_knows_the_bundled_names_and_is_restarted_after_dying() {
+    let Some(python) = osworld_python() else {
+        return;
+    };
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let env = OsworldEnv::remote(&g.url(), osworld_config(cache.path(), &python));
+    let names = env.check_evaluator().await.expect("hello").expect("names");
+    assert_eq!(names, arpo_env_vmware::OsworldNames::bundled());
+    assert!(names.has_metric("compare_table") && names.has_getter("vm_file"));
+    let pid = env.worker().pid().await.expect("running");
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The request that finds it dead fails with the reason; the next one starts a new worker.
+    let first = env.worker().hello().await;
+    let names = match first {
+        Ok(n) => n,
+        Err(e) => {
+            assert!(e.to_string().contains("restarted"), "{e}");
+            env.worker().hello().await.expect("restarted")
+        }
+    };
+    assert_eq!(names.desktop_env, "1.0.2");
+    assert_eq!(env.worker().starts(), 2);
+    assert_ne!(env.worker().pid().await, Some(pid));
+}
+
+#[tokio::test]
+async fn a_worker_that_does_not_answer_is_killed_at_the_timeout_and_restarted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let silent = dir.path().join("silent-python");
+    std::fs::write(&silent, "#!/bin/sh\nexec sleep 30\n").expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&silent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let worker = arpo_env_vmware::OsworldWorker::new(
+        arpo_env_vmware::WorkerConfig {
+            python: silent.display().to_string(),
+            pythonpath: Vec::new(),
+            timeout: Duration::from_millis(300),
+            start_timeout: Duration::from_millis(200),
+        },
+        dir.path(),
+    );
+    let started = Instant::now();
+    let err = worker.hello().await.expect_err("timeout");
+    assert!(matches!(err, VmwareError::WorkerTimeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(worker.pid().await, None, "killed");
+    let _ = worker.hello().await;
+    assert_eq!(worker.starts(), 2);
+}
+
+#[tokio::test]
+async fn a_missing_evaluator_is_reported_with_the_install_command_before_the_guest_is_touched() {
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut env = OsworldEnv::remote(
+        &g.url(),
+        osworld_config(cache.path(), "/nonexistent/python3"),
+    );
+    let err = env
+        .reset(&task("chrome/e1e75309-3ddb-4d09-92ec-de869c928143.json"))
+        .await
+        .expect_err("no worker");
+    let text = err.to_string();
+    assert!(
+        text.contains("pip install --no-deps desktop-env==1.0.2"),
+        "{text}"
+    );
+    assert_eq!(g.state.lock().expect("lock").requests, 0);
+}

@@ -289,3 +289,49 @@ fn check_direct_json_object_both_modes() {
 fn unknown_metric_is_an_error_not_a_zero() {
     assert!(metric("compare_pdfs", &Got::None, None, &Map::new()).is_err());
 }
+
+/// Every native metric against what OSWorld's own function returned on the same inputs
+/// (`python/make_fixtures.py` calls desktop-env 1.0.2 and writes the record).
+#[test]
+fn native_metrics_equal_osworlds_recorded_outputs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/native_metrics");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("record.json")).expect("record"))
+            .expect("json");
+    let cases = record["cases"].as_array().expect("cases");
+    let mut funcs = std::collections::BTreeSet::new();
+    for case in cases {
+        let func = case["func"].as_str().expect("func");
+        let input = |value: &Value, file: &Value| -> Got {
+            match (file.as_str(), value) {
+                (Some(f), _) => Got::File(dir.join(f)),
+                (None, Value::String(s)) => Got::Text(s.clone()),
+                (None, Value::Null) => Got::None,
+                (None, other) => Got::Json(other.clone()),
+            }
+        };
+        let result = input(&case["result"], &case["result_file"]);
+        // An expected value is the rules (`rule` getter), or a file, or a literal for literal_match.
+        let expected = match (case["expected_file"].as_str(), &case["expected"]) {
+            (Some(f), _) => Some(Got::File(dir.join(f))),
+            (None, Value::Null) => None,
+            (None, Value::String(s)) => Some(Got::Text(s.clone())),
+            (None, v) if func == "literal_match" => Some(Got::Json(v.clone())),
+            (None, v) => Some(Got::Json(v.clone())),
+        };
+        let got = run(func, &result, expected, case["options"].clone());
+        let want = case["osworld"].as_f64().expect("score");
+        assert!(
+            (got - want).abs() < 1e-9,
+            "{func} on {case}: native {got}, OSWorld {want}"
+        );
+        funcs.insert(func.to_owned());
+    }
+    // Every native metric but `infeasible` (scored by DesktopEnv.evaluate, not a function) is covered.
+    let native: std::collections::BTreeSet<String> = arpo_env_vmware::evaluate::SUPPORTED_METRICS
+        .iter()
+        .filter(|m| **m != "infeasible")
+        .map(|m| (*m).to_owned())
+        .collect();
+    assert_eq!(funcs, native);
+}

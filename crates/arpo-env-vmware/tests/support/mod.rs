@@ -27,6 +27,8 @@ pub struct Script {
     pub uploads: HashMap<String, Vec<u8>>,
     /// Files `/file` serves.
     pub files: HashMap<String, Vec<u8>>,
+    /// Files `GET /cloud/<name>` serves (stand-ins for a task's cloud_file URLs).
+    pub cloud: HashMap<String, Vec<u8>>,
     /// `/execute` outputs by command (JSON text of the command).
     pub outputs: HashMap<String, String>,
     /// The next N requests answer 500.
@@ -171,6 +173,16 @@ async fn file(State(state): State<Shared>, body: Bytes) -> Response {
     }
 }
 
+async fn cloud(
+    State(state): State<Shared>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match state.lock().expect("lock").cloud.get(&name) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => (StatusCode::NOT_FOUND, "no such cloud file").into_response(),
+    }
+}
+
 /// 1 MiB of bytes, for download size caps.
 async fn blob() -> Response {
     vec![7u8; 1 << 20].into_response()
@@ -207,6 +219,7 @@ pub fn router(state: Shared) -> Router {
         .route("/setup/upload", post(upload))
         .route("/file", post(file))
         .route("/blob", get(blob))
+        .route("/cloud/{name}", get(cloud))
         .with_state(state)
 }
 
