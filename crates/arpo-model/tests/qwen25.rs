@@ -423,3 +423,96 @@ fn saved_checkpoint_loads_back_with_the_same_logits() {
         .unwrap();
     assert_close("reloaded logits", &b, &a, 0.0, 1e-6);
 }
+
+/// LoRA on every projection, vision tower included (Qwen2.5-VL's `mlp.gate_proj` etc. in the
+/// ViT), with deterministic non-zero B so that every adapter changes the logits.
+fn roundtrip_lora() -> Trainable {
+    let trainable = Trainable::lora(
+        model(),
+        LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: [
+                "qkv",
+                "proj",
+                "q_proj",
+                "v_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            include_vision: true,
+            seed: 5,
+        },
+    )
+    .unwrap();
+    for (k, adapter) in trainable
+        .lora_set()
+        .unwrap()
+        .adapters()
+        .values()
+        .enumerate()
+    {
+        let n: usize = adapter.b.dims().iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|i| (0.05 * ((i * 7 + k * 13) as f32 * 0.61).sin()))
+            .collect();
+        let b = Tensor::from_vec(values, adapter.b.dims(), &Device::Cpu).unwrap();
+        adapter.b.set(&b).unwrap();
+    }
+    trainable
+}
+
+/// The round trip through Python (`fixtures/scripts/check_roundtrip_qwen25.py`): with
+/// `ARPO_ROUNDTRIP_DIR` set, writes our PEFT adapter (decoder and vision modules), our merged
+/// full checkpoint and our logits there, for the script to load in peft and transformers
+/// (`Qwen2_5_VLForConditionalGeneration`); always, loads the adapter peft saved from ours
+/// (`tiny-qwen25vl-golden/peft_resaved/`) and checks it gives our logits.
+#[test]
+fn lora_checkpoints_round_trip_through_peft() {
+    let golden = golden();
+    let meta = &golden["train"];
+    let t = tensors("train");
+    let episode = train_episode(meta, &t);
+    let trainable = roundtrip_lora();
+    let set = trainable.lora_set().unwrap();
+    assert!(set.adapters().contains_key("visual.blocks.2.mlp.gate_proj"));
+    assert!(set.adapters().contains_key("visual.blocks.0.attn.qkv"));
+    let logits = |m: &Qwen2Vl| {
+        m.forward(
+            &episode.input_ids,
+            episode.pixel_values.as_ref(),
+            &episode.grid_thw,
+        )
+        .unwrap()
+    };
+    let ours = logits(&trainable.model);
+    assert!(
+        rel_err(&ours, &logits(&model())) > 1e-3,
+        "the adapters change the logits"
+    );
+    let merged = logits(&trainable.merged_model().unwrap());
+    assert!(rel_err(&merged, &ours) < 1e-5);
+    if let Some(dir) = std::env::var_os("ARPO_ROUNDTRIP_DIR") {
+        let dir = PathBuf::from(dir);
+        trainable
+            .save_adapter(&dir.join("adapter"), "tiny-qwen25vl", None)
+            .unwrap();
+        trainable
+            .save(&dir.join("full"), &model_dir(), None)
+            .unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("logits".to_string(), ours.clone())]),
+            dir.join("logits.safetensors"),
+        )
+        .unwrap();
+    }
+    let resaved = golden_dir().join("peft_resaved");
+    let loaded = Trainable::lora_from_peft(model(), &resaved, 0).expect("peft's adapter loads");
+    let e = rel_err(&logits(&loaded.model), &ours);
+    eprintln!("adapter saved by peft: relative logit error {e:e}");
+    assert!(e < 1e-5, "adapter saved by peft: relative error {e}");
+}

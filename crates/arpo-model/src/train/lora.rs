@@ -283,6 +283,10 @@ pub struct LoraSet {
     dropout_rng: ChaCha8Rng,
     training: Arc<AtomicBool>,
     shared_rng: Arc<Mutex<ChaCha8Rng>>,
+    /// Modules that are convolutions in PyTorch (the patch embedding, a Conv3d whose kernel is its
+    /// stride, a Linear here): their base kernel shape `[out, in_channels, kernel...]`. PEFT
+    /// stores their A as a convolution `[r, in_channels, kernel...]` and B as a 1x..x1 one.
+    conv_kernels: BTreeMap<String, Vec<usize>>,
 }
 
 /// Per-module seed: the same module gets the same init whatever order modules are added in.
@@ -310,7 +314,15 @@ impl LoraSet {
             dropout_rng,
             training: Arc::new(AtomicBool::new(false)),
             shared_rng,
+            conv_kernels: BTreeMap::new(),
         })
+    }
+
+    /// Declares `module` a convolution in PyTorch with kernel shape `[out, in_channels,
+    /// kernel...]` (kernel == stride, so a Linear over flattened patches here): its adapter is
+    /// saved in PEFT's convolution shapes.
+    pub fn set_conv_kernel(&mut self, module: &str, kernel: Vec<usize>) {
+        self.conv_kernels.insert(module.to_string(), kernel);
     }
 
     /// Turns dropout on (training) or off (scoring old log-probs, evaluation) for every
@@ -440,8 +452,18 @@ impl LoraSet {
         let mut tensors = BTreeMap::new();
         for (m, a) in &self.adapters {
             let name = peft_module_name(m);
-            tensors.insert(format!("{PEFT_PREFIX}{name}.lora_A.weight"), a.a.as_tensor().clone());
-            tensors.insert(format!("{PEFT_PREFIX}{name}.lora_B.weight"), a.b.as_tensor().clone());
+            let (mut lora_a, mut lora_b) = (a.a.as_tensor().clone(), a.b.as_tensor().clone());
+            if let Some(kernel) = self.conv_kernels.get(m) {
+                let r = lora_a.dim(0)?;
+                let mut a_shape = vec![r];
+                a_shape.extend_from_slice(&kernel[1..]);
+                let mut b_shape = vec![lora_b.dim(0)?, r];
+                b_shape.extend(std::iter::repeat_n(1, kernel.len() - 2));
+                lora_a = lora_a.reshape(a_shape)?;
+                lora_b = lora_b.reshape(b_shape)?;
+            }
+            tensors.insert(format!("{PEFT_PREFIX}{name}.lora_A.weight"), lora_a);
+            tensors.insert(format!("{PEFT_PREFIX}{name}.lora_B.weight"), lora_b);
         }
         ck.write_safetensors(ADAPTER_WEIGHTS, &tensors, &BTreeMap::new())?;
         ck.write_json(ADAPTER_CONFIG, &self.peft_config(base_model_name_or_path))
@@ -533,6 +555,16 @@ impl LoraSet {
         for (module, pair) in pairs {
             match pair {
                 (Some(a), Some(b)) => {
+                    // A convolution's adapter (the patch embedding): A `[r, c, k...]`, B
+                    // `[out, r, 1...]`; here the Linear over flattened patches.
+                    let (a, b) = if a.rank() > 2 {
+                        let mut kernel = vec![b.dim(0)?];
+                        kernel.extend_from_slice(&a.dims()[1..]);
+                        set.set_conv_kernel(&module, kernel);
+                        (a.flatten_from(1)?, b.flatten_from(1)?)
+                    } else {
+                        (a, b)
+                    };
                     if a.dims()[0] != r {
                         return Err(TrainError::Mismatch {
                             name: module,

@@ -25,6 +25,9 @@ use crate::Qwen2Vl;
 use crate::nn::{Linear, RmsNorm};
 use crate::vision::VisionNorm;
 
+/// The patch embedding's module name (a Conv3d in PyTorch, a Linear here).
+const PATCH_EMBED: &str = "visual.patch_embed.proj";
+
 /// Weights file of a full checkpoint.
 pub const MODEL_WEIGHTS: &str = "model.safetensors";
 /// Optimizer state file saved beside the weights.
@@ -108,7 +111,7 @@ fn visit_linears(
     f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
 ) -> Result<()> {
     let v = &mut model.vision;
-    f("visual.patch_embed.proj", &mut v.patch_embed)?;
+    f(PATCH_EMBED, &mut v.patch_embed)?;
     for (i, b) in v.blocks.iter_mut().enumerate() {
         let p = format!("visual.blocks.{i}");
         for (n, l) in b.linears_mut() {
@@ -200,11 +203,23 @@ impl Trainable {
         })?;
         retie(&mut model);
         let device = model.device().clone();
+        let vc = &model.config.vision;
+        // The patch embedding is a Conv3d in PyTorch (kernel == stride): PEFT's shapes on save.
+        let patch_kernel = vec![
+            vc.embed_dim,
+            vc.in_channels,
+            vc.temporal_patch_size,
+            vc.patch_size,
+            vc.patch_size,
+        ];
         let mut attached = 0usize;
         visit_linears(&mut model, &mut |name, linear| {
             if init {
                 let (out_dim, in_dim) = linear.dims();
                 set.add_if_targeted(name, in_dim, out_dim, &device)?;
+            }
+            if name == PATCH_EMBED && set.get(name).is_some() {
+                set.set_conv_kernel(name, patch_kernel.clone());
             }
             linear.lora = set.get(name).cloned();
             attached += usize::from(linear.lora.is_some());
