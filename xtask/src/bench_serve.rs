@@ -206,8 +206,14 @@ async fn run_config(
                 }
                 let sent = Instant::now();
                 let seed = seeded.then_some(i as u64);
-                let (generated, _) =
-                    send(&client, &url, &bodies[i % bodies.len()], seed, key.as_deref()).await?;
+                let (generated, _) = send(
+                    &client,
+                    &url,
+                    &bodies[i % bodies.len()],
+                    seed,
+                    key.as_deref(),
+                )
+                .await?;
                 latency += sent.elapsed();
                 tokens += generated;
             }
@@ -254,7 +260,11 @@ fn markdown(rows: &[Row]) -> String {
 }
 
 /// The model a running server lists first.
-async fn listed_model(client: &reqwest::Client, base: &str, api_key: Option<&str>) -> Result<String> {
+async fn listed_model(
+    client: &reqwest::Client,
+    base: &str,
+    api_key: Option<&str>,
+) -> Result<String> {
     let url = format!("{base}/models");
     let mut request = client.get(&url);
     if let Some(key) = api_key {
@@ -293,9 +303,16 @@ fn run_external(args: &Args, base: &str) -> Result<()> {
         eprintln!("{base} (model {model}; prompt tokens per request: {prompt_tokens:?})");
         let mut rows = Vec::new();
         for &concurrency in &args.concurrency {
-            let (seconds, generated_tokens, mean_latency_s) =
-                run_config(&client, &url, &bodies, concurrency, args.requests, args.seeded, key)
-                    .await?;
+            let (seconds, generated_tokens, mean_latency_s) = run_config(
+                &client,
+                &url,
+                &bodies,
+                concurrency,
+                args.requests,
+                args.seeded,
+                key,
+            )
+            .await?;
             let row = Row {
                 concurrency,
                 max_batch: 0,
@@ -316,7 +333,11 @@ fn run_external(args: &Args, base: &str) -> Result<()> {
         "{base}, {} requests per row, max_tokens {}, {}:",
         args.requests,
         args.max_tokens,
-        if args.seeded { "temperature 1, one seed per request" } else { "greedy" }
+        if args.seeded {
+            "temperature 1, one seed per request"
+        } else {
+            "greedy"
+        }
     );
     println!();
     print!("{}", markdown(&rows));

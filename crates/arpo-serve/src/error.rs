@@ -26,7 +26,9 @@ pub enum ServeError {
     Tokenizer { path: String, reason: String },
     #[error("invalid server url {url:?}: {reason}")]
     Url { url: String, reason: String },
-    #[error("unknown weight sync {given:?}: use lora_adapter (vLLM, arpo-serve), sglang_disk (SGLang), arpo_reload (arpo-serve, full weights) or none")]
+    #[error(
+        "unknown weight sync {given:?}: use lora_adapter (vLLM, arpo-serve), sglang_disk (SGLang), arpo_reload (arpo-serve, full weights) or none"
+    )]
     WeightSync { given: String },
     #[error("request to {url} failed: {reason}")]
     Http { url: String, reason: String },

@@ -67,12 +67,24 @@ fn placeholder_ids(model: &Qwen2Vl) -> Vec<u32> {
 /// The `k` most likely tokens of one row of logits under `log_softmax(logits / temperature)`
 /// (temperature 0 read as 1, as the sampler reports log-probs), best first, ties by id;
 /// `excluded` ids are left out of the list but stay in the normalisation.
-pub(crate) fn top_logprobs(logits: &[f32], temperature: f64, k: usize, excluded: &[u32]) -> Vec<(u32, f32)> {
+pub(crate) fn top_logprobs(
+    logits: &[f32],
+    temperature: f64,
+    k: usize,
+    excluded: &[u32],
+) -> Vec<(u32, f32)> {
     if k == 0 || logits.is_empty() {
         return Vec::new();
     }
-    let t = if temperature > 0.0 { temperature as f32 } else { 1.0 };
-    let max = logits.iter().map(|l| l / t).fold(f32::NEG_INFINITY, f32::max);
+    let t = if temperature > 0.0 {
+        temperature as f32
+    } else {
+        1.0
+    };
+    let max = logits
+        .iter()
+        .map(|l| l / t)
+        .fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|l| f64::from((l / t - max).exp())).sum();
     let log_z = max + sum.ln() as f32;
     let mut order: Vec<u32> = (0..logits.len() as u32)

@@ -297,8 +297,9 @@ impl RemotePolicy {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ServeError::Url {
                     url: url.clone(),
-                    reason: "it must start with http:// or https:// (e.g. http://localhost:9000/v1)"
-                        .into(),
+                    reason:
+                        "it must start with http:// or https:// (e.g. http://localhost:9000/v1)"
+                            .into(),
                 });
             }
         }
@@ -440,7 +441,10 @@ impl RemotePolicy {
                     endpoint.mark_up();
                     return Ok(text);
                 }
-                Err(Failure { error, retry: false }) => return Err(error),
+                Err(Failure {
+                    error,
+                    retry: false,
+                }) => return Err(error),
                 Err(Failure { error, retry: true }) => {
                     let message = error.to_string();
                     endpoint.mark_down(&message);
@@ -454,10 +458,7 @@ impl RemotePolicy {
         Err(PolicyError::Server(if errors.len() == 1 {
             errors.remove(0)
         } else {
-            format!(
-                "every model server failed: {}",
-                errors.join("; ")
-            )
+            format!("every model server failed: {}", errors.join("; "))
         }))
     }
 
@@ -535,7 +536,8 @@ impl RemotePolicy {
     /// Pushes new adapter weights after a training update: unloads `name` if the server has
     /// it, loads it again from `path`, and sends further requests to it.
     pub async fn push_lora_adapter(&mut self, name: &str, path: &Path) -> Result<(), PolicyError> {
-        self.push_weights(WeightSync::LoraAdapter, path, name).await?;
+        self.push_weights(WeightSync::LoraAdapter, path, name)
+            .await?;
         self.set_model(name);
         Ok(())
     }
@@ -565,7 +567,10 @@ impl RemotePolicy {
                     return Err(PolicyError::Server(format!(
                         "POST {url} did not load {}: {}",
                         path.display(),
-                        answer.get("message").and_then(Value::as_str).unwrap_or(&text)
+                        answer
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or(&text)
                     )));
                 }
                 Ok(())

@@ -569,12 +569,7 @@ async fn bad_inputs_get_4xx_with_openai_error_json() -> TestResult {
             Some("top_logprobs"),
             None,
         ),
-        (
-            json!({"model": "ui-tars"}),
-            400,
-            Some("messages"),
-            None,
-        ),
+        (json!({"model": "ui-tars"}), 400, Some("messages"), None),
         (
             json!({"messages": [{"content": "no role"}]}),
             400,
@@ -619,7 +614,10 @@ async fn bad_inputs_get_4xx_with_openai_error_json() -> TestResult {
     // Numbers at the edge that are fine: the seed wraps by design (seed + choice index).
     let ok = post(
         &url,
-        &request_with_images(0, json!({"seed": u64::MAX, "n": 2, "temperature": 1.0, "top_k": i64::MAX})),
+        &request_with_images(
+            0,
+            json!({"seed": u64::MAX, "n": 2, "temperature": 1.0, "top_k": i64::MAX}),
+        ),
     )
     .await;
     assert_eq!(ok.status(), 200);
@@ -1131,11 +1129,16 @@ mod remote {
             .act(&[context(0), context(1)], &SamplingParams::greedy(256))
             .await?;
         for (ctx, response) in [context(0), context(1)].iter().zip(&responses) {
-            let (text, ids, _) = in_process(&engine, &build_messages(ctx, &PromptConfig::default()));
+            let (text, ids, _) =
+                in_process(&engine, &build_messages(ctx, &PromptConfig::default()));
             assert_eq!(response.text, text);
             assert_eq!(response.token_ids, ids);
         }
-        assert!(policy.describe().contains("model served-name"), "{}", policy.describe());
+        assert!(
+            policy.describe().contains("model served-name"),
+            "{}",
+            policy.describe()
+        );
         // A named model that is not there is the server's 404, not a silent fallback.
         let mut named = RemotePolicyConfig::new(server.base_url(), "nope");
         named.api_key = Some("k3y".into());
@@ -1171,7 +1174,10 @@ mod remote {
         let dead = dead_url()?;
         let list = format!("{}, {dead}", a.base_url());
         let config = RemotePolicyConfig::new(list, "ui-tars").with_more_urls(&[b.base_url()]);
-        assert_eq!(config.base_urls, vec![a.base_url(), dead.clone(), b.base_url()]);
+        assert_eq!(
+            config.base_urls,
+            vec![a.base_url(), dead.clone(), b.base_url()]
+        );
         let policy = RemotePolicy::new(config, None)?;
         let contexts: Vec<AgentContext> = (0..12).map(|i| context(i % 3)).collect();
         let responses = policy.act(&contexts, &SamplingParams::greedy(256)).await?;
@@ -1180,23 +1186,38 @@ mod remote {
             .map(|e| e.batch_sizes().iter().sum())
             .collect();
         for (ctx, response) in contexts.iter().zip(&responses) {
-            let (text, _, _) = in_process(&engines[0], &build_messages(ctx, &PromptConfig::default()));
+            let (text, _, _) =
+                in_process(&engines[0], &build_messages(ctx, &PromptConfig::default()));
             assert_eq!(response.text, text);
         }
         assert_eq!(served.iter().sum::<usize>(), 12, "{served:?}");
-        assert!(served.iter().all(|&n| n >= 2), "both live servers serve: {served:?}");
+        assert!(
+            served.iter().all(|&n| n >= 2),
+            "both live servers serve: {served:?}"
+        );
         let report = policy.server_failures();
-        let dead_report = report.iter().find(|r| r.url == dead).ok_or("dead server listed")?;
+        let dead_report = report
+            .iter()
+            .find(|r| r.url == dead)
+            .ok_or("dead server listed")?;
         assert!(dead_report.failures >= 1, "{report:?}");
         assert!(dead_report.last_error.is_some());
-        assert!(report.iter().filter(|r| r.url != dead).all(|r| r.failures == 0), "{report:?}");
+        assert!(
+            report
+                .iter()
+                .filter(|r| r.url != dead)
+                .all(|r| r.failures == 0),
+            "{report:?}"
+        );
 
         // Every server down: one error naming each.
         let all_dead = RemotePolicy::new(
             RemotePolicyConfig::new(format!("{dead},{}", dead_url()?), "ui-tars"),
             None,
         )?;
-        let err = all_dead.act(&[context(0)], &SamplingParams::greedy(8)).await;
+        let err = all_dead
+            .act(&[context(0)], &SamplingParams::greedy(8))
+            .await;
         assert!(
             matches!(err, Err(arpo_core::PolicyError::Server(ref m)) if m.starts_with("every model server failed") && m.contains(&dead)),
             "{err:?}"
@@ -1210,12 +1231,21 @@ mod remote {
         )?;
         let ckpt = tempfile::tempdir()?;
         std::fs::write(ckpt.path().join("config.json"), "{}")?;
-        live.push_weights(WeightSync::ArpoReload, ckpt.path(), "unused").await?;
-        live.push_weights(WeightSync::SglangDisk, ckpt.path(), "unused").await?;
-        live.push_weights(WeightSync::None, Path::new("/no/such/dir"), "unused").await?;
+        live.push_weights(WeightSync::ArpoReload, ckpt.path(), "unused")
+            .await?;
+        live.push_weights(WeightSync::SglangDisk, ckpt.path(), "unused")
+            .await?;
+        live.push_weights(WeightSync::None, Path::new("/no/such/dir"), "unused")
+            .await?;
         for _ in 0..2 {
-            let r = live.act(&[context(0)], &SamplingParams::greedy(256)).await?;
-            assert!(r[0].text.starts_with("Thought: I see 1 screenshot(s) v2."), "{}", r[0].text);
+            let r = live
+                .act(&[context(0)], &SamplingParams::greedy(256))
+                .await?;
+            assert!(
+                r[0].text.starts_with("Thought: I see 1 screenshot(s) v2."),
+                "{}",
+                r[0].text
+            );
         }
         // A failed push names the server and the reason.
         let err = live
@@ -1227,7 +1257,10 @@ mod remote {
         );
         assert_eq!("sglang_disk".parse::<WeightSync>()?, WeightSync::SglangDisk);
         let bad = "nccl".parse::<WeightSync>().map_err(|e| e.to_string());
-        assert!(matches!(bad, Err(ref m) if m.contains("lora_adapter")), "{bad:?}");
+        assert!(
+            matches!(bad, Err(ref m) if m.contains("lora_adapter")),
+            "{bad:?}"
+        );
         a.shutdown().await?;
         b.shutdown().await?;
         Ok(())
@@ -1403,8 +1436,16 @@ async fn adapter_loads_are_bounded_by_count_and_memory() -> TestResult {
     let (status, err) = error_of(load(base.clone(), "c").await).await;
     assert_eq!(status, 409);
     assert_eq!(err.error.code.as_deref(), Some("too_many_adapters"));
-    assert!(err.error.message.contains("--max-loras 2"), "{}", err.error.message);
-    let r = post(&format!("{base}/unload_lora_adapter"), &json!({"lora_name": "a"})).await;
+    assert!(
+        err.error.message.contains("--max-loras 2"),
+        "{}",
+        err.error.message
+    );
+    let r = post(
+        &format!("{base}/unload_lora_adapter"),
+        &json!({"lora_name": "a"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(load(base.clone(), "c").await.status(), 200);
     server.shutdown().await?;
@@ -1422,7 +1463,11 @@ async fn adapter_loads_are_bounded_by_count_and_memory() -> TestResult {
     assert_eq!(load(base.clone(), "b").await.status(), 200);
     let (status, err) = error_of(load(base.clone(), "c").await).await;
     assert_eq!(status, 409);
-    assert!(err.error.message.contains("300 bytes"), "{}", err.error.message);
+    assert!(
+        err.error.message.contains("300 bytes"),
+        "{}",
+        err.error.message
+    );
     server.shutdown().await?;
     Ok(())
 }
@@ -1456,6 +1501,10 @@ async fn non_loopback_bind_needs_an_api_key_or_an_explicit_allow() -> TestResult
     // Loopback is fine without a key (v4 and v6).
     ServeConfig::default().check_bind("127.0.0.1:9000".parse()?)?;
     ServeConfig::default().check_bind("[::1]:9000".parse()?)?;
-    assert!(ServeConfig::default().check_bind("192.168.1.5:9000".parse()?).is_err());
+    assert!(
+        ServeConfig::default()
+            .check_bind("192.168.1.5:9000".parse()?)
+            .is_err()
+    );
     Ok(())
 }

@@ -455,12 +455,23 @@ async fn top_logprobs_equal_the_transformers_distribution() -> TestResult {
         });
         let answer = complete(&url, &body).await?;
         let input_len = c["input_ids"].as_array().ok_or("input_ids")?.len();
-        assert_eq!(answer.usage.prompt_tokens as usize, input_len, "{case}: the golden prompt");
-        let tensors = candle_core::safetensors::load(golden_dir.join(format!("{case}.safetensors")), &Device::Cpu)?;
+        assert_eq!(
+            answer.usage.prompt_tokens as usize, input_len,
+            "{case}: the golden prompt"
+        );
+        let tensors = candle_core::safetensors::load(
+            golden_dir.join(format!("{case}.safetensors")),
+            &Device::Cpu,
+        )?;
         let logits = tensors.get("logits").ok_or("logits")?;
         let last: Vec<f32> = logits.get(logits.dim(0)? - 1)?.to_vec1()?;
         let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let log_z = max + last.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let log_z = max
+            + last
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         let mut want: Vec<(u32, f64)> = last
             .iter()
             .enumerate()
@@ -470,12 +481,20 @@ async fn top_logprobs_equal_the_transformers_distribution() -> TestResult {
         want.sort_by(|a, b| b.1.total_cmp(&a.1));
         want.truncate(5);
 
-        let entries = &answer.choices[0].logprobs.as_ref().ok_or("logprobs")?.content;
+        let entries = &answer.choices[0]
+            .logprobs
+            .as_ref()
+            .ok_or("logprobs")?
+            .content;
         assert_eq!(entries.len(), 2, "{case}");
         let first = &entries[0];
         assert_eq!(first.top_logprobs.len(), 5, "{case}");
         for (k, (got, (id, lp))) in first.top_logprobs.iter().zip(&want).enumerate() {
-            assert_eq!(parse_token_id(&got.token), Some(*id), "{case}: alternative {k}");
+            assert_eq!(
+                parse_token_id(&got.token),
+                Some(*id),
+                "{case}: alternative {k}"
+            );
             assert!(
                 (f64::from(got.logprob) - lp).abs() < 1e-4,
                 "{case}: alternative {k}: {} here, {lp} from transformers",
@@ -484,7 +503,10 @@ async fn top_logprobs_equal_the_transformers_distribution() -> TestResult {
         }
         // Greedy: the sampled token is the best alternative, with the same log-prob.
         assert_eq!(parse_token_id(&first.token), Some(want[0].0), "{case}");
-        assert!((f64::from(first.logprob) - want[0].1).abs() < 1e-4, "{case}");
+        assert!(
+            (f64::from(first.logprob) - want[0].1).abs() < 1e-4,
+            "{case}"
+        );
         let greedy = c["greedy_tokens"].as_array().ok_or("greedy_tokens")?;
         let second = &entries[1];
         assert_eq!(
