@@ -449,6 +449,16 @@ impl Qwen2VlConfig {
         }
     }
 
+    /// A published shape by name, for benchmarks and estimates with random weights: `2b`
+    /// (UI-TARS-2B, Qwen2-VL-2B) or `1.5-7b` (UI-TARS-1.5-7B, Qwen2.5-VL-7B).
+    pub fn named_shape(name: &str) -> Option<Self> {
+        match name {
+            "2b" => Some(Self::ui_tars_2b()),
+            "1.5-7b" => Some(Self::ui_tars_15_7b()),
+            _ => None,
+        }
+    }
+
     /// Whether this is a Qwen2.5-VL (UI-TARS-1.5) model.
     pub fn is_qwen25(&self) -> bool {
         matches!(self.vision.arch, VisionArch::Qwen25Vl { .. })
@@ -645,6 +655,11 @@ mod tests {
         let v: Value = serde_json::from_str(FLAT_15).unwrap();
         let cfg = Qwen2VlConfig::from_value(&v, Path::new("config.json")).unwrap();
         assert_eq!(cfg, Qwen2VlConfig::ui_tars_15_7b());
+        assert_eq!(Qwen2VlConfig::named_shape("1.5-7b"), Some(cfg.clone()));
+        assert_eq!(
+            Qwen2VlConfig::named_shape("2b"),
+            Some(Qwen2VlConfig::ui_tars_2b())
+        );
         assert!(cfg.is_qwen25());
         assert_eq!(cfg.vision.mlp_dim(), 3420);
         assert_eq!(cfg.vision.window_merged(), Some(4));
