@@ -9,6 +9,7 @@ mod alloc;
 mod bench_model;
 mod bench_serve;
 mod compare;
+mod dashboard;
 mod eval;
 mod osworld_coverage;
 mod parse_response;
@@ -41,6 +42,8 @@ enum Command {
     Eval(eval::Args),
     /// Print evaluation reports side by side.
     Compare(compare::Args),
+    /// Serve the live page of a run's curves and episodes (`results/<exp>`).
+    Dashboard(dashboard::Args),
     /// ARPO task selection: keep the tasks the base model solves at least once.
     SelectTasks(select_tasks::Args),
     /// Supervised fine-tuning on oracle demonstrations of the embedded desktop.
@@ -74,6 +77,7 @@ fn main() -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Dashboard(a) => dashboard::run(a),
         Command::SelectTasks(a) => select_tasks::run(a),
         Command::Sft(a) => sft::run(a),
         Command::Serve(a) => serve::run(a),
