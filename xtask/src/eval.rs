@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use arpo_core::Policy;
-use arpo_model::{LocalPolicy, UiTars};
 use arpo_serve::{RemotePolicy, RemotePolicyConfig};
 use arpo_trainer::eval::{EvalReport, evaluate};
-use arpo_trainer::model::{device, dtype, prompt_config};
+use arpo_trainer::model::{load_policy, prompt_config};
 use arpo_trainer::rollout::RolloutEvent;
 use arpo_trainer::setup::{Envs, build_envs, load_tasks};
 use arpo_trainer::train::rollout_settings;
@@ -79,11 +78,7 @@ pub fn policy(common: &Common, config: &Config) -> Result<Box<dyn Policy>> {
         rc.prompt = prompt;
         return Ok(Box::new(RemotePolicy::new(rc, None)?));
     }
-    let m = &config.worker.actor.model;
-    let spec = m.model_path.to_string_lossy().to_string();
-    let model = UiTars::load(&spec, dtype(&m.dtype)?, &device(&m.device)?)
-        .with_context(|| format!("loading the model {spec}"))?;
-    Ok(Box::new(LocalPolicy::new(model, prompt)))
+    Ok(Box::new(load_policy(config)?))
 }
 
 /// Evaluates `policy` on `tasks` with `attempts` rollouts each.
@@ -97,7 +92,7 @@ pub async fn run_eval(
 ) -> Result<EvalReport> {
     let tasks = load_tasks(tasks_spec, config, common.max_tasks)?;
     anyhow::ensure!(!tasks.is_empty(), "the task set {tasks_spec} is empty");
-    let mut settings = rollout_settings(config, true);
+    let mut settings = rollout_settings(config, true)?;
     settings.group_size = common.attempts.max(1);
     if let Some(t) = common.temperature {
         settings.sampling.temperature = t;
@@ -105,7 +100,7 @@ pub async fn run_eval(
     let threshold = config.algorithm.replay.success_threshold;
     let total = tasks.len() * settings.group_size;
     let mut done = 0usize;
-    let mut observer = |ev: RolloutEvent| {
+    let mut observer = |ev: RolloutEvent<'_>| {
         if let RolloutEvent::EpisodeDone { .. } = ev {
             done += 1;
             if !quiet {

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use arpo_core::{Environment, Policy};
 use arpo_serve::{RemotePolicy, RemotePolicyConfig, TokenMapper, WeightSync};
 use arpo_trainer::model::{CandleLearner, load_local};
-use arpo_trainer::setup::{Envs, build_envs, load_tasks, preflight};
+use arpo_trainer::plan::{ResumeFrom, RunPlan};
+use arpo_trainer::setup::{Envs, build_envs, preflight};
 use arpo_trainer::{Config, Progress, Trainer};
 
 #[derive(Debug, clap::Args)]
@@ -100,19 +101,12 @@ async fn train(config: Config, args: Args) -> Result<()> {
         eprintln!("pre-flight checks passed");
         return Ok(());
     }
-    let train_tasks = load_tasks(&config.data.train_files, &config, config.data.max_tasks)?;
-    let val_tasks = load_tasks(&config.data.val_files, &config, config.data.max_tasks)?;
-    let steps_per_epoch = train_tasks
-        .len()
-        .div_ceil(config.data.rollout_batch_size.max(1));
-    let minibatches = config
-        .data
-        .rollout_batch_size
-        .div_ceil(config.worker.actor.global_batch_size.max(1));
-    let total_optimizer_steps = (config.trainer.total_episodes
-        * steps_per_epoch
-        * config.worker.actor.ppo_epochs
-        * minibatches) as u64;
+    let RunPlan {
+        train_tasks,
+        val_tasks,
+        steps_per_epoch,
+        total_optimizer_steps,
+    } = RunPlan::new(&config)?;
     let (local, learner) = load_local(&config, total_optimizer_steps)?;
     let envs = build_envs(&config)?;
     eprintln!(
@@ -123,7 +117,7 @@ async fn train(config: Config, args: Args) -> Result<()> {
         config.trainer.total_episodes,
         steps_per_epoch
     );
-    let resume = args.resume.clone();
+    let resume = ResumeFrom::choose(&config, args.resume.as_deref());
     let quiet = args.quiet;
     if config.worker.rollout.use_external_server {
         let (remote, learner) = remote_policy(&config, learner).await?;
@@ -206,7 +200,7 @@ async fn run_envs<P: Policy + ?Sized>(
     learner: CandleLearner,
     train_tasks: Vec<arpo_core::Task>,
     val_tasks: Vec<arpo_core::Task>,
-    resume: Option<String>,
+    resume: ResumeFrom,
     quiet: bool,
 ) -> Result<()> {
     match envs {
@@ -227,10 +221,14 @@ async fn run_with<P: Policy + ?Sized, E: Environment>(
     learner: CandleLearner,
     train_tasks: Vec<arpo_core::Task>,
     val_tasks: Vec<arpo_core::Task>,
-    resume: Option<String>,
+    resume: ResumeFrom,
     quiet: bool,
 ) -> Result<()> {
-    let progress = if quiet {
+    let console = config
+        .trainer
+        .logger
+        .contains(&arpo_trainer::config::Logger::Console);
+    let progress = if quiet || !console {
         Progress::quiet()
     } else {
         Progress::terminal()
@@ -244,10 +242,10 @@ async fn run_with<P: Policy + ?Sized, E: Environment>(
         val_tasks,
         progress,
     )?;
-    let resume_dir = match resume.as_deref() {
-        None => None,
-        Some("") => trainer.resume(None)?,
-        Some(dir) => trainer.resume(Some(Path::new(dir)))?,
+    let resume_dir = match &resume {
+        ResumeFrom::Fresh => None,
+        ResumeFrom::Latest => trainer.resume(None)?,
+        ResumeFrom::Dir(dir) => trainer.resume(Some(dir))?,
     };
     if let Some(dir) = resume_dir {
         eprintln!("resumed from {}", dir.display());
@@ -257,11 +255,14 @@ async fn run_with<P: Policy + ?Sized, E: Environment>(
         if let Some(push) = learner.after_update.as_mut() {
             push(&learner.trainable)?;
         }
-    } else if resume.is_some() {
+    } else if resume != ResumeFrom::Fresh {
         eprintln!("nothing to resume from: starting fresh");
     }
     let summary = trainer.run().await?;
     let results = config.results_dir();
+    if !console {
+        return Ok(());
+    }
     println!("epoch  avg_reward  success  replay  loss");
     for e in &summary.metrics.epochs {
         println!(

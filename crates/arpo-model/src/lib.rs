@@ -21,6 +21,7 @@
 
 pub mod chat;
 pub mod config;
+mod device;
 mod error;
 pub mod generate;
 pub mod model;
@@ -35,6 +36,7 @@ pub mod weights;
 
 pub use chat::{ChatTokenizer, TokenizedChat};
 pub use config::{GenerationConfig, PreprocessorConfig, Qwen2VlConfig, TextConfig, VisionConfig};
+pub use device::{DTypeSpec, DeviceOpenError, DeviceSpec, SpecError};
 pub use error::{ModelError, Result};
 pub use generate::{Generation, GenerationRequest, GenerationTimings};
 pub use model::Qwen2Vl;

@@ -39,11 +39,14 @@ pub struct ReplayConfig {
     /// An episode is a success, and is stored, when `eval_result > success_threshold` (0.1).
     pub success_threshold: f64,
     /// A group is all-failed when the population std of its eval results is below this (0.05)...
+    #[serde(alias = "fail_std")]
     pub failed_std_below: f64,
     /// ...and their mean is below this (0.2).
+    #[serde(alias = "fail_mean")]
     pub failed_mean_below: f64,
     /// How many stored successes replace rollouts of an all-failed group (1). Each is drawn
     /// uniformly from the task's stored successes, with replacement (Python's `random.choices`).
+    #[serde(alias = "inject_per_group")]
     pub injections_per_group: usize,
     /// Which rollouts they replace (the first ones).
     pub replace: ReplacePositions,

@@ -8,9 +8,63 @@
 
 use std::path::{Path, PathBuf};
 
+use arpo_core::ScreenSize;
+use arpo_model::{DTypeSpec, DeviceSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainerError;
+
+pub use arpo_grpo::{AdvantageEstimator as AdvEstimator, KlEstimator as KlPenalty, LossAggMode};
+
+/// Keys of the seed's config that this trainer does not have, each with what to do instead.
+/// A config that sets one is refused with that sentence (the seed's verl keys would otherwise
+/// be read and silently mean nothing).
+pub const REMOVED_KEYS: &[(&str, &str)] = &[
+    (
+        "data.max_prompt_length",
+        "the prompt is bounded by worker.rollout.limit_images (screenshots kept) and env.max_steps (turns); remove the key",
+    ),
+    (
+        "algorithm.use_kl_loss",
+        "the KL term, when on, is always in the loss: use algorithm.disable_kl and algorithm.kl_coef",
+    ),
+    (
+        "worker.actor.micro_batch_size_per_device_for_update",
+        "the learner runs one trajectory per forward/backward and accumulates over the mini-batch (memory: worker.actor.model.enable_gradient_checkpointing); remove the key",
+    ),
+    (
+        "worker.actor.micro_batch_size_per_device_for_experience",
+        "old log-probs are scored one trajectory per forward; remove the key",
+    ),
+    (
+        "worker.actor.model.trust_remote_code",
+        "no model code is ever loaded from a checkpoint (UI-TARS runs on arpo-model); remove the key",
+    ),
+    (
+        "worker.actor.optim.strategy",
+        "the optimizer is AdamW (worker.actor.optim.lr, betas, eps, weight_decay); remove the key",
+    ),
+    (
+        "trainer.project_name",
+        "runs are named by trainer.experiment_name alone (checkpoints/<name>, results/<name>); remove the key",
+    ),
+    (
+        "trainer.n_gpus_per_node",
+        "the device is worker.actor.model.device (cpu, cuda:N, metal); remove the key",
+    ),
+    (
+        "trainer.nnodes",
+        "one trainer process; scale rollouts out with worker.rollout.use_external_server and env.remote.guest_urls; remove the key",
+    ),
+    (
+        "algorithm.replay.enabled",
+        "replay is switched by algorithm.enable_replay",
+    ),
+    (
+        "trainer.use_cpu",
+        "the device is worker.actor.model.device (cpu, cuda:N, metal); remove the key",
+    ),
+];
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -40,13 +94,12 @@ pub struct DataConfig {
     pub shuffle: bool,
     /// Seed of everything random in the run (task order, sampling, replay draws).
     pub seed: u64,
-    /// Longest prompt in tokens the model accepts (longer episodes are cut from the left by the model).
-    pub max_prompt_length: usize,
     /// Longest response in tokens (generation stops there).
     pub max_response_length: usize,
-    /// Image preprocessing bounds (`smart_resize`).
-    pub max_pixels: u64,
-    pub min_pixels: u64,
+    /// Image preprocessing bounds (`smart_resize`) for the model's image processor, the learner
+    /// and the absolute-coordinate mapping alike; absent: the model's `preprocessor_config.json`.
+    pub max_pixels: Option<u64>,
+    pub min_pixels: Option<u64>,
 }
 
 impl Default for DataConfig {
@@ -58,32 +111,11 @@ impl Default for DataConfig {
             rollout_batch_size: 8,
             shuffle: true,
             seed: 1,
-            max_prompt_length: 32768,
             max_response_length: 256,
-            max_pixels: 2_116_800,
-            min_pixels: 3136,
+            max_pixels: None,
+            min_pixels: None,
         }
     }
-}
-
-/// Advantage estimators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AdvEstimator {
-    /// `(r - mean) / (std + eps)` within the group (the reference).
-    Grpo,
-    /// Dr. GRPO: `r - mean`, no std division.
-    DrGrpo,
-    /// Leave-one-out baseline.
-    Rloo,
-}
-
-/// KL penalty estimators (only used when `disable_kl` is false).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KlPenalty {
-    Kl,
-    LowVarKl,
 }
 
 /// `algorithm`: advantages, KL, replay.
@@ -93,12 +125,14 @@ pub struct AlgorithmConfig {
     pub adv_estimator: AdvEstimator,
     /// ARPO's experience replay; `false` is plain GRPO with the run otherwise identical.
     pub enable_replay: bool,
-    /// No KL term and no reference model (the reference setting).
+    /// No KL term and no reference model (the reference setting). `false` needs a reference
+    /// model, which the candle learner does not keep: refused at load.
     pub disable_kl: bool,
-    pub use_kl_loss: bool,
     pub kl_penalty: KlPenalty,
     pub kl_coef: f64,
-    pub replay: ReplayConfig,
+    /// The replay buffer's knobs (arpo-replay's own config; the seed's names `fail_std`,
+    /// `fail_mean`, `inject_per_group` are accepted). Its switch is `enable_replay`.
+    pub replay: arpo_replay::ReplayConfig,
 }
 
 impl Default for AlgorithmConfig {
@@ -107,38 +141,9 @@ impl Default for AlgorithmConfig {
             adv_estimator: AdvEstimator::Grpo,
             enable_replay: true,
             disable_kl: true,
-            use_kl_loss: false,
             kl_penalty: KlPenalty::LowVarKl,
             kl_coef: 0.0,
-            replay: ReplayConfig::default(),
-        }
-    }
-}
-
-/// `algorithm.replay`: the replay buffer's knobs (the reference's values by default).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReplayConfig {
-    /// Stored successes per task (FIFO).
-    pub capacity: usize,
-    /// An episode is stored when its evaluation is above this.
-    pub success_threshold: f64,
-    /// A group is "all failed" when the std of its evaluations is below this ...
-    pub fail_std: f64,
-    /// ... and their mean below this.
-    pub fail_mean: f64,
-    /// How many rollouts of an all-failed group are replaced (the reference: 1, the first).
-    pub inject_per_group: usize,
-}
-
-impl Default for ReplayConfig {
-    fn default() -> Self {
-        Self {
-            capacity: 8,
-            success_threshold: 0.1,
-            fail_std: 0.05,
-            fail_mean: 0.2,
-            inject_per_group: 1,
+            replay: arpo_replay::ReplayConfig::default(),
         }
     }
 }
@@ -151,17 +156,6 @@ pub struct WorkerConfig {
     pub rollout: RolloutConfig,
 }
 
-/// How the per-token loss is aggregated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LossAggMode {
-    /// Token mean per trajectory, then mean over trajectories (the reference with micro-batch 1).
-    #[serde(rename = "seq-mean-token-mean")]
-    SeqMeanTokenMean,
-    /// Token mean over the whole mini-batch (DAPO).
-    #[serde(rename = "token-mean")]
-    TokenMean,
-}
-
 /// `worker.actor`: the update.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -169,10 +163,6 @@ pub struct ActorConfig {
     /// Groups (tasks) per optimizer step; a step's `rollout_batch_size` tasks make
     /// `rollout_batch_size / global_batch_size` optimizer steps.
     pub global_batch_size: usize,
-    /// Trajectories per forward/backward (gradient accumulation over the rest).
-    pub micro_batch_size_per_device_for_update: usize,
-    /// Trajectories per forward when computing old log-probs.
-    pub micro_batch_size_per_device_for_experience: usize,
     pub max_grad_norm: f64,
     pub clip_ratio_low: f64,
     pub clip_ratio_high: f64,
@@ -188,8 +178,6 @@ impl Default for ActorConfig {
     fn default() -> Self {
         Self {
             global_batch_size: 8,
-            micro_batch_size_per_device_for_update: 1,
-            micro_batch_size_per_device_for_experience: 1,
             max_grad_norm: 1.0,
             clip_ratio_low: 0.2,
             clip_ratio_high: 0.3,
@@ -213,11 +201,10 @@ pub struct ModelConfig {
     /// Recompute decoder layers and vision blocks in the backward pass instead of keeping their
     /// activations: much less memory for one more forward pass per update.
     pub enable_gradient_checkpointing: bool,
-    pub trust_remote_code: bool,
     /// `f32` (CPU) or `bf16` (GPU).
-    pub dtype: String,
-    /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub dtype: DTypeSpec,
+    /// `cpu`, `cuda`, `cuda:N` or `metal` (the latter two need a build with that feature).
+    pub device: DeviceSpec,
     pub lora: LoraConfig,
 }
 
@@ -227,9 +214,8 @@ impl Default for ModelConfig {
             model_path: PathBuf::from("fixtures/models/uitars-tiny-base"),
             freeze_vision_tower: false,
             enable_gradient_checkpointing: false,
-            trust_remote_code: false,
-            dtype: "f32".into(),
-            device: "cpu".into(),
+            dtype: DTypeSpec::F32,
+            device: DeviceSpec::Cpu,
             lora: LoraConfig::default(),
         }
     }
@@ -276,7 +262,6 @@ pub struct OptimConfig {
     pub weight_decay: f64,
     /// Fraction of the total optimizer steps spent on a linear warmup.
     pub lr_warmup_ratio: f64,
-    pub strategy: String,
 }
 
 impl Default for OptimConfig {
@@ -287,7 +272,6 @@ impl Default for OptimConfig {
             eps: 1e-8,
             weight_decay: 1e-2,
             lr_warmup_ratio: 0.0,
-            strategy: "adamw".into(),
         }
     }
 }
@@ -375,6 +359,17 @@ pub enum EnvProvider {
     Remote,
 }
 
+/// How the model writes coordinates (`env.coordinates`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CoordinateMode {
+    /// 0..1000 across the screen (UI-TARS-2B/7B on Qwen2-VL).
+    #[default]
+    Relative,
+    /// Pixels of the smart-resized screenshot (UI-TARS-1.5 on Qwen2.5-VL).
+    Absolute,
+}
+
 /// `env`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -386,11 +381,13 @@ pub struct EnvConfig {
     pub max_steps: usize,
     /// Attempts at `reset` before a rollout is dropped (and recorded).
     pub reset_retries: usize,
-    /// Screen size `[width, height]` (0: the provider's default).
-    pub screen_size: [u32; 2],
+    /// Screen size `[width, height]`: the simulated desktop's size, and for VMware/remote the
+    /// size every screenshot must have (a VM at another resolution stops the run at its first
+    /// reset). Absent: the provider's default (sim), any size (VMware/remote).
+    pub screen_size: Option<ScreenSize>,
     /// Coordinates the model writes: `relative` (0..1000, UI-TARS / Qwen2-VL) or `absolute`
     /// (pixels of the smart-resized image, UI-TARS-1.5 / Qwen2.5-VL).
-    pub coordinates: String,
+    pub coordinates: CoordinateMode,
     pub vmware: VmwareConfig,
     pub remote: RemoteConfig,
 }
@@ -402,8 +399,8 @@ impl Default for EnvConfig {
             num_envs: 4,
             max_steps: 15,
             reset_retries: 8,
-            screen_size: [0, 0],
-            coordinates: "relative".into(),
+            screen_size: None,
+            coordinates: CoordinateMode::Relative,
             vmware: VmwareConfig::default(),
             remote: RemoteConfig::default(),
         }
@@ -450,18 +447,26 @@ pub struct RemoteConfig {
     pub guest_urls: Vec<String>,
 }
 
+/// A metrics sink (`trainer.logger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Logger {
+    Console,
+    Jsonl,
+    Tensorboard,
+}
+
 /// `trainer`: run control and outputs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
     /// Epochs over the training tasks.
     pub total_episodes: usize,
-    pub project_name: String,
     pub experiment_name: String,
-    pub logger: Vec<String>,
-    pub n_gpus_per_node: usize,
-    pub nnodes: usize,
-    pub use_cpu: bool,
+    /// Where metrics go besides `results/<exp>/training_metrics.json`: `console` (progress bar
+    /// and the epoch table), `jsonl` (one line per step in `results/<exp>/metrics.jsonl`),
+    /// `tensorboard` (event files under `results/<exp>/tensorboard/`).
+    pub logger: Vec<Logger>,
     /// Validate every N epochs (0 or less: never).
     pub val_freq: i64,
     pub val_before_train: bool,
@@ -475,7 +480,8 @@ pub struct TrainerConfig {
     pub results_path: PathBuf,
     /// `logs/`: `training.log` goes there.
     pub logs_path: PathBuf,
-    /// Resume from this checkpoint directory (or `latest`), empty: start fresh.
+    /// Resume from this checkpoint directory, or `latest` (the newest complete `epoch_<N>` of
+    /// this experiment); empty: start fresh. `cargo xtask train --resume [DIR]` overrides it.
     pub load_checkpoint_path: String,
 }
 
@@ -483,12 +489,8 @@ impl Default for TrainerConfig {
     fn default() -> Self {
         Self {
             total_episodes: 5,
-            project_name: "arpo".into(),
             experiment_name: "uitars_arpo".into(),
-            logger: vec!["console".into()],
-            n_gpus_per_node: 0,
-            nnodes: 1,
-            use_cpu: true,
+            logger: vec![Logger::Console],
             val_freq: -1,
             val_before_train: false,
             save_freq: 1,
@@ -514,6 +516,7 @@ impl Config {
         for o in overrides {
             apply_override(&mut tree, o)?;
         }
+        refuse_removed_keys(&tree)?;
         let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             TrainerError::ConfigKey {
@@ -536,7 +539,17 @@ impl Config {
 
     /// The configuration as YAML (what a run saves beside its results).
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_default()
+        let Ok(mut tree) = serde_yaml::to_value(self) else {
+            return String::new();
+        };
+        // arpo-replay's own switch; here it is `algorithm.enable_replay`.
+        if let Some(serde_yaml::Value::Mapping(replay)) = tree
+            .get_mut("algorithm")
+            .and_then(|a| a.get_mut("replay"))
+        {
+            replay.remove("enabled");
+        }
+        serde_yaml::to_string(&tree).unwrap_or_default()
     }
 
     /// Checks every value; the error lists all problems, each with the key and what is allowed.
@@ -564,21 +577,26 @@ impl Config {
             d.max_response_length >= 1,
             "data.max_response_length must be at least 1".into(),
         );
-        check(
-            d.min_pixels <= d.max_pixels,
-            format!(
-                "data.min_pixels ({}) must not exceed data.max_pixels ({})",
-                d.min_pixels, d.max_pixels
-            ),
-        );
+        if let (Some(min), Some(max)) = (d.min_pixels, d.max_pixels) {
+            check(
+                min <= max,
+                format!("data.min_pixels ({min}) must not exceed data.max_pixels ({max})"),
+            );
+        }
+        for (key, v) in [("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)] {
+            check(
+                v.is_none_or(|v| v >= 28 * 28),
+                format!("data.{key} must be at least 784 (one 28x28 merged patch), got {v:?}"),
+            );
+        }
         let a = &self.algorithm;
         check(
             a.kl_coef >= 0.0 && a.kl_coef.is_finite(),
             format!("algorithm.kl_coef must be >= 0 (got {})", a.kl_coef),
         );
         check(
-            a.disable_kl || a.kl_coef > 0.0,
-            "algorithm.kl_coef must be > 0 when algorithm.disable_kl is false".into(),
+            a.disable_kl,
+            "algorithm.disable_kl: false needs a reference model, which the candle learner does not keep: set algorithm.disable_kl: true (ARPO's setting)".into(),
         );
         let r = &a.replay;
         check(
@@ -593,7 +611,7 @@ impl Config {
             ),
         );
         check(
-            r.fail_std >= 0.0 && r.fail_mean.is_finite(),
+            r.failed_std_below >= 0.0 && r.failed_mean_below.is_finite(),
             "algorithm.replay.fail_std must be >= 0 and fail_mean finite".into(),
         );
         let act = &self.worker.actor;
@@ -607,11 +625,6 @@ impl Config {
                 "data.rollout_batch_size ({}) must be a multiple of worker.actor.global_batch_size ({})",
                 d.rollout_batch_size, act.global_batch_size
             ),
-        );
-        check(
-            act.micro_batch_size_per_device_for_update >= 1
-                && act.micro_batch_size_per_device_for_experience >= 1,
-            "worker.actor.micro_batch_size_per_device_for_* must be at least 1".into(),
         );
         check(
             act.max_grad_norm > 0.0,
@@ -647,20 +660,6 @@ impl Config {
         );
         let m = &act.model;
         check(
-            matches!(m.dtype.as_str(), "f32" | "bf16" | "f16"),
-            format!(
-                "worker.actor.model.dtype must be f32, bf16 or f16 (got {:?})",
-                m.dtype
-            ),
-        );
-        check(
-            m.device == "cpu" || m.device == "cuda" || m.device.starts_with("cuda:"),
-            format!(
-                "worker.actor.model.device must be cpu, cuda or cuda:N (got {:?})",
-                m.device
-            ),
-        );
-        check(
             m.lora.rank == 0 || m.lora.alpha > 0.0,
             "worker.actor.model.lora.alpha must be > 0 when lora.rank > 0".into(),
         );
@@ -687,13 +686,6 @@ impl Config {
         check(
             (0.0..=1.0).contains(&o.lr_warmup_ratio),
             "worker.actor.optim.lr_warmup_ratio must be in [0, 1]".into(),
-        );
-        check(
-            o.strategy == "adamw",
-            format!(
-                "worker.actor.optim.strategy must be adamw (got {:?})",
-                o.strategy
-            ),
         );
         let ro = &self.worker.rollout;
         check(
@@ -740,13 +732,6 @@ impl Config {
         check(
             e.reset_retries >= 1,
             "env.reset_retries must be at least 1".into(),
-        );
-        check(
-            matches!(e.coordinates.as_str(), "relative" | "absolute"),
-            format!(
-                "env.coordinates must be relative or absolute (got {:?})",
-                e.coordinates
-            ),
         );
         check(
             e.provider != EnvProvider::Vmware || !e.vmware.vm_paths.is_empty(),
@@ -827,6 +812,23 @@ impl Config {
             .results_path
             .join(&self.trainer.experiment_name)
     }
+}
+
+/// Refuses a tree that sets a key of [`REMOVED_KEYS`], naming its replacement.
+fn refuse_removed_keys(tree: &serde_yaml::Value) -> Result<(), TrainerError> {
+    for (path, instead) in REMOVED_KEYS {
+        let mut node = Some(tree);
+        for part in path.split('.') {
+            node = node.and_then(|n| n.get(part));
+        }
+        if node.is_some() {
+            return Err(TrainerError::ConfigKey {
+                path: (*path).to_string(),
+                reason: format!("this key does nothing here and is refused: {instead}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Applies one `a.b.c=value` override to a YAML tree; `value` is parsed as YAML

@@ -55,6 +55,24 @@ pub enum TrainerError {
         dropped: usize,
         last_error: String,
     },
+    /// A single checked episode (`cargo xtask test-env`) could not run to its evaluation.
+    #[error("task {task_id}: the environment failed at {stage}: {error}{}", if hint.is_empty() { String::new() } else { format!(": {hint}") })]
+    EpisodeBroken {
+        task_id: String,
+        stage: crate::rollout::EnvStage,
+        error: String,
+        hint: String,
+    },
+    /// An environment's screen is not the size the config asks for (`env.screen_size`).
+    #[error(
+        "task {task_id}: the environment's screenshot is {}x{}, but env.screen_size is {expected}: set the VM's display resolution (OSWorld's tasks expect 1920x1080) or change env.screen_size (0 or absent: accept any size)",
+        actual.0, actual.1
+    )]
+    ScreenMismatch {
+        expected: arpo_core::ScreenSize,
+        actual: (u32, u32),
+        task_id: String,
+    },
     /// A piece of the system this command needs is not built in this checkout.
     #[error("{what} is not available: {reason}")]
     Missing { what: String, reason: String },

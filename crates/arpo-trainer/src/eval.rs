@@ -92,7 +92,7 @@ pub async fn evaluate<P, E>(
     success_threshold: f64,
     label: &str,
     tasks_spec: &str,
-    observer: &mut dyn FnMut(RolloutEvent),
+    observer: &mut dyn FnMut(RolloutEvent<'_>),
 ) -> Result<EvalReport, TrainerError>
 where
     P: Policy + ?Sized,

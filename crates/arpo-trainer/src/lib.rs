@@ -10,6 +10,7 @@
 //!   loss (`arpo-grpo`) → update; metrics, per-task results, curves, checkpoints, `--resume`.
 //! - [`model`]: the candle UI-TARS model as the rollout policy and the learner, sharing weights.
 //! - [`setup`]: task sets, environments and the pre-flight check from a config.
+//! - [`plan`]: what a run will do (task sets, steps, optimizer steps, where it resumes).
 //! - [`sft`]: supervised fine-tuning on the embedded desktop's oracle solutions (the base policy).
 //! - [`eval`]: success rates with a 95% Wilson interval.
 //!
@@ -29,11 +30,13 @@
 pub mod compare;
 pub mod config;
 pub mod curves;
+pub mod env_check;
 mod error;
 pub mod eval;
 pub mod learner;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod progress;
 pub mod rollout;
 pub mod setup;

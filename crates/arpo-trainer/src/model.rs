@@ -25,50 +25,66 @@ use arpo_model::{ChatTokenizer, ImageProcessor, LocalPolicy, UiTars};
 use candle_core::{DType, Device, Tensor};
 
 use crate::TrainerError;
-use crate::config::Config;
+use crate::config::{Config, CoordinateMode};
 use crate::learner::{Learner, Sample, UpdateStats};
 
 fn learner_err(what: &str, e: impl std::fmt::Display) -> TrainerError {
     TrainerError::Learner(format!("{what}: {e}"))
 }
 
-/// The device named by `worker.actor.model.device`: `cpu`, `cuda` or `cuda:N`.
-pub fn device(name: &str) -> Result<Device, TrainerError> {
-    let bad = |reason: String| TrainerError::ConfigInvalid {
-        problems: vec![format!("worker.actor.model.device {name:?}: {reason}")],
+/// The image preprocessing bounds of a run: `data.min_pixels`/`data.max_pixels` where set, the
+/// model's `preprocessor_config.json` for the rest. The image processor of the rollout policy,
+/// the learner's and the absolute-coordinate mapping all use these, so they agree on one resize.
+pub fn pixel_bounds(config: &Config) -> Result<(u64, u64), TrainerError> {
+    let pre = config
+        .worker
+        .actor
+        .model
+        .model_path
+        .join("preprocessor_config.json");
+    let model = if pre.is_file() {
+        arpo_model::PreprocessorConfig::from_file(&pre)
+            .map_err(|e| learner_err("reading preprocessor_config.json", e))?
+    } else {
+        arpo_model::PreprocessorConfig::default()
     };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = match name.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| bad("write cuda or cuda:N".into()))?,
-                None => return Err(bad("use cpu, cuda or cuda:N".into())),
-            };
-            Device::new_cuda(ordinal).map_err(|e| {
-                bad(format!(
-                    "{e} (this build has no CUDA: build with candle's `cuda` feature, or use cpu)"
-                ))
-            })
-        }
+    let min = config.data.min_pixels.unwrap_or(model.min_pixels);
+    let max = config.data.max_pixels.unwrap_or(model.max_pixels);
+    if min > max {
+        return Err(TrainerError::ConfigInvalid {
+            problems: vec![format!(
+                "the image bounds are min_pixels {min} > max_pixels {max} (data.* over {}): set both data.min_pixels and data.max_pixels",
+                pre.display()
+            )],
+        });
     }
+    Ok((min, max))
 }
 
-/// The dtype named by `worker.actor.model.dtype`: `f32`, `bf16` or `f16`.
-pub fn dtype(name: &str) -> Result<DType, TrainerError> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        other => Err(TrainerError::ConfigInvalid {
-            problems: vec![format!(
-                "worker.actor.model.dtype {other:?}: use f32, bf16 or f16"
-            )],
-        }),
-    }
+/// `processor` with the run's pixel bounds ([`pixel_bounds`]).
+pub fn with_pixel_bounds(
+    mut processor: ImageProcessor,
+    (min, max): (u64, u64),
+) -> ImageProcessor {
+    processor.config.min_pixels = min;
+    processor.config.max_pixels = max;
+    processor
+}
+
+/// The rollout policy of a run without a learner (evaluation): the model of
+/// `worker.actor.model`, on its device and dtype, with the run's pixel bounds and prompt.
+pub fn load_policy(config: &Config) -> Result<LocalPolicy, TrainerError> {
+    let m = &config.worker.actor.model;
+    let device = m.device.open().map_err(|e| TrainerError::Preflight {
+        problems: vec![format!("worker.actor.model.device: {e}")],
+    })?;
+    let spec = m.model_path.to_string_lossy().to_string();
+    let mut uitars =
+        UiTars::load(&spec, m.dtype.dtype(), &device).map_err(|e| TrainerError::Preflight {
+            problems: vec![format!("worker.actor.model.model_path {spec}: {e}")],
+        })?;
+    uitars.processor = with_pixel_bounds(uitars.processor, pixel_bounds(config)?);
+    Ok(LocalPolicy::new(uitars, prompt_config(config)))
 }
 
 /// The UI-TARS prompt of a run: OSWorld's Qwen2-VL prompt (relative 0..1000 points,
@@ -76,10 +92,9 @@ pub fn dtype(name: &str) -> Result<DType, TrainerError> {
 /// `worker.rollout.limit_images` screenshots at most.
 pub fn prompt_config(config: &Config) -> PromptConfig {
     PromptConfig {
-        template: if config.env.coordinates == "absolute" {
-            PromptTemplate::Arpo
-        } else {
-            PromptTemplate::OsworldCallUser
+        template: match config.env.coordinates {
+            CoordinateMode::Absolute => PromptTemplate::Arpo,
+            CoordinateMode::Relative => PromptTemplate::OsworldCallUser,
         },
         limit_images: config.worker.rollout.limit_images,
         ..PromptConfig::default()
@@ -298,8 +313,11 @@ pub fn load_local(
     total_optimizer_steps: u64,
 ) -> Result<(LocalPolicy, CandleLearner), TrainerError> {
     let m = &config.worker.actor.model;
-    let device = device(&m.device)?;
-    let dtype = dtype(&m.dtype)?;
+    let device = m.device.open().map_err(|e| TrainerError::Preflight {
+        problems: vec![format!("worker.actor.model.device: {e}")],
+    })?;
+    let dtype = m.dtype.dtype();
+    let pixels = pixel_bounds(config)?;
     let spec = m.model_path.to_string_lossy().to_string();
     let uitars = UiTars::load(&spec, dtype, &device).map_err(|e| TrainerError::Preflight {
         problems: vec![format!(
@@ -341,13 +359,14 @@ pub fn load_local(
         UiTars {
             model: trainable.model.clone(),
             tokenizer,
-            processor: processor.clone(),
+            processor: with_pixel_bounds(processor, pixels),
             stop_ids,
             dir: dir.clone(),
         },
         prompt.clone(),
     );
-    let episodes = EpisodeBuilder::from_dir(&dir, prompt, device)?;
+    let mut episodes = EpisodeBuilder::from_dir(&dir, prompt, device)?;
+    episodes.processor = with_pixel_bounds(episodes.processor, pixels);
     Ok((
         policy,
         CandleLearner {

@@ -77,12 +77,14 @@ impl Progress {
         }
     }
 
-    pub(crate) fn rollout_event(&self, event: RolloutEvent) {
+    /// Takes an event of the rollout engine in (rollouts in flight, env steps per second).
+    pub fn rollout_event(&self, event: &RolloutEvent<'_>) {
         if let Ok(mut s) = self.state.lock() {
-            match event {
+            match *event {
                 RolloutEvent::Generating { live } => s.in_flight = live,
                 RolloutEvent::Stepped { env_steps } => s.env_steps += env_steps,
                 RolloutEvent::EpisodeDone { .. } => s.in_flight = s.in_flight.saturating_sub(1),
+                _ => return,
             }
         }
         self.redraw();

@@ -8,19 +8,24 @@
 //! `call_user`, on a response that does not parse (format reward −1), on the environment ending
 //! it, or after `max_steps` turns; then it is evaluated.
 //!
-//! Environment failures never sink the step: a failed `reset` is retried up to `reset_retries`
-//! times, an episode whose environment breaks mid-way is restarted from `reset` (counting
-//! against the same budget), and a rollout that still fails is dropped and recorded in
-//! [`RolloutReport::dropped`]. A rejected action ([`EnvError::episode_can_continue`]) is recorded
-//! on its turn and the episode goes on.
+//! This is the one episode engine: training, validation, `cargo xtask eval` and
+//! `cargo xtask test-env` all advance episodes through [`run_rollouts`]; what differs is the
+//! observer (a progress bar, a counter, a transcript printer) that [`RolloutEvent`]s go to.
+//!
+//! Environment failures are never the agent's: a failed `reset`, an environment that breaks
+//! mid-episode and an evaluation that raises all restart the rollout from `reset` (up to
+//! `reset_retries` environment failures per rollout), and a rollout that still fails is dropped
+//! and recorded in [`RolloutReport::dropped`] with the stage that failed, never scored 0. A
+//! rejected action ([`arpo_core::EnvError::episode_can_continue`]) is recorded on its turn and the episode
+//! goes on.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use arpo_core::protocol::{CoordinateSystem, ParseConfig, parse_response};
 use arpo_core::{
-    Action, AgentContext, EnvError, Environment, EpisodeEnd, Observation, Policy, Response,
-    SamplingParams, Task, Trajectory, Turn,
+    Action, AgentContext, Environment, EpisodeEnd, Observation, Policy, Response,
+    SamplingParams, ScreenSize, Task, Trajectory, Turn,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +52,9 @@ pub struct RolloutSettings {
     /// Sampling; `seed` is replaced per batch by one derived from the engine's seed.
     pub sampling: SamplingParams,
     pub coordinates: Coordinates,
+    /// The screen every environment must show (`env.screen_size`); a different screenshot at
+    /// reset stops the run with [`TrainerError::ScreenMismatch`]. `None`: any size.
+    pub expected_screen: Option<ScreenSize>,
 }
 
 /// All rollouts of one task in one step (fewer than `group_size` when some were dropped).
@@ -56,14 +64,40 @@ pub struct Group {
     pub trajectories: Vec<Trajectory>,
 }
 
+/// Where an environment failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvStage {
+    /// Setting the task up (`reset`).
+    #[default]
+    Reset,
+    /// Carrying an action out (`step`).
+    Step,
+    /// Scoring the episode (`evaluate`).
+    Evaluate,
+}
+
+impl std::fmt::Display for EnvStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Reset => "reset",
+            Self::Step => "step",
+            Self::Evaluate => "evaluate",
+        })
+    }
+}
+
 /// A rollout given up on because its environment kept failing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DroppedRollout {
     pub task_id: String,
     /// Which rollout of the group (0-based).
     pub rollout: usize,
-    /// Environment failures this rollout met (resets and broken episodes).
+    /// Environment failures this rollout met (resets, broken episodes, failed evaluations).
     pub failures: usize,
+    /// Where the last failure happened.
+    #[serde(default)]
+    pub stage: EnvStage,
     /// The last error.
     pub error: String,
 }
@@ -83,15 +117,54 @@ pub struct RolloutReport {
     pub seconds: f64,
 }
 
-/// Events for progress displays.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RolloutEvent {
+/// Which episode an event is about.
+#[derive(Debug, Clone, Copy)]
+pub struct EpisodeRef<'a> {
+    pub task: &'a Task,
+    /// Which rollout of the task's group (0-based).
+    pub rollout: usize,
+    /// Environment failures this rollout met before this attempt.
+    pub failures: usize,
+    /// The environment (index into the pool) running it.
+    pub env: usize,
+}
+
+/// What the engine reports as it goes, to a progress bar, a transcript printer or a recorder.
+#[derive(Debug, Clone, Copy)]
+pub enum RolloutEvent<'a> {
+    /// An episode was set up; `observation` is its first screen.
+    EpisodeStarted {
+        episode: EpisodeRef<'a>,
+        observation: &'a Observation,
+        seconds: f64,
+    },
     /// A batch is about to be generated for this many live episodes.
     Generating { live: usize },
-    /// This many environment steps were carried out.
+    /// The batch came back after `seconds`.
+    Generated { live: usize, seconds: f64 },
+    /// One turn of an episode was carried out: `turn` holds the screen the model saw, its
+    /// response and the parsed actions; `observation` is the screen after them.
+    TurnDone {
+        episode: EpisodeRef<'a>,
+        turn: &'a Turn,
+        observation: &'a Observation,
+        execution_seconds: f64,
+    },
+    /// The environment failed; the rollout is retried from `reset` when `retrying`, else dropped.
+    EnvFailed {
+        episode: EpisodeRef<'a>,
+        stage: EnvStage,
+        error: &'a str,
+        retrying: bool,
+    },
+    /// This many environment steps were carried out in the last tick.
     Stepped { env_steps: usize },
-    /// An episode ended with this evaluation.
-    EpisodeDone { eval_result: f64 },
+    /// An episode ended and was evaluated.
+    EpisodeDone {
+        episode: EpisodeRef<'a>,
+        trajectory: &'a Trajectory,
+        evaluate_seconds: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,8 +183,23 @@ struct Live {
 
 enum Tick {
     Continue,
-    Done(Trajectory),
-    Broken(String),
+    Done {
+        trajectory: Trajectory,
+        evaluate_seconds: f64,
+    },
+    Broken {
+        stage: EnvStage,
+        error: String,
+    },
+}
+
+fn episode_ref(tasks: &[Task], job: Job, env: usize) -> EpisodeRef<'_> {
+    EpisodeRef {
+        task: &tasks[job.task],
+        rollout: job.rollout,
+        failures: job.failures,
+        env,
+    }
 }
 
 /// A 64-bit mix (splitmix64's finaliser) for deriving independent seeds.
@@ -132,7 +220,7 @@ pub async fn run_rollouts<P, E>(
     tasks: &[Task],
     settings: &RolloutSettings,
     seed: u64,
-    observer: &mut dyn FnMut(RolloutEvent),
+    observer: &mut dyn FnMut(RolloutEvent<'_>),
 ) -> Result<RolloutReport, TrainerError>
 where
     P: Policy + ?Sized,
@@ -185,49 +273,66 @@ where
                 })
                 .map(|(env, job)| async move {
                     let task = &tasks[job.task];
+                    let started = Instant::now();
                     let result = env.reset(task).await;
                     let screen = env.screen_size();
-                    (job, result, screen)
+                    (job, result, screen, started.elapsed().as_secs_f64())
                 });
             let results = futures::future::join_all(futures).await;
-            for ((slot_index, _), (mut job, result, screen)) in starts.iter().zip(results) {
-                match result {
-                    Ok(observation) => {
-                        let parse = parse_config(settings.coordinates, screen, &observation);
-                        match parse {
-                            Ok(parse) => {
-                                slots[*slot_index] = Some(Live {
-                                    job,
-                                    observation,
-                                    turns: Vec::new(),
-                                    parse,
-                                })
-                            }
-                            Err(reason) => {
-                                job.failures += 1;
-                                requeue_or_drop(
-                                    &mut queue,
-                                    &mut report,
-                                    tasks,
-                                    settings,
-                                    job,
-                                    reason,
-                                );
-                            }
-                        }
-                    }
+            for ((slot_index, _), (job, result, screen, seconds)) in starts.iter().zip(results) {
+                let observation = match result {
+                    Ok(observation) => observation,
                     Err(e) => {
-                        job.failures += 1;
-                        tracing::warn!(task = %tasks[job.task].id, rollout = job.rollout, failures = job.failures, "reset failed: {e}");
-                        requeue_or_drop(
+                        let error = e.to_string();
+                        fail_or_drop(
                             &mut queue,
                             &mut report,
                             tasks,
                             settings,
                             job,
-                            e.to_string(),
+                            *slot_index,
+                            EnvStage::Reset,
+                            error,
+                            observer,
                         );
+                        continue;
                     }
+                };
+                let shot = &observation.screenshot;
+                if let Some(want) = settings.expected_screen {
+                    if (shot.width, shot.height) != want.pair() {
+                        return Err(TrainerError::ScreenMismatch {
+                            expected: want,
+                            actual: (shot.width, shot.height),
+                            task_id: tasks[job.task].id.clone(),
+                        });
+                    }
+                }
+                match parse_config(settings.coordinates, screen, &observation) {
+                    Ok(parse) => {
+                        observer(RolloutEvent::EpisodeStarted {
+                            episode: episode_ref(tasks, job, *slot_index),
+                            observation: &observation,
+                            seconds,
+                        });
+                        slots[*slot_index] = Some(Live {
+                            job,
+                            observation,
+                            turns: Vec::new(),
+                            parse,
+                        });
+                    }
+                    Err(reason) => fail_or_drop(
+                        &mut queue,
+                        &mut report,
+                        tasks,
+                        settings,
+                        job,
+                        *slot_index,
+                        EnvStage::Reset,
+                        reason,
+                        observer,
+                    ),
                 }
             }
         }
@@ -246,6 +351,7 @@ where
         observer(RolloutEvent::Generating { live: live.len() });
         let mut sampling = settings.sampling.clone();
         sampling.seed = Some(mix_seed(seed, report.policy_calls as u64));
+        let generation_started = Instant::now();
         let responses =
             policy
                 .act(&contexts, &sampling)
@@ -255,6 +361,10 @@ where
                     source,
                 })?;
         report.policy_calls += 1;
+        observer(RolloutEvent::Generated {
+            live: live.len(),
+            seconds: generation_started.elapsed().as_secs_f64(),
+        });
         if responses.len() != contexts.len() {
             return Err(TrainerError::Policy {
                 policy: policy.describe(),
@@ -279,30 +389,63 @@ where
         let ticks = futures::future::join_all(work.into_iter().map(|(i, env, l, response)| {
             let task = &tasks[l.job.task];
             async move {
+                let started = Instant::now();
                 let (tick, steps) = advance(env, task, l, response, settings.max_steps).await;
-                (i, tick, steps)
+                (i, tick, steps, started.elapsed().as_secs_f64())
             }
         }))
         .await;
         let mut steps_now = 0;
-        for (i, tick, steps) in ticks {
+        for (i, tick, steps, seconds) in ticks {
             steps_now += steps;
             match tick {
-                Tick::Continue => {}
-                Tick::Done(trajectory) => {
+                Tick::Continue => {
+                    if let Some(l) = slots[i].as_ref() {
+                        if let Some(turn) = l.turns.last() {
+                            observer(RolloutEvent::TurnDone {
+                                episode: episode_ref(tasks, l.job, i),
+                                turn,
+                                observation: &l.observation,
+                                execution_seconds: seconds,
+                            });
+                        }
+                    }
+                }
+                Tick::Done {
+                    trajectory,
+                    evaluate_seconds,
+                } => {
                     if let Some(l) = slots[i].take() {
+                        let episode = episode_ref(tasks, l.job, i);
+                        if let Some(turn) = trajectory.turns.last() {
+                            observer(RolloutEvent::TurnDone {
+                                episode,
+                                turn,
+                                observation: &l.observation,
+                                execution_seconds: seconds - evaluate_seconds,
+                            });
+                        }
                         observer(RolloutEvent::EpisodeDone {
-                            eval_result: trajectory.eval_result,
+                            episode,
+                            trajectory: &trajectory,
+                            evaluate_seconds,
                         });
                         finished[l.job.task][l.job.rollout] = Some(trajectory);
                     }
                 }
-                Tick::Broken(reason) => {
+                Tick::Broken { stage, error } => {
                     if let Some(l) = slots[i].take() {
-                        let mut job = l.job;
-                        job.failures += 1;
-                        tracing::warn!(task = %tasks[job.task].id, rollout = job.rollout, failures = job.failures, "environment broke mid-episode: {reason}");
-                        requeue_or_drop(&mut queue, &mut report, tasks, settings, job, reason);
+                        fail_or_drop(
+                            &mut queue,
+                            &mut report,
+                            tasks,
+                            settings,
+                            l.job,
+                            i,
+                            stage,
+                            error,
+                            observer,
+                        );
                     }
                 }
             }
@@ -325,22 +468,39 @@ where
     Ok(report)
 }
 
-fn requeue_or_drop(
+/// Counts an environment failure against the rollout: back to the queue while its budget
+/// (`reset_retries` failures) lasts, else dropped and recorded.
+#[allow(clippy::too_many_arguments)]
+fn fail_or_drop(
     queue: &mut VecDeque<Job>,
     report: &mut RolloutReport,
     tasks: &[Task],
     settings: &RolloutSettings,
-    job: Job,
+    mut job: Job,
+    env: usize,
+    stage: EnvStage,
     error: String,
+    observer: &mut dyn FnMut(RolloutEvent<'_>),
 ) {
-    if job.failures < settings.reset_retries {
+    let retrying = job.failures + 1 < settings.reset_retries;
+    observer(RolloutEvent::EnvFailed {
+        episode: episode_ref(tasks, job, env),
+        stage,
+        error: &error,
+        retrying,
+    });
+    job.failures += 1;
+    let task = &tasks[job.task].id;
+    if retrying {
+        tracing::warn!(%task, rollout = job.rollout, failures = job.failures, %stage, "environment failed, rollout restarts: {error}");
         queue.push_back(job);
     } else {
-        tracing::error!(task = %tasks[job.task].id, rollout = job.rollout, "rollout dropped after {} environment failures: {error}", job.failures);
+        tracing::error!(%task, rollout = job.rollout, %stage, "rollout dropped after {} environment failures: {error}", job.failures);
         report.dropped.push(DroppedRollout {
-            task_id: tasks[job.task].id.clone(),
+            task_id: task.clone(),
             rollout: job.rollout,
             failures: job.failures,
+            stage,
             error,
         });
     }
@@ -431,7 +591,15 @@ async fn advance<E: Environment>(
                 turn.env_error = Some(e.to_string());
                 last_action = Some(action);
             }
-            Err(e) => return (Tick::Broken(describe_env_error(&e)), steps),
+            Err(e) => {
+                return (
+                    Tick::Broken {
+                        stage: EnvStage::Step,
+                        error: format!("{} failed: {e}", action.name()),
+                    },
+                    steps,
+                );
+            }
         }
     }
     live.turns.push(turn);
@@ -454,38 +622,40 @@ async fn finish<E: Environment>(
     end: EpisodeEnd,
     last_action: Option<&Action>,
 ) -> Tick {
+    let started = Instant::now();
     let eval_result = match env.evaluate(last_action).await {
         Ok(r) if r.is_finite() => r.clamp(0.0, 1.0),
+        // An evaluator that answers NaN or infinity is broken, not the agent.
         Ok(r) => {
-            tracing::warn!(task = %task.id, "evaluation returned {r}: scored 0");
-            0.0
+            return Tick::Broken {
+                stage: EnvStage::Evaluate,
+                error: format!("the evaluator returned {r}, not a score in [0, 1]"),
+            };
         }
-        // OSWorld scores a failed evaluation 0.
-        Err(EnvError::Evaluation(reason)) => {
-            tracing::warn!(task = %task.id, "evaluation failed, scored 0: {reason}");
-            if let Some(t) = live.turns.last_mut() {
-                t.env_error
-                    .get_or_insert(format!("evaluation failed: {reason}"));
-            }
-            0.0
+        // OSWorld scores an evaluation that raises 0 (and so did we); that teaches the policy
+        // that an environment fault was its mistake. The rollout restarts or is dropped instead.
+        Err(e) => {
+            return Tick::Broken {
+                stage: EnvStage::Evaluate,
+                error: e.to_string(),
+            };
         }
-        Err(e) => return Tick::Broken(describe_env_error(&e)),
     };
+    let evaluate_seconds = started.elapsed().as_secs_f64();
     let format_reward = if end == EpisodeEnd::FormatError {
         -1.0
     } else {
         0.0
     };
-    Tick::Done(Trajectory {
-        task_id: task.id.clone(),
-        instruction: task.instruction.clone(),
-        turns: std::mem::take(&mut live.turns),
-        end,
-        eval_result,
-        format_reward,
-    })
-}
-
-fn describe_env_error(e: &EnvError) -> String {
-    e.to_string()
+    Tick::Done {
+        trajectory: Trajectory {
+            task_id: task.id.clone(),
+            instruction: task.instruction.clone(),
+            turns: std::mem::take(&mut live.turns),
+            end,
+            eval_result,
+            format_reward,
+        },
+        evaluate_seconds,
+    }
 }

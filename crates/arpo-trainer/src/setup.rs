@@ -165,13 +165,13 @@ pub fn build_envs(config: &Config) -> Result<Envs, TrainerError> {
     let n = config.env.num_envs.max(1);
     match config.env.provider {
         EnvProvider::Sim => {
-            let [w, h] = config.env.screen_size;
-            let one = if w == 0 || h == 0 {
-                SimEnv::new()
-            } else {
-                SimEnv::with_size(w, h).map_err(|e| TrainerError::ConfigInvalid {
-                    problems: vec![format!("env.screen_size: {e}")],
-                })?
+            let one = match config.env.screen_size {
+                None => SimEnv::new(),
+                Some(size) => SimEnv::with_size(size.width, size.height).map_err(|e| {
+                    TrainerError::ConfigInvalid {
+                        problems: vec![format!("env.screen_size: {e}")],
+                    }
+                })?,
             }
             .with_max_steps(config.env.max_steps);
             Ok(Envs::Sim(vec![one; n]))
@@ -289,6 +289,18 @@ pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
                 }
                 Err(e) => problems.push(e.to_string()),
             }
+        }
+    }
+    if let Err(e) = crate::model::pixel_bounds(config) {
+        problems.push(e.to_string());
+    }
+    let resume = config.trainer.load_checkpoint_path.as_str();
+    if !resume.is_empty() && resume != "latest" {
+        let dir = Path::new(resume);
+        if !dir.join("trainer_state.json").is_file() {
+            problems.push(format!(
+                "trainer.load_checkpoint_path {resume}: no trainer_state.json there: give an epoch_<N> directory written by `cargo xtask train`, `latest`, or leave it empty"
+            ));
         }
     }
     if config.worker.rollout.use_external_server {

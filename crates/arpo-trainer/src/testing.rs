@@ -5,7 +5,8 @@
 //!
 //! - [`ButtonRow`]: the screen is 1000×100 px with `buttons` buttons 100 px wide at the top
 //!   left; the task "Press button k of B" is solved by clicking button `k` and answering
-//!   `finished()`. Failures can be injected per task (`fail_resets`, `break_at_step`).
+//!   `finished()`. Failures can be injected per task (`fail_resets`, `break_at_step`,
+//!   `fail_evaluations`).
 //! - [`TabularPolicy`]: for each (task, turn) a softmax over the answers "click button i",
 //!   `finished()` and an unparsable answer; sampling is seeded; the update is the gradient of
 //!   arpo-grpo's clipped loss through the softmax, with plain SGD at `lr`.
@@ -44,6 +45,7 @@ pub struct ButtonRow {
     steps: usize,
     resets_by_task: BTreeMap<String, usize>,
     broken_once: BTreeMap<String, bool>,
+    evaluations_by_task: BTreeMap<String, usize>,
 }
 
 impl ButtonRow {
@@ -128,6 +130,16 @@ impl Environment for ButtonRow {
     }
 
     async fn evaluate(&mut self, last_action: Option<&Action>) -> Result<f64, EnvError> {
+        let id = self.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+        let fail = self.cfg("fail_evaluations");
+        let n = self.evaluations_by_task.entry(id).or_insert(0);
+        *n += 1;
+        let n = *n;
+        if n <= fail {
+            return Err(EnvError::Evaluation(format!(
+                "injected evaluator failure {n} of {fail}"
+            )));
+        }
         let finished = matches!(last_action, Some(Action::Finished { .. }));
         let target = self.cfg("target");
         Ok(if finished && self.pressed == Some(target) {

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use arpo_core::{Environment, Policy, Task, Trajectory};
-use arpo_grpo::{AdvantageConfig, AdvantageEstimator, PolicyLossConfig};
+use arpo_grpo::{AdvantageConfig, PolicyLossConfig};
 use arpo_replay::ReplayBuffer;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AdvEstimator, Config, LossAggMode};
+use crate::config::{Config, CoordinateMode, Logger};
 use crate::learner::{Learner, Sample, UpdateStats};
 use crate::metrics::{
     Attempt, EpochMetrics, MetricsHistory, StepMetrics, TaskResults, TaskResultsMap,
@@ -55,6 +55,11 @@ impl OutputPaths {
 
     pub fn metrics_file(&self) -> PathBuf {
         self.results.join("training_metrics.json")
+    }
+
+    /// `metrics.jsonl`: one line per step (`trainer.logger: [jsonl]`).
+    pub fn metrics_jsonl(&self) -> PathBuf {
+        self.results.join("metrics.jsonl")
     }
 
     pub fn replay_stats_file(&self) -> PathBuf {
@@ -109,17 +114,11 @@ impl<P: Policy + ?Sized, E: Environment, L: Learner> std::fmt::Debug for Trainer
     }
 }
 
-/// The replay settings of arpo-replay from the config.
+/// The replay settings of arpo-replay from the config (its switch is `algorithm.enable_replay`).
 pub fn replay_config(config: &Config) -> arpo_replay::ReplayConfig {
-    let r = &config.algorithm.replay;
     arpo_replay::ReplayConfig {
         enabled: config.algorithm.enable_replay,
-        capacity: r.capacity,
-        success_threshold: r.success_threshold,
-        failed_std_below: r.fail_std,
-        failed_mean_below: r.fail_mean,
-        injections_per_group: r.inject_per_group,
-        ..Default::default()
+        ..config.algorithm.replay.clone()
     }
 }
 
@@ -130,38 +129,24 @@ pub fn loss_config(config: &Config) -> PolicyLossConfig {
         clip_ratio_low: a.clip_ratio_low,
         clip_ratio_high: a.clip_ratio_high,
         clip_ratio_dual: a.clip_ratio_dual,
-        loss_agg_mode: match a.loss_agg_mode {
-            LossAggMode::SeqMeanTokenMean => arpo_grpo::LossAggMode::SeqMeanTokenMean,
-            LossAggMode::TokenMean => arpo_grpo::LossAggMode::TokenMean,
-        },
-        kl: if config.algorithm.disable_kl {
-            None
-        } else {
-            Some(arpo_grpo::KlPenalty {
-                estimator: match config.algorithm.kl_penalty {
-                    crate::config::KlPenalty::Kl => arpo_grpo::KlEstimator::Kl,
-                    crate::config::KlPenalty::LowVarKl => arpo_grpo::KlEstimator::LowVarKl,
-                },
-                coef: config.algorithm.kl_coef,
-            })
-        },
+        loss_agg_mode: a.loss_agg_mode,
+        kl: (!config.algorithm.disable_kl).then_some(arpo_grpo::KlPenalty {
+            estimator: config.algorithm.kl_penalty,
+            coef: config.algorithm.kl_coef,
+        }),
     }
 }
 
 fn advantage_config(config: &Config) -> AdvantageConfig {
     AdvantageConfig {
-        estimator: match config.algorithm.adv_estimator {
-            AdvEstimator::Grpo => AdvantageEstimator::Grpo,
-            AdvEstimator::DrGrpo => AdvantageEstimator::DrGrpo,
-            AdvEstimator::Rloo => AdvantageEstimator::Rloo,
-        },
+        estimator: config.algorithm.adv_estimator,
         ..Default::default()
     }
 }
 
 /// The rollout settings from the config (training or validation sampling).
-pub fn rollout_settings(config: &Config, validation: bool) -> RolloutSettings {
-    RolloutSettings {
+pub fn rollout_settings(config: &Config, validation: bool) -> Result<RolloutSettings, TrainerError> {
+    Ok(RolloutSettings {
         group_size: if validation {
             config.worker.rollout.val_override_config.n
         } else {
@@ -174,15 +159,18 @@ pub fn rollout_settings(config: &Config, validation: bool) -> RolloutSettings {
         } else {
             config.train_sampling()
         },
-        coordinates: if config.env.coordinates == "absolute" {
-            Coordinates::Absolute {
-                min_pixels: config.data.min_pixels,
-                max_pixels: config.data.max_pixels,
+        coordinates: match config.env.coordinates {
+            CoordinateMode::Absolute => {
+                let (min_pixels, max_pixels) = crate::model::pixel_bounds(config)?;
+                Coordinates::Absolute {
+                    min_pixels,
+                    max_pixels,
+                }
             }
-        } else {
-            Coordinates::Relative
+            CoordinateMode::Relative => Coordinates::Relative,
         },
-    }
+        expected_screen: config.env.screen_size,
+    })
 }
 
 /// The latest `epoch_<N>` checkpoint under `dir` that has a `trainer_state.json`.
@@ -374,7 +362,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         step: u64,
         tasks: &[Task],
     ) -> Result<(), TrainerError> {
-        let settings = rollout_settings(&self.config, false);
+        let settings = rollout_settings(&self.config, false)?;
         let threshold = self.config.algorithm.replay.success_threshold;
         let seed = mix_seed(self.config.data.seed, 1_000_003 + step);
         let progress = &self.progress;
@@ -385,7 +373,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             tasks,
             &settings,
             seed,
-            &mut |ev: RolloutEvent| progress.rollout_event(ev),
+            &mut |ev: RolloutEvent<'_>| progress.rollout_event(&ev),
         )
         .await?;
         let own: Vec<&Trajectory> = report
@@ -605,7 +593,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
 
     /// Rolls out the held-out tasks at validation settings; returns the success rate.
     async fn validate(&mut self, epoch: usize) -> Result<f64, TrainerError> {
-        let settings = rollout_settings(&self.config, true);
+        let settings = rollout_settings(&self.config, true)?;
         let threshold = self.config.algorithm.replay.success_threshold;
         let seed = mix_seed(self.config.data.seed, 2_000_003 + epoch as u64);
         let tasks = self.val_tasks.clone();
@@ -616,7 +604,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             &tasks,
             &settings,
             seed,
-            &mut |ev: RolloutEvent| progress.rollout_event(ev),
+            &mut |ev: RolloutEvent<'_>| progress.rollout_event(&ev),
         )
         .await?;
         let step = self.state.step;
@@ -645,6 +633,18 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
 
     fn write_outputs(&self) -> Result<(), TrainerError> {
         write_json(&self.paths.metrics_file(), &self.state.metrics)?;
+        if self.config.trainer.logger.contains(&Logger::Jsonl) {
+            // Rewritten whole from the state: after a resume it holds exactly the steps the
+            // restored run has, never the ones redone twice.
+            let mut lines = String::new();
+            for step in &self.state.metrics.steps {
+                let line = serde_json::to_string(step)
+                    .map_err(|e| TrainerError::io(self.paths.metrics_jsonl(), e))?;
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+            crate::metrics::write_atomic(&self.paths.metrics_jsonl(), lines.as_bytes())?;
+        }
         write_json(&self.paths.replay_stats_file(), &self.state.replay.stats())?;
         let dir = self.paths.task_results_dir();
         for (id, results) in &self.state.task_results {

@@ -27,8 +27,11 @@ fn the_seed_mac_config_loads_with_the_seed_settings() {
     assert_eq!(c.worker.rollout.server_url, "http://localhost:9000/v1");
     assert_eq!(c.env.num_envs, 1);
     assert_eq!(c.env.provider, EnvProvider::Vmware);
-    assert_eq!(c.trainer.n_gpus_per_node, 0);
-    assert!(c.trainer.use_cpu);
+    assert_eq!(c.worker.actor.model.device, arpo_model::DeviceSpec::Cpu);
+    assert_eq!(
+        c.env.screen_size,
+        Some(arpo_core::ScreenSize::new(1920, 1080).unwrap())
+    );
     assert_eq!(c.trainer.total_episodes, 5);
     assert_eq!(c.data.max_tasks, 8);
 }

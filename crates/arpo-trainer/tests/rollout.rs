@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 
 use arpo_core::{AgentContext, EpisodeEnd, Policy, PolicyError, Response, SamplingParams, Task};
-use arpo_trainer::rollout::{Coordinates, RolloutEvent, RolloutSettings, run_rollouts};
+use arpo_trainer::rollout::{Coordinates, EnvStage, RolloutEvent, RolloutSettings, run_rollouts};
 use arpo_trainer::testing::{ButtonRow, button_task};
 use async_trait::async_trait;
 
@@ -60,6 +60,7 @@ fn settings(n: usize) -> RolloutSettings {
         reset_retries: 3,
         sampling: SamplingParams::default(),
         coordinates: Coordinates::Relative,
+        expected_screen: None,
     }
 }
 
@@ -81,9 +82,11 @@ async fn groups_have_n_rollouts_per_task_in_order_and_are_scored() {
     let policy = Scripted::new(solve);
     let tasks = vec![button_task("a", 1, 3), button_task("b", 0, 2)];
     let mut pool = envs(3);
-    let mut events = Vec::new();
+    let mut done_events = 0;
     let report = run_rollouts(&policy, &mut pool, &tasks, &settings(4), 1, &mut |e| {
-        events.push(e)
+        if matches!(e, RolloutEvent::EpisodeDone { .. }) {
+            done_events += 1;
+        }
     })
     .await
     .unwrap();
@@ -107,13 +110,7 @@ async fn groups_have_n_rollouts_per_task_in_order_and_are_scored() {
     assert!(batches.iter().all(|&b| (1..=3).contains(&b)), "{batches:?}");
     assert_eq!(batches.iter().sum::<usize>(), 16, "2 turns × 8 episodes");
     assert_eq!(report.policy_calls, batches.len());
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, RolloutEvent::EpisodeDone { .. }))
-            .count(),
-        8
-    );
+    assert_eq!(done_events, 8);
 }
 
 #[tokio::test]
@@ -255,4 +252,71 @@ async fn no_tasks_means_no_rollouts() {
         .unwrap();
     assert!(report.groups.is_empty());
     assert_eq!(report.policy_calls, 0);
+}
+
+#[tokio::test]
+async fn an_evaluation_that_raises_restarts_the_rollout_and_is_never_scored_zero() {
+    let policy = Scripted::new(solve);
+    // Fails its first evaluation: the episode is run again and scored by the second one.
+    let mut once = button_task("once", 1, 3);
+    once.config["fail_evaluations"] = 1.into();
+    // Always fails: dropped after reset_retries (3) environment failures, at the evaluate stage.
+    let mut always = button_task("always", 1, 3);
+    always.config["fail_evaluations"] = 100.into();
+    let mut failures = Vec::new();
+    let report = run_rollouts(
+        &policy,
+        &mut envs(1),
+        &[once, always],
+        &settings(1),
+        1,
+        &mut |e| {
+            if let RolloutEvent::EnvFailed {
+                stage, retrying, ..
+            } = e
+            {
+                failures.push((stage, retrying));
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let once = &report.groups[0].trajectories;
+    assert_eq!(once.len(), 1);
+    assert_eq!(once[0].eval_result, 1.0, "scored by the evaluation that worked");
+    assert!(report.groups[1].trajectories.is_empty(), "no 0 was recorded");
+    assert_eq!(report.dropped.len(), 1);
+    let d = &report.dropped[0];
+    assert_eq!(d.task_id, "always");
+    assert_eq!(d.stage, EnvStage::Evaluate);
+    assert_eq!(d.failures, 3);
+    assert!(d.error.contains("injected evaluator failure"), "{}", d.error);
+    // 1 (once) + 3 (always), the last one not retried.
+    assert_eq!(
+        failures,
+        vec![
+            (EnvStage::Evaluate, true),
+            (EnvStage::Evaluate, true),
+            (EnvStage::Evaluate, true),
+            (EnvStage::Evaluate, false)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_screen_of_the_wrong_size_stops_the_run_with_the_key_to_change() {
+    let policy = Scripted::new(solve);
+    let mut s = settings(1);
+    s.expected_screen = Some(arpo_core::ScreenSize::new(1920, 1080).unwrap());
+    let err = run_rollouts(&policy, &mut envs(1), &[button_task("a", 0, 2)], &s, 1, &mut |_| {})
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("1000x100") && msg.contains("env.screen_size is 1920x1080"), "{msg}");
+    // The right size passes.
+    s.expected_screen = Some(arpo_core::ScreenSize::new(1000, 100).unwrap());
+    let report = run_rollouts(&policy, &mut envs(1), &[button_task("a", 0, 2)], &s, 1, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.groups[0].trajectories.len(), 1);
 }
