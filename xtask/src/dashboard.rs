@@ -24,7 +24,11 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    println!("dashboard of {}: http://{}/ (Ctrl-C to stop)", args.run.display(), args.addr);
+    println!(
+        "dashboard of {}: http://{}/ (Ctrl-C to stop)",
+        args.run.display(),
+        args.addr
+    );
     rt.block_on(arpo_dashboard::serve(args.run, args.addr))?;
     Ok(())
 }

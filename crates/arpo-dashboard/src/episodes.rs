@@ -315,7 +315,9 @@ mod tests {
             Action::Click {
                 point: Point::new(10.0, 20.0),
             },
-            Action::Press { key: "enter".into() },
+            Action::Press {
+                key: "enter".into(),
+            },
             Action::Drag {
                 from: Point::new(1.0, 2.0),
                 to: Point::new(3.0, 4.0),

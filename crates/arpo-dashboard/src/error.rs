@@ -25,7 +25,9 @@ pub enum DashboardError {
     )]
     NotARun { path: PathBuf },
     /// The page's address could not be bound.
-    #[error("cannot listen on {addr}: {source} (is another dashboard running? pick another port with --addr)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another dashboard running? pick another port with --addr)"
+    )]
     Bind {
         addr: std::net::SocketAddr,
         #[source]

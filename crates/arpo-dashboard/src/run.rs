@@ -81,7 +81,12 @@ impl RunDir {
         let Some(v) = self.read_json("training_metrics.json")? else {
             return Ok(RunCurves::default());
         };
-        let rows = |key: &str| v.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+        let rows = |key: &str| {
+            v.get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
         Ok(RunCurves {
             experiment: v
                 .get("experiment")
@@ -113,7 +118,11 @@ impl RunDir {
                 // Being rewritten right now: skip it this time.
                 Err(_) => continue,
             };
-            let history = v.get("history").and_then(Value::as_array).cloned().unwrap_or_default();
+            let history = v
+                .get("history")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             let outcome = |a: &Value| {
                 if a.get("end").and_then(Value::as_str) == Some("dropped") {
                     None
@@ -212,7 +221,11 @@ pub fn downsample(c: &Curves, max_points: usize) -> Curves {
         let last = chunk[chunk.len() - 1];
         out.x.push(c.x[last]);
         for (name, s) in &c.series {
-            let vals: Vec<f64> = chunk.iter().map(|&i| s[i]).filter(|v| !v.is_nan()).collect();
+            let vals: Vec<f64> = chunk
+                .iter()
+                .map(|&i| s[i])
+                .filter(|v| !v.is_nan())
+                .collect();
             let mean = if vals.is_empty() {
                 f64::NAN
             } else {

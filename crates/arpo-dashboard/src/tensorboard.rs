@@ -35,7 +35,11 @@ impl TensorBoardWriter {
         let host = std::fs::read_to_string("/etc/hostname")
             .ok()
             .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+            .filter(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            })
             .unwrap_or_else(|| "localhost".to_string());
         let mut name = format!("events.out.tfevents.{}.{host}", now as u64);
         // Two writers started within one second would share a name.
@@ -134,6 +138,58 @@ impl TensorBoardWriter {
         let mut summary = Vec::new();
         put_bytes(&mut summary, 1, &v);
         self.write_summary(step, wall_time, &summary)
+    }
+
+    /// Marks a restart at `step` (a `SessionLog` START event): TensorBoard then drops the
+    /// points of earlier files at `step` and after, so that a run resumed from a checkpoint
+    /// shows each step once, as the resumed run computed it. Call it right after
+    /// [`Self::create`] when resuming, with the first step the resumed run will write.
+    pub fn write_session_start(&mut self, step: u64) -> Result<(), DashboardError> {
+        self.write_session_start_at(step, wall_time_now())
+    }
+
+    /// [`Self::write_session_start`] with a given wall time.
+    pub fn write_session_start_at(
+        &mut self,
+        step: u64,
+        wall_time: f64,
+    ) -> Result<(), DashboardError> {
+        let mut event = event_header(wall_time, step);
+        put_bytes(&mut event, 7, &[0x08, 0x01]); // session_log (7): SessionLog { status: START (1) }
+        self.write_record(&event)?;
+        self.flush()
+    }
+
+    /// The last screenshot of the best episode (highest reward, first on ties) of each of the
+    /// first `max_groups` groups, as an image tagged `episodes/<task id>`.
+    pub fn write_episode_images(
+        &mut self,
+        step: u64,
+        groups: &[crate::RecordedGroup<'_>],
+        max_groups: usize,
+    ) -> Result<(), DashboardError> {
+        for g in groups.iter().take(max_groups) {
+            let best = g
+                .episodes
+                .iter()
+                .fold(None::<&crate::RecordedEpisode<'_>>, |best, e| match best {
+                    Some(b) if b.trajectory.reward() >= e.trajectory.reward() => Some(b),
+                    _ => Some(e),
+                });
+            let Some(e) = best else { continue };
+            let Some(turn) = e.trajectory.turns.last() else {
+                continue;
+            };
+            let shot = &turn.screenshot;
+            self.write_image(
+                step,
+                &format!("episodes/{}", e.trajectory.task_id),
+                &shot.bytes,
+                shot.width,
+                shot.height,
+            )?;
+        }
+        Ok(())
     }
 
     /// Pushes buffered events to the file.
@@ -265,7 +321,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             table[i] = c;

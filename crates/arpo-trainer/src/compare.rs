@@ -178,8 +178,7 @@ pub fn welch_t_test(a: &[f64], b: &[f64]) -> Option<WelchTest> {
     if se == 0.0 {
         return None;
     }
-    let df = (va + vb).powi(2)
-        / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
+    let df = (va + vb).powi(2) / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
     let diff = mb - ma;
     let t = diff / se;
     let p_two_sided = (2.0 * (1.0 - student_t_cdf(t.abs(), df))).clamp(0.0, 1.0);
@@ -335,16 +334,14 @@ impl Comparison {
     pub fn table(&self) -> String {
         let mut out = format!(
             "{:<24} {:>4}  {:>13}  {:>14}  {:>22}  {}\n",
-            "label",
-            "runs",
-            "mean ± sd",
-            "95% t-interval",
-            "pooled (Wilson 95%)",
-            "per run (%)"
+            "label", "runs", "mean ± sd", "95% t-interval", "pooled (Wilson 95%)", "per run (%)"
         );
         for s in &self.labels {
             let (mean_sd, t_ci) = match &s.across_runs {
-                Some(a) => (format!("{} ± {}", pct(a.mean), pct(a.sd)), pct_interval(a.ci95)),
+                Some(a) => (
+                    format!("{} ± {}", pct(a.mean), pct(a.sd)),
+                    pct_interval(a.ci95),
+                ),
                 None => ("-".to_string(), "- (one run)".to_string()),
             };
             out += &format!(
@@ -528,8 +525,16 @@ mod tests {
             assert!(close(student_t_quantile(0.025, df), -want, 1e-9));
         }
         // scipy.stats.t.cdf: (1.4, 2.5), (-0.7, 3.3), (2.0, 7).
-        assert!(close(student_t_cdf(1.4, 2.5), 0.863_641_127_456_543_9, 1e-10));
-        assert!(close(student_t_cdf(-0.7, 3.3), 0.265_044_039_661_629_1, 1e-10));
+        assert!(close(
+            student_t_cdf(1.4, 2.5),
+            0.863_641_127_456_543_9,
+            1e-10
+        ));
+        assert!(close(
+            student_t_cdf(-0.7, 3.3),
+            0.265_044_039_661_629_1,
+            1e-10
+        ));
         assert!(close(student_t_cdf(2.0, 7.0), 0.957_190_335_718_512, 1e-10));
         assert_eq!(student_t_cdf(0.0, 3.0), 0.5);
     }
@@ -570,7 +575,10 @@ mod tests {
         let reports = load_reports(&paths).unwrap();
         let c = compare(&reports);
         assert_eq!(
-            c.labels.iter().map(|s| s.label.as_str()).collect::<Vec<_>>(),
+            c.labels
+                .iter()
+                .map(|s| s.label.as_str())
+                .collect::<Vec<_>>(),
             ["base", "grpo", "arpo"]
         );
         assert!(c.labels[0].across_runs.is_none());
