@@ -197,6 +197,9 @@ pub struct OsworldEvaluatorConfig {
     pub chromium_port: u16,
     /// The guest's VLC HTTP port (OSWorld: 8080).
     pub vlc_port: u16,
+    /// The worker's working folder (see [`WorkerConfig::workdir`]); `None`: the folder holding
+    /// `evaluation_examples` when `examples_dir` is set, else ours.
+    pub workdir: Option<PathBuf>,
 }
 
 impl Default for OsworldEvaluatorConfig {
@@ -209,6 +212,7 @@ impl Default for OsworldEvaluatorConfig {
             timeout: worker.timeout,
             chromium_port: 9222,
             vlc_port: 8080,
+            workdir: None,
         }
     }
 }
@@ -219,6 +223,7 @@ impl OsworldEvaluatorConfig {
             python: self.python.clone(),
             pythonpath: self.pythonpath.clone(),
             timeout: self.timeout,
+            workdir: self.workdir.clone(),
             ..WorkerConfig::default()
         }
     }
@@ -284,7 +289,17 @@ pub struct OsworldEnv {
 
 impl OsworldEnv {
     pub fn new(provider: Box<dyn Provider>, config: EnvConfig) -> Self {
-        let worker = OsworldWorker::new(config.osworld.worker(), &config.cache_dir.join("worker"));
+        let mut worker_config = config.osworld.worker();
+        if worker_config.workdir.is_none() {
+            // OSWorld's paths are relative to the folder that holds `evaluation_examples`.
+            worker_config.workdir = config.examples_dir.as_deref().and_then(|e| {
+                e.ancestors()
+                    .find(|a| a.file_name().is_some_and(|n| n == "evaluation_examples"))
+                    .and_then(|a| a.parent())
+                    .map(|p| p.to_path_buf())
+            });
+        }
+        let worker = OsworldWorker::new(worker_config, &config.cache_dir.join("worker"));
         Self {
             provider,
             config,

@@ -26,7 +26,7 @@ pub const WORKER_SCRIPT: &str = include_str!("../python/osworld_worker.py");
 pub const BUNDLED_NAMES: &str = include_str!("osworld_names.json");
 
 /// The command that installs what the worker needs (README, "OSWorld's evaluator").
-pub const INSTALL_COMMAND: &str = "python3 -m venv .venv-osworld && .venv-osworld/bin/pip install --no-deps desktop-env==1.0.2 && .venv-osworld/bin/pip install gymnasium requests_toolbelt python-dotenv openpyxl lxml scikit-image rapidfuzz python-docx python-pptx odfpy \"numpy<2\" \"pandas<2.3\" imagehash pymupdf opencv-python-headless borb pyyaml xmltodict tldextract scipy pytz pypdf PyPDF2 pdfplumber mutagen librosa formulas fastdtw requests pillow chardet cssselect beautifulsoup4 playwright pydrive func-timeout wrapt_timeout_decorator pyacoustid pygame easyocr, then set env.osworld.python to .venv-osworld/bin/python";
+pub const INSTALL_COMMAND: &str = "python3 -m venv .venv-osworld && .venv-osworld/bin/pip install --no-deps desktop-env==1.0.2 && .venv-osworld/bin/pip install -r crates/arpo-env-vmware/python/requirements.txt easyocr, then set env.osworld.python to .venv-osworld/bin/python";
 
 /// Where and how the worker runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +39,10 @@ pub struct WorkerConfig {
     pub timeout: Duration,
     /// The longest the worker may take to start and import `desktop_env`.
     pub start_timeout: Duration,
+    /// The worker's working folder: OSWorld's setup steps and getters read account settings at
+    /// paths relative to it (`evaluation_examples/settings/...`), so the folder holding
+    /// `evaluation_examples`. `None`: ours.
+    pub workdir: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -48,6 +52,7 @@ impl Default for WorkerConfig {
             pythonpath: Vec::new(),
             timeout: Duration::from_secs(600),
             start_timeout: Duration::from_secs(120),
+            workdir: None,
         }
     }
 }
@@ -172,6 +177,9 @@ impl OsworldWorker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(dir) = &self.config.workdir {
+            command.current_dir(dir);
+        }
         if !paths.is_empty() {
             if let Ok(joined) = std::env::join_paths(paths) {
                 command.env("PYTHONPATH", joined);

@@ -595,8 +595,11 @@ async fn every_domain_is_scored_by_osworlds_own_evaluator_as_osworld_scores_it()
     let g = guest();
     let cache = tempfile::tempdir().expect("tmp");
     let mut env = OsworldEnv::remote(&g.url(), osworld_config(cache.path(), &python));
+    // Tasks we also have natively are scored both ways.
+    let mut native = OsworldEnv::remote(&g.url(), config(&cache.path().join("native")));
     let done = Action::Finished { content: None };
     let mut domains = Vec::new();
+    let mut both_ways = 0;
     for entry in record["tasks"].as_array().expect("tasks") {
         let domain = entry["domain"].as_str().expect("domain");
         let Some(mut task) = shared_task(entry["task"].as_str().expect("task")) else {
@@ -637,7 +640,7 @@ async fn every_domain_is_scored_by_osworlds_own_evaluator_as_osworld_scores_it()
             let score = env.evaluate(Some(&done)).await.expect("evaluate");
             let osworld = case["osworld_direct"]["score"].as_f64().expect("score");
             println!(
-                "{domain} {which}: {score} through the worker in {:.2} s; OSWorld's {} called directly: {osworld}",
+                "{domain} {which}: {score} through the worker in {:.4} s; OSWorld's {} called directly: {osworld}",
                 started.elapsed().as_secs_f64(),
                 case["osworld_direct"]["func"]
             );
@@ -645,6 +648,20 @@ async fn every_domain_is_scored_by_osworlds_own_evaluator_as_osworld_scores_it()
                 (score - osworld).abs() < 1e-9,
                 "{domain} {which}: {score} vs OSWorld's {osworld}"
             );
+            if task.unsupported().is_empty() {
+                native
+                    .reset(&task.to_task(Some(domain)))
+                    .await
+                    .expect("native reset");
+                let started = Instant::now();
+                let native_score = native.evaluate(Some(&done)).await.expect("native");
+                println!(
+                    "{domain} {which}: {native_score} natively in {:.4} s",
+                    started.elapsed().as_secs_f64()
+                );
+                assert_eq!(native_score, score, "{domain} {which}: native vs OSWorld");
+                both_ways += 1;
+            }
             if which == "correct" {
                 assert_eq!(score, 1.0, "{domain}");
             } else {
@@ -674,6 +691,7 @@ async fn every_domain_is_scored_by_osworlds_own_evaluator_as_osworld_scores_it()
         1,
         "one worker served every evaluation"
     );
+    assert!(both_ways >= 2, "the os task runs natively too");
 }
 
 #[tokio::test]
@@ -684,7 +702,12 @@ async fn the_worker_knows_the_bundled_names_and_is_restarted_after_dying() {
     let g = guest();
     let cache = tempfile::tempdir().expect("tmp");
     let env = OsworldEnv::remote(&g.url(), osworld_config(cache.path(), &python));
+    let started = Instant::now();
     let names = env.check_evaluator().await.expect("hello").expect("names");
+    println!(
+        "worker started and imported desktop_env in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(names, arpo_env_vmware::OsworldNames::bundled());
     assert!(names.has_metric("compare_table") && names.has_getter("vm_file"));
     let pid = env.worker().pid().await.expect("running");
@@ -724,6 +747,7 @@ async fn a_worker_that_does_not_answer_is_killed_at_the_timeout_and_restarted() 
             pythonpath: Vec::new(),
             timeout: Duration::from_millis(300),
             start_timeout: Duration::from_millis(200),
+            workdir: None,
         },
         dir.path(),
     );

@@ -176,3 +176,40 @@ fn a_field_we_use_that_is_malformed_is_named_with_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn the_published_set_runs_natively_or_through_osworlds_evaluator_but_the_credential_tasks() {
+    use arpo_env_vmware::OsworldNames;
+    use arpo_env_vmware::coverage::{Runs, coverage, render};
+    let Some(dir) = shared_examples() else {
+        return;
+    };
+    let tasks = dir.parent().expect("evaluation_examples");
+    let names = OsworldNames::bundled();
+    let report = coverage(tasks, Some(Path::new("test_all.json")), Some(&names)).expect("coverage");
+    println!("{}", render(&report, false));
+    assert!(report.invalid.is_empty(), "{:?}", report.invalid);
+    assert_eq!(
+        report.total,
+        report.native + report.osworld_tasks + report.not_runnable
+    );
+    assert!(
+        report.runnable() * 100 >= report.total * 97,
+        "{} of {} runnable",
+        report.runnable(),
+        report.total
+    );
+    // What is not runnable says why; here only the user's own account settings are missing.
+    for t in report.tasks.iter().filter(|t| t.runs == Runs::NotRunnable) {
+        assert!(
+            t.reasons.iter().all(|r| r.contains("settings/google")),
+            "{}: {:?}",
+            t.id,
+            t.reasons
+        );
+    }
+    // Native only, the count the crate had before the worker: natively runnable tasks only.
+    let native = coverage(tasks, Some(Path::new("test_all.json")), None).expect("native");
+    assert_eq!(native.runnable(), report.native);
+    assert_eq!(native.osworld_tasks, 0);
+}
