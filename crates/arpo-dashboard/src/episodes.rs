@@ -10,9 +10,9 @@
 //!
 //! A step is written into `step_<N>.partial/` and renamed into place, so a reader (or a run
 //! killed mid-write) never sees half a step; recording a step again (after `--resume`) replaces
-//! it. [`Retention`] keeps the last `full_steps` recorded steps whole and thins older ones to
-//! `groups_after` group(s): the group whose rewards differ most (the one the update learnt most
-//! from), the first on ties.
+//! it. [`Retention`] records `groups_per_step` groups of each step, keeps the last `full_steps`
+//! recorded steps so and thins older ones to `groups_after` group(s). Groups are chosen by the
+//! spread of their rewards (the groups the update learnt most from), earlier first on ties.
 
 use std::path::{Path, PathBuf};
 
@@ -36,10 +36,15 @@ pub struct RecordedGroup<'a> {
     pub episodes: Vec<RecordedEpisode<'a>>,
 }
 
-/// How much of the past the episodes directory keeps.
+/// How much the episodes directory keeps. Embeddable in a config as it is (every field has a
+/// default; unknown keys are refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Retention {
-    /// The most recent recorded steps kept whole.
+    /// Groups recorded of each step (0: all): full-size OSWorld screenshots are large, and a
+    /// step of 8 groups × 8 episodes × 15 turns would be hundreds of MB.
+    pub groups_per_step: usize,
+    /// The most recent recorded steps kept as recorded.
     pub full_steps: usize,
     /// Groups kept of each older step.
     pub groups_after: usize,
@@ -48,6 +53,7 @@ pub struct Retention {
 impl Default for Retention {
     fn default() -> Self {
         Self {
+            groups_per_step: 4,
             full_steps: 20,
             groups_after: 1,
         }
@@ -58,8 +64,9 @@ impl Default for Retention {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepEpisodes {
     pub step: u64,
-    /// Groups the step had when recorded.
-    pub groups_recorded: usize,
+    /// Groups the step had in training (more than `groups` when `groups_per_step` or
+    /// retention left some out).
+    pub groups_in_step: usize,
     /// Whether retention removed groups since.
     pub thinned: bool,
     pub groups: Vec<GroupRecord>,
@@ -161,11 +168,19 @@ pub fn record_episodes(
     std::fs::create_dir_all(&partial).map_err(|e| DashboardError::io(&partial, e))?;
     let mut record = StepEpisodes {
         step,
-        groups_recorded: groups.len(),
+        groups_in_step: groups.len(),
         thinned: false,
         groups: Vec::with_capacity(groups.len()),
     };
+    let spreads: Vec<f64> = groups
+        .iter()
+        .map(|g| reward_spread(g.episodes.iter().map(|e| e.trajectory.reward())))
+        .collect();
+    let chosen = most_informative(&spreads, retention.groups_per_step);
     for (gi, g) in groups.iter().enumerate() {
+        if !chosen.contains(&gi) {
+            continue;
+        }
         let first = g.episodes.first().map(|e| e.trajectory);
         let mut group = GroupRecord {
             group: gi,
@@ -279,17 +294,38 @@ pub fn apply_retention(dir: &Path, retention: Retention) -> Result<(), Dashboard
     Ok(())
 }
 
-/// The `n` groups with the largest spread of rewards (first on ties), by their index.
+/// The `n` groups of a recorded step with the largest spread of rewards (first on ties), by
+/// their index in the step.
 fn groups_to_keep(record: &StepEpisodes, n: usize) -> Vec<usize> {
-    let spread = |g: &GroupRecord| {
-        let r: Vec<f64> = g.episodes.iter().map(|e| e.reward).collect();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if r.is_empty() { 0.0 } else { hi - lo }
-    };
-    let mut order: Vec<&GroupRecord> = record.groups.iter().collect();
-    order.sort_by(|a, b| spread(b).total_cmp(&spread(a)).then(a.group.cmp(&b.group)));
-    order.into_iter().take(n).map(|g| g.group).collect()
+    let spreads: Vec<f64> = record
+        .groups
+        .iter()
+        .map(|g| reward_spread(g.episodes.iter().map(|e| e.reward)))
+        .collect();
+    most_informative(&spreads, n)
+        .into_iter()
+        .map(|i| record.groups[i].group)
+        .collect()
+}
+
+/// Max − min of a group's rewards (0 for an empty group): a group whose rewards differ is
+/// one the update learnt from.
+fn reward_spread(rewards: impl Iterator<Item = f64>) -> f64 {
+    let (lo, hi) = rewards.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+        (lo.min(r), hi.max(r))
+    });
+    if hi >= lo { hi - lo } else { 0.0 }
+}
+
+/// The positions of the `n` largest spreads (all when `n` is 0), largest first, earlier
+/// first on ties.
+fn most_informative(spreads: &[f64], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..spreads.len()).collect();
+    order.sort_by(|&a, &b| spreads[b].total_cmp(&spreads[a]).then(a.cmp(&b)));
+    if n > 0 {
+        order.truncate(n);
+    }
+    order
 }
 
 /// Writes JSON through a temporary file and a rename (a reader never sees half a file).

@@ -21,6 +21,49 @@
 //! tb.write_scalars(3, &scalars_from_json("train", &metrics)).unwrap();
 //! assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
 //! ```
+//!
+//! In a training loop (the trainer's `Sample`s after advantages; `metrics` a step's serialized
+//! `StepMetrics`):
+//!
+//! ```
+//! use arpo_core::Trajectory;
+//! use arpo_dashboard::{
+//!     RecordedEpisode, RecordedGroup, Retention, TensorBoardWriter, record_episodes,
+//!     scalars_from_json,
+//! };
+//! # struct Sample { trajectory: Trajectory, advantage: f64, injected: bool }
+//! # fn main() -> Result<(), arpo_dashboard::DashboardError> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let results = dir.path();
+//! # let (step, resumed) = (0u64, false);
+//! # let batches: Vec<Vec<Sample>> = Vec::new();
+//! # let metrics = serde_json::json!({"step": 0, "success_rate": 0.5});
+//! // Once, before the first step (`trainer.logger` has `tensorboard`):
+//! let mut tb = TensorBoardWriter::create(&results.join("tensorboard"))?;
+//! if resumed {
+//!     tb.write_session_start(step)?; // the first step the resumed run writes
+//! }
+//! // Each step, once the groups have their advantages:
+//! let groups: Vec<RecordedGroup<'_>> = batches
+//!     .iter()
+//!     .map(|b| RecordedGroup {
+//!         episodes: b
+//!             .iter()
+//!             .map(|s| RecordedEpisode {
+//!                 trajectory: &s.trajectory,
+//!                 advantage: s.advantage,
+//!                 injected: s.injected,
+//!             })
+//!             .collect(),
+//!     })
+//!     .collect();
+//! record_episodes(&results.join("episodes"), step, &groups, Retention::default())?;
+//! tb.write_episode_images(step, &groups, 2)?;
+//! // Each step, once its metrics are known:
+//! tb.write_scalars(step, &scalars_from_json("train", &metrics))?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod episodes;
 mod error;

@@ -72,6 +72,7 @@ fn retention_bounds_disk_use_over_200_steps() {
     let dir = tempfile::tempdir().unwrap();
     let episodes = dir.path().join("episodes");
     let retention = Retention {
+        groups_per_step: 0,
         full_steps: 10,
         groups_after: 1,
     };
@@ -130,7 +131,7 @@ fn retention_bounds_disk_use_over_200_steps() {
     );
     let old = read_step(&episodes, 5).unwrap();
     assert!(old.thinned);
-    assert_eq!(old.groups_recorded, 4);
+    assert_eq!(old.groups_in_step, 4);
     assert_eq!(old.groups.len(), 1);
     assert_eq!(
         old.groups[0].group, 2,
@@ -146,6 +147,51 @@ fn retention_bounds_disk_use_over_200_steps() {
     assert_eq!(ep.turns[2].screenshot, "g1_e0_t2.png");
     let bytes = std::fs::read(episodes.join("step_00000199").join("g1_e0_t2.png")).unwrap();
     assert_eq!(bytes, png(shot, 2));
+}
+
+#[test]
+fn a_step_records_its_most_informative_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    // Rewards per group: [0, 0], [0, 1], [0, 0], [1, 1], [0, 1], [0, 0.5].
+    let rewards = [
+        [0.0, 0.0],
+        [0.0, 1.0],
+        [0.0, 0.0],
+        [1.0, 1.0],
+        [0.0, 1.0],
+        [0.0, 0.5],
+    ];
+    let trajectories: Vec<Vec<Trajectory>> = rewards
+        .iter()
+        .map(|r| r.iter().map(|&x| trajectory("t", 1, 50, x)).collect())
+        .collect();
+    let groups: Vec<RecordedGroup<'_>> = trajectories
+        .iter()
+        .map(|g| RecordedGroup {
+            episodes: g
+                .iter()
+                .map(|t| RecordedEpisode {
+                    trajectory: t,
+                    advantage: 0.0,
+                    injected: false,
+                })
+                .collect(),
+        })
+        .collect();
+    let retention = Retention {
+        groups_per_step: 3,
+        ..Retention::default()
+    };
+    record_episodes(dir.path(), 0, &groups, retention).unwrap();
+    let s = read_step(dir.path(), 0).unwrap();
+    assert_eq!(s.groups_in_step, 6);
+    // Spreads 0, 1, 0, 0, 1, 0.5: groups 1 and 4, then 5; in step order.
+    assert_eq!(
+        s.groups.iter().map(|g| g.group).collect::<Vec<_>>(),
+        [1, 4, 5]
+    );
+    let (_, pngs) = dir_bytes(dir.path());
+    assert_eq!(pngs, 6);
 }
 
 #[test]
@@ -501,6 +547,13 @@ async fn the_api_serves_a_runs_files_downsampled() {
         assert_eq!(get(addr, bad).await.0, 404, "{bad}");
     }
     assert_eq!(get(addr, "/api/episodes/5").await.0, 404);
+
+    // Live: the run goes on, the same server answers from the files as they are now.
+    fake_run(dir.path(), 1001);
+    let (_, body) = get(addr, "/api/summary").await;
+    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(s["steps_done"], 1001);
+    assert_eq!(s["recorded_steps"], serde_json::json!([998, 999, 1000]));
 }
 
 /// The page in a real browser: Debian's `chromium` (`apt-get install chromium`) renders it
