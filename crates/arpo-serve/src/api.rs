@@ -197,14 +197,22 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
+/// One served model. Only `id` is required when reading another engine's list (SGLang's and
+/// OpenAI's cards lack some of vLLM's fields).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelCard {
     pub id: String,
+    #[serde(default)]
     pub object: String,
+    #[serde(default)]
     pub created: u64,
+    #[serde(default)]
     pub owned_by: String,
+    #[serde(default)]
     pub root: String,
+    #[serde(default)]
     pub parent: Option<String>,
+    #[serde(default)]
     pub max_model_len: usize,
 }
 

@@ -130,6 +130,14 @@ impl FromStr for WeightSync {
     }
 }
 
+/// The path as the server must read it: a relative path would be taken from the server's own
+/// working directory.
+fn absolute(path: &Path) -> Result<std::path::PathBuf, PolicyError> {
+    std::path::absolute(path).map_err(|e| {
+        PolicyError::InvalidInput(format!("cannot make {} absolute: {e}", path.display()))
+    })
+}
+
 /// What one server went through: requests sent and failures (transport errors, 5xx).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerFailures {
@@ -520,7 +528,7 @@ impl RemotePolicy {
     pub async fn load_lora_adapter(&self, name: &str, path: &Path) -> Result<(), PolicyError> {
         self.send_all(
             "/load_lora_adapter",
-            &json!({"lora_name": name, "lora_path": path}),
+            &json!({"lora_name": name, "lora_path": absolute(path)?}),
         )
         .await
         .map(|_| ())
@@ -544,7 +552,7 @@ impl RemotePolicy {
 
     /// Full weights from a checkpoint directory (arpo-serve's `/v1/reload_weights`).
     pub async fn reload_weights(&self, path: &Path) -> Result<(), PolicyError> {
-        self.send_all("/reload_weights", &json!({"model_path": path}))
+        self.send_all("/reload_weights", &json!({"model_path": absolute(path)?}))
             .await
             .map(|_| ())
     }
@@ -552,7 +560,7 @@ impl RemotePolicy {
     /// SGLang's `POST /update_weights_from_disk` (at the server root, not under `/v1`); its
     /// answer says `success`.
     pub async fn update_weights_from_disk(&self, path: &Path) -> Result<(), PolicyError> {
-        let body = json!({"model_path": path});
+        let body = json!({"model_path": absolute(path)?});
         let calls = self.endpoints.iter().map(|endpoint| {
             let body = &body;
             async move {

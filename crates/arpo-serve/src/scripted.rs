@@ -75,6 +75,11 @@ impl ScriptedEngine {
         self
     }
 
+    /// The path the adapter `name` was loaded from, as the server received it.
+    pub fn adapter_path(&self, name: &str) -> Option<String> {
+        self.lock().adapters.get(name).cloned()
+    }
+
     /// The sizes of the batches `generate` was called with, in order.
     pub fn batch_sizes(&self) -> Vec<usize> {
         self.lock().batch_sizes.clone()

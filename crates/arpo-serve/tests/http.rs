@@ -1153,6 +1153,34 @@ mod remote {
         Ok(())
     }
 
+    /// Weight paths reach the server absolute: a relative one would be read from the server's
+    /// own working directory (vLLM answered 404 "No adapter found" for one).
+    #[tokio::test]
+    async fn weight_pushes_send_absolute_paths() -> TestResult {
+        let engine = Arc::new(ScriptedEngine::default());
+        let server = start(engine.clone(), ServeConfig::default()).await;
+        let dir = tempfile::tempdir_in(".")?;
+        std::fs::write(dir.path().join("adapter_config.json"), "{}")?;
+        let relative = Path::new(dir.path().file_name().ok_or("a name")?);
+        assert!(relative.is_relative());
+        let mut policy =
+            RemotePolicy::new(RemotePolicyConfig::new(server.base_url(), "ui-tars"), None)?;
+        policy.push_lora_adapter("rel", relative).await?;
+        let sent = engine.adapter_path("rel").ok_or("the adapter is loaded")?;
+        assert_eq!(Path::new(&sent), std::env::current_dir()?.join(relative));
+        server.shutdown().await?;
+        Ok(())
+    }
+
+    /// Another engine's model list with only ids (SGLang-like) still names the model.
+    #[test]
+    fn a_model_list_with_only_ids_parses() -> TestResult {
+        let list: arpo_serve::api::ModelList =
+            serde_json::from_str(r#"{"object": "list", "data": [{"id": "m"}]}"#)?;
+        assert_eq!(list.data[0].id, "m");
+        Ok(())
+    }
+
     /// A port nothing listens on (bound, then released).
     fn dead_url() -> Result<String, Box<dyn std::error::Error>> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
