@@ -646,7 +646,8 @@ impl RemotePolicy {
                 map.insert("top_k".into(), json!(sampling.top_k));
             }
             if let Some(seed) = sampling.seed {
-                map.insert("seed".into(), json!(seed));
+                // vLLM (and OpenAI) take a signed 64-bit seed: the low 63 bits keep it distinct.
+                map.insert("seed".into(), json!(seed & (i64::MAX as u64)));
             }
             if self.config.token_ids_in_logprobs {
                 map.insert("return_tokens_as_token_ids".into(), json!(true));

@@ -1172,6 +1172,20 @@ mod remote {
         Ok(())
     }
 
+    /// Seeds go out as vLLM takes them (at most i64::MAX; vLLM answered 400 to a larger one).
+    #[test]
+    fn seeds_fit_a_signed_64_bit_integer() -> TestResult {
+        let policy =
+            RemotePolicy::new(RemotePolicyConfig::new("http://127.0.0.1:1/v1", "m"), None)?;
+        let mut sampling = SamplingParams::greedy(8);
+        for (seed, want) in [(u64::MAX, i64::MAX as u64), (1 << 63, 0), (17, 17)] {
+            sampling.seed = Some(seed);
+            let body = policy.request_body("m", &[], &sampling);
+            assert_eq!(body["seed"].as_u64(), Some(want), "seed {seed}");
+        }
+        Ok(())
+    }
+
     /// Another engine's model list with only ids (SGLang-like) still names the model.
     #[test]
     fn a_model_list_with_only_ids_parses() -> TestResult {
