@@ -522,10 +522,14 @@ impl Environment for OsworldEnv {
     async fn reset(&mut self, task: &Task) -> Result<Observation, EnvError> {
         self.episode = None;
         let parsed = OsworldTask::from_task(task).map_err(|e| e.into_env_error("reset"))?;
-        let (steps, scoring) = self
-            .plan(&parsed)
-            .await
-            .map_err(|e| e.into_env_error("reset"))?;
+        let (steps, scoring) = self.plan(&parsed).await.map_err(|e| match e {
+            // Without OSWorld's evaluator this task cannot run here, as an unsupported one.
+            VmwareError::WorkerUnavailable { .. } => EnvError::Unsupported {
+                task_id: parsed.id.clone(),
+                reason: format!("needs OSWorld's evaluator (not native): {e}"),
+            },
+            other => other.into_env_error("reset"),
+        })?;
         let attempts = self.config.reset_attempts.max(1);
         let mut last = None;
         for attempt in 1..=attempts {

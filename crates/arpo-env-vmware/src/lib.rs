@@ -7,8 +7,13 @@
 //! - [`pyautogui`]: `Action` → the pyautogui program the guest runs; every string an escaped
 //!   Python literal.
 //! - [`task`], [`setup`], [`evaluate`]: OSWorld task JSON and index files read unchanged, the
-//!   setup steps, the simple getters and metrics; whatever a task needs that is missing is
-//!   reported by name ([`OsworldTask::unsupported`]) before it runs.
+//!   setup steps, the simple getters and metrics natively; what a task needs beyond them is
+//!   reported by name ([`OsworldTask::unsupported`]).
+//! - [`worker`]: OSWorld's own evaluator (`desktop-env`: getters, metrics, `SetupController`) in a
+//!   long-lived Python worker; `EnvConfig::osworld.evaluator` (`auto | native | osworld`) says
+//!   which scores a task. Native metrics are checked against OSWorld's recorded outputs.
+//! - [`coverage`]: how each task of a set runs (natively, through OSWorld's evaluator, or not at
+//!   all and why); `cargo xtask osworld-coverage` prints it.
 //! - [`OsworldEnv`]: the [`arpo_core::Environment`] over a [`VmwareProvider`] (revert, start, IP)
 //!   or a [`RemoteProvider`] (a guest server by URL); [`vmware_pool`] / [`remote_pool`] for parallel
 //!   environments, each with its own cache folder.

@@ -167,8 +167,9 @@ impl OsworldTask {
         Evaluator::parse(&self.evaluator)
     }
 
-    /// Everything this task needs that is not supported (setup steps, getters, metrics), by name,
-    /// e.g. `setup step chrome_open_tabs`, `metric compare_pdfs`. Empty when it can run.
+    /// Everything this task needs that is not native (setup steps, getters, metrics), by name,
+    /// e.g. `setup step chrome_open_tabs`, `metric compare_pdfs`. Empty when it runs natively;
+    /// otherwise it runs through OSWorld's evaluator (see [`crate::coverage::classify`]).
     pub fn unsupported(&self) -> Vec<String> {
         let mut missing = Vec::new();
         if let Err(m) = self.setup_steps() {

@@ -779,3 +779,59 @@ async fn a_missing_evaluator_is_reported_with_the_install_command_before_the_gue
     );
     assert_eq!(g.state.lock().expect("lock").requests, 0);
 }
+
+#[tokio::test]
+async fn a_step_we_lack_runs_through_osworlds_setup_controller_in_order_with_native_ones() {
+    let Some(python) = osworld_python() else {
+        return;
+    };
+    let g = guest();
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut config = osworld_config(cache.path(), &python);
+    config.osworld.evaluator = EvaluatorBackend::Auto;
+    let mut env = OsworldEnv::remote(&g.url(), config);
+    let t = OsworldTask::from_json(
+        r#"{"id": "wallpaper", "instruction": "x",
+            "config": [{"type": "launch", "parameters": {"command": ["first"]}},
+                       {"type": "change_wallpaper", "parameters": {"path": "/home/user/w.png"}},
+                       {"type": "launch", "parameters": {"command": ["last"]}}],
+            "evaluator": {"func": "exact_match",
+                          "result": {"type": "vm_command_line", "command": ["cat", "/tmp/x"]},
+                          "expected": {"type": "rule", "rules": {"expected": "done"}}}}"#,
+    )
+    .expect("task");
+    assert_eq!(t.unsupported(), ["setup step change_wallpaper"]);
+    set_output(&g, json!(["cat", "/tmp/x"]), "done");
+    env.reset(&t.to_task(None)).await.expect("reset");
+    {
+        let s = g.state.lock().expect("lock");
+        let calls: Vec<(&str, &Value)> =
+            s.setup_calls.iter().map(|(e, b)| (e.as_str(), b)).collect();
+        assert_eq!(
+            calls,
+            [
+                (
+                    "/setup/launch",
+                    &json!({"command": ["first"], "shell": false})
+                ),
+                (
+                    "/setup/change_wallpaper",
+                    &json!({"path": "/home/user/w.png"})
+                ),
+                (
+                    "/setup/launch",
+                    &json!({"command": ["last"], "shell": false})
+                ),
+            ]
+        );
+    }
+    // auto: a step we lack sends the whole task to OSWorld's evaluator.
+    let done = Action::Finished { content: None };
+    assert_eq!(env.evaluate(Some(&done)).await.expect("eval"), 1.0);
+    set_output(&g, json!(["cat", "/tmp/x"]), "not yet");
+    assert_eq!(env.evaluate(Some(&done)).await.expect("eval"), 0.0);
+    assert_eq!(
+        env.evaluate(Some(&Action::CallUser)).await.expect("eval"),
+        0.0
+    );
+}

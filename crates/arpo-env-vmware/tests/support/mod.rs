@@ -136,6 +136,10 @@ async fn close(State(s): State<Shared>, axum::Json(b): axum::Json<Value>) -> Res
     setup_call(s, "/setup/close_window", b).await
 }
 
+async fn change_wallpaper(State(s): State<Shared>, axum::Json(b): axum::Json<Value>) -> Response {
+    setup_call(s, "/setup/change_wallpaper", b).await
+}
+
 async fn upload(State(state): State<Shared>, mut form: Multipart) -> Response {
     if let Some(r) = fault(&state).await {
         return r;
@@ -216,6 +220,7 @@ pub fn router(state: Shared) -> Router {
         .route("/setup/open_file", post(open_file))
         .route("/setup/activate_window", post(activate))
         .route("/setup/close_window", post(close))
+        .route("/setup/change_wallpaper", post(change_wallpaper))
         .route("/setup/upload", post(upload))
         .route("/file", post(file))
         .route("/blob", get(blob))
