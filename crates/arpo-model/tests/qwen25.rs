@@ -516,3 +516,31 @@ fn lora_checkpoints_round_trip_through_peft() {
     eprintln!("adapter saved by peft: relative logit error {e:e}");
     assert!(e < 1e-5, "adapter saved by peft: relative error {e}");
 }
+
+/// bf16 weights (the GPU setting): the windowed tower and the decoder run, and the logits stay
+/// near transformers' f32 ones (bf16 keeps 8 bits of mantissa); batched generation answers.
+#[test]
+fn bf16_forward_stays_near_transformers_and_generates() {
+    let model = Qwen2Vl::load(&model_dir(), DType::BF16, &Device::Cpu).unwrap();
+    let mut requests = Vec::new();
+    for case in CASES {
+        let (req, _) = request(case);
+        let logits = model
+            .forward(&req.input_ids, req.pixel_values.as_ref(), &req.grid_thw)
+            .unwrap();
+        let e = rel_err(
+            &logits.to_dtype(DType::F32).unwrap(),
+            &tensors(case)["logits"],
+        );
+        eprintln!("{case}: bf16 relative logit error {e:e}");
+        assert!(e < 5e-2, "{case}: bf16 logits relative error {e}");
+        requests.push(req);
+    }
+    let (out, _) = model
+        .generate(&requests, &SamplingParams::greedy(4), &[])
+        .unwrap();
+    for o in &out {
+        assert_eq!(o.token_ids.len(), 4);
+        assert!(o.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+    }
+}
