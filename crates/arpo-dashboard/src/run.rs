@@ -34,6 +34,9 @@ pub struct Curves {
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct RunCurves {
     pub experiment: String,
+    /// Rollout plus update seconds of every step, and of the last one (before downsampling).
+    pub step_seconds_total: f64,
+    pub last_step_seconds: Option<f64>,
     pub steps: Curves,
     pub epochs: Curves,
 }
@@ -87,13 +90,22 @@ impl RunDir {
                 .cloned()
                 .unwrap_or_default()
         };
+        let steps = rows("steps");
+        let seconds = |r: &Value| {
+            ["rollout_seconds", "update_seconds"]
+                .iter()
+                .filter_map(|k| r.get(*k).and_then(Value::as_f64))
+                .sum::<f64>()
+        };
         Ok(RunCurves {
+            step_seconds_total: steps.iter().map(seconds).sum(),
+            last_step_seconds: steps.last().map(seconds),
             experiment: v
                 .get("experiment")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
-            steps: downsample(&curves_of(&rows("steps"), "step"), max_points),
+            steps: downsample(&curves_of(&steps, "step"), max_points),
             epochs: downsample(&curves_of(&rows("epochs"), "epoch"), max_points),
         })
     }

@@ -91,6 +91,9 @@ struct Summary {
     steps_done: usize,
     epochs_done: usize,
     last_step: Option<f64>,
+    /// Rollout plus update seconds of all steps, and of the last.
+    step_seconds_total: f64,
+    last_step_seconds: Option<f64>,
     recorded_steps: Vec<u64>,
 }
 
@@ -102,6 +105,8 @@ async fn summary(State(run): Shared) -> Response {
             steps_done: c.steps.total,
             epochs_done: c.epochs.total,
             last_step: c.steps.x.last().copied(),
+            step_seconds_total: c.step_seconds_total,
+            last_step_seconds: c.last_step_seconds,
             recorded_steps: recorded_steps(&run.episodes_dir())?,
         })
     })

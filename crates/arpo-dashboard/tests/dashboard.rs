@@ -504,6 +504,9 @@ async fn the_api_serves_a_runs_files_downsampled() {
     assert_eq!(s["steps_done"], 1000);
     assert_eq!(s["epochs_done"], 250);
     assert_eq!(s["recorded_steps"], serde_json::json!([998, 999]));
+    // 1000 steps of 5 s rollouts and 2 s updates.
+    assert_eq!(s["step_seconds_total"], 7000.0);
+    assert_eq!(s["last_step_seconds"], 7.0);
 
     // 1000 steps into at most 400 points: buckets of 3, 334 points; the first is the mean of
     // steps 0-2 at x = 2: success_rate (0 + 0.001 + 0.002) / 3 = 0.001.
@@ -591,6 +594,11 @@ fn the_page_in_headless_chromium_shows_curves_and_episodes() {
     assert!(dom.contains(r#"src="/episodes/36/g0_e0_t1.png""#), "{dom}");
     assert!(dom.contains("click(point=(48,100))"), "{dom}");
     assert!(dom.contains("class=\"mark mark-click\""), "{dom}");
+    // 37 steps of 7 s: 259 s.
+    assert!(
+        dom.contains("37 steps, 9 epochs done (last step 36); 4 min 19 s of rollouts"),
+        "{dom}"
+    );
     if let Ok(shot) = std::env::var("ARPO_DASHBOARD_SCREENSHOT") {
         let status = std::process::Command::new(&chromium)
             .args([
