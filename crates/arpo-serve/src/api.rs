@@ -197,23 +197,31 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
-/// One served model. Only `id` is required when reading another engine's list (SGLang's and
-/// OpenAI's cards lack some of vLLM's fields).
+/// One served model. Only `id` is required when reading another engine's list: SGLang's and
+/// OpenAI's cards lack some of vLLM's fields, and vLLM's LoRA cards have `null` ones.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelCard {
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub object: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub created: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub owned_by: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub root: String,
     #[serde(default)]
     pub parent: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub max_model_len: usize,
+}
+
+fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_default())
 }
 
 /// vLLM's `POST /v1/load_lora_adapter` body.

@@ -1192,6 +1192,15 @@ mod remote {
         let list: arpo_serve::api::ModelList =
             serde_json::from_str(r#"{"object": "list", "data": [{"id": "m"}]}"#)?;
         assert_eq!(list.data[0].id, "m");
+        // vLLM's card of a loaded LoRA adapter (0.32, abridged).
+        let list: arpo_serve::api::ModelList = serde_json::from_str(
+            r#"{"object": "list", "data": [
+                {"id": "base", "object": "model", "created": 1, "owned_by": "vllm", "root": "/m", "parent": null, "max_model_len": 4096},
+                {"id": "arpo-policy", "object": "model", "created": 1, "owned_by": "vllm", "root": "/p", "parent": "base", "max_model_len": null}
+            ]}"#,
+        )?;
+        assert_eq!(list.data[1].id, "arpo-policy");
+        assert_eq!(list.data[1].max_model_len, 0);
         Ok(())
     }
 
