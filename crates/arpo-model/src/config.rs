@@ -1,8 +1,10 @@
-//! `config.json`, `preprocessor_config.json` and `generation_config.json` of a Qwen2-VL checkpoint.
+//! `config.json`, `preprocessor_config.json` and `generation_config.json` of a Qwen2-VL
+//! (`qwen2_vl`, UI-TARS-2B/7B) or Qwen2.5-VL (`qwen2_5_vl`, UI-TARS-1.5) checkpoint.
 //!
 //! Two spellings of `config.json` exist: the older flat one (text fields at the top level,
-//! `rope_scaling: {type: mrope, mrope_section}`, as UI-TARS-2B-SFT ships) and the transformers 5.x
-//! one (`text_config` / `vision_config`, `rope_parameters`). Both parse into [`Qwen2VlConfig`].
+//! `rope_scaling: {type: mrope, mrope_section}`, as UI-TARS-2B-SFT and UI-TARS-1.5-7B ship) and
+//! the transformers 5.x one (`text_config` / `vision_config`, `rope_parameters`). Both parse into
+//! [`Qwen2VlConfig`]; [`VisionArch`] tells the two vision towers apart.
 
 use std::path::Path;
 

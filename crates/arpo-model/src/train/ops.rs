@@ -4,7 +4,7 @@
 //! graph through them trains nothing upstream (see `CANDLE-TRAPS.md`). Each function here runs
 //! the fused forward and carries an analytic backward (a `CustomOp`). Each op's forward is written
 //! once over plain tensors and runs on every device candle has (CPU, CUDA, Metal: candle's own
-//! fused kernels there, through [`OpStorage`]); the backward passes are compositions of candle
+//! fused kernels there, through `OpStorage`); the backward passes are compositions of candle
 //! ops, device-generic too. Nothing is copied to the CPU.
 //!
 //! [`linear`] is the other half of the story: when the weight is frozen (not a `Var` and not the
