@@ -7,6 +7,7 @@ virtualenv:
 
 Writes under crates/arpo-env-vmware/tests/fixtures/:
   osworld_eval/<domain>/...      result files (correct and wrong) and gold files, one task a domain
+  (--native-only: only native_metrics/, leaving the binary task fixtures untouched)
   osworld_eval/record.json       per domain: the task file, which guest path / cloud file / command
                                  output each case serves, and the score OSWorld's metric gives when
                                  called directly on the same files
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -31,7 +33,9 @@ from desktop_env.evaluators import metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "tests", "fixtures")
-EVAL = os.path.join(OUT, "osworld_eval")
+# --native-only leaves the task fixtures (binary files with timestamps) as they are.
+NATIVE_ONLY = "--native-only" in sys.argv
+EVAL = tempfile.mkdtemp() if NATIVE_ONLY else os.path.join(OUT, "osworld_eval")
 
 
 def path(*parts):
@@ -203,9 +207,10 @@ for domain, task, cases in tasks:
         entry["cases"][which] = c
     record["tasks"].append(entry)
     print(domain, {w: c["osworld_direct"]["score"] for w, c in entry["cases"].items()}, file=sys.stderr)
-with open(path("record.json"), "w") as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-    f.write("\n")
+if not NATIVE_ONLY:
+    with open(path("record.json"), "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 # Native metrics: each input through OSWorld's own function.
 NATIVE = os.path.join(OUT, "native_metrics")
@@ -226,6 +231,10 @@ files = {
     "a_case.txt": write("a_case.txt", "ALPHA\nbeta  gamma\n\tdelta\n"),
     "b.txt": write("b.txt", "alpha\nbeta gamma\ndelta\nepsilon\n"),
     "list.txt": write("list.txt", "zip/jammy 3.0\nopenjdk-11-jre/jammy 11.0.20\nright\n"),
+    "settings.json": write("settings.json", json.dumps(
+        {"editor.fontSize": 14.0, "python.analysis.diagnosticSeverityOverrides": {"reportMissingImports": "none"},
+         "files.autoSave": True, "editor.rulers": [80, 120]})),
+    "settings_comment.json": write("settings_comment.json", '{\n  // a comment\n  "editor.fontSize": 14\n}\n'),
 }
 cases = []
 
@@ -263,6 +272,12 @@ native("check_list", None, {"expect": ["^missing$"], "unexpect": []}, {}, "list.
 native("check_direct_json_object", "{'a': 1, 'b': 'x'}", {"expected": {"a": 1, "b": "x"}})
 native("check_direct_json_object", "{'a': 2}", {"expected": {"a": 1}})
 native("check_direct_json_object", "{'a': 'hello world'}", {"expected": {"a": "world"}, "expect_in_result": True})
+native("check_json_settings", None, {"expected": {"editor.fontSize": 14}}, {}, "settings.json")
+native("check_json_settings", None, {"expected": {"python.analysis.diagnosticSeverityOverrides": {"reportMissingImports": "none"}, "files.autoSave": 1}}, {}, "settings.json")
+native("check_json_settings", None, {"expected": {"editor.rulers": [80]}}, {}, "settings.json")
+native("check_json_settings", None, {"expected": {"editor.wordWrap": "on"}}, {}, "settings.json")
+native("check_json_settings", None, {"expected": {"editor.fontSize": 14}}, {}, "settings_comment.json")
+native("check_json_settings", None, {"expected": {"editor.fontSize": 14}}, {}, "a.txt")
 with open(os.path.join(NATIVE, "record.json"), "w") as f:
     json.dump({"desktop_env": "1.0.2", "cases": cases}, f, indent=1)
     f.write("\n")

@@ -21,6 +21,7 @@ pub const SUPPORTED_METRICS: &[&str] = &[
     "compare_text_file",
     "check_list",
     "check_direct_json_object",
+    "check_json_settings",
     "infeasible",
 ];
 
@@ -109,7 +110,10 @@ fn list_or_one(value: Option<&Value>, n: usize, is_list: bool) -> Vec<Option<Val
     }
 }
 
-fn pairs(config: &Value) -> Option<(Vec<(String, String)>, bool, Vec<usize>)> {
+/// A file getter's (source, dest) pairs, its `multi` flag and the indices it `gives`.
+type FilePairs = (Vec<(String, String)>, bool, Vec<usize>);
+
+fn pairs(config: &Value) -> Option<FilePairs> {
     let multi = crate::setup::truthy(config.get("multi"));
     let as_list = |key: &str| -> Option<Vec<String>> {
         match config.get(key)? {
@@ -650,6 +654,26 @@ pub fn metric(
                     _ => false,
                 }
             }))
+        }
+        "check_json_settings" => {
+            // OSWorld: the file as JSON (unreadable or not JSON: 0), each expected key equal.
+            let Got::File(path) = result else {
+                return Ok(0.0);
+            };
+            let Ok(Value::Object(data)) = std::fs::read(path)
+                .map_err(|_| ())
+                .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|_| ()))
+            else {
+                return Ok(0.0);
+            };
+            let rules = rules_of(expected);
+            let Some(Value::Object(want)) = rules.get("expected") else {
+                return Err(eval_err("rules.expected must be an object".into()));
+            };
+            score(
+                want.iter()
+                    .all(|(key, w)| data.get(key).is_some_and(|g| json_eq(g, w))),
+            )
         }
         "infeasible" => 0.0,
         other => return Err(eval_err(format!("metric {other} is not supported"))),
