@@ -217,6 +217,13 @@ impl OsworldWorker {
         timeout: Duration,
     ) -> Result<Value, VmwareError> {
         let mut guard = self.running.lock().await;
+        // A worker that died since the last request (killed, out of memory) is replaced now.
+        if let Some(r) = guard.as_mut() {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                tracing::warn!(%status, "the OSWorld evaluator worker had exited; starting a new one");
+                *guard = None;
+            }
+        }
         let fresh = guard.is_none();
         if fresh {
             *guard = Some(self.spawn().await?);
