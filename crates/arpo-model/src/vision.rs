@@ -620,6 +620,31 @@ mod tests {
             let diff = (&whole - &blocked)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "query block {block}: {diff}");
         }
+        // The backward pass through the blocks gives the same gradients.
+        let grads = |block: usize| -> Result<Vec<Tensor>> {
+            let vars = [&q, &k, &v].map(|t| candle_core::Var::from_tensor(t).expect("var"));
+            let out = attend_chunks(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                &chunks,
+                false,
+                block,
+            )?;
+            let g = (out.sqr()?.sum_all()?).backward()?;
+            Ok(vars
+                .iter()
+                .map(|x| g.get(x.as_tensor()).expect("gradient").clone())
+                .collect())
+        };
+        for (a, b) in grads(usize::MAX)?.iter().zip(grads(3)?) {
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                scale > 1e-3 && diff < 1e-5 * scale.max(1.0),
+                "gradient differs by {diff}"
+            );
+        }
         // One chunk by hand: attention within [0, 4) only sees keys 0..4.
         let first = attend_chunks(
             &q.narrow(1, 0, 4)?,
