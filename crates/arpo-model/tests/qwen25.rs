@@ -544,3 +544,72 @@ fn bf16_forward_stays_near_transformers_and_generates() {
         assert!(o.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
     }
 }
+
+/// The other spellings of the same checkpoint load to the same logits: the flat `config.json`
+/// UI-TARS-1.5-7B ships (text fields at the top level, `rope_scaling: {type: mrope}`) with the
+/// weights named the way transformers 5 names its modules (`model.language_model.*`,
+/// `model.visual.*`).
+#[test]
+fn flat_config_and_nested_weight_names_load_the_same_model() {
+    let nested: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("config.json")).unwrap())
+            .unwrap();
+    let mut flat = nested["text_config"].clone();
+    let obj = flat.as_object_mut().unwrap();
+    obj.remove("rope_parameters");
+    obj.insert("model_type".into(), "qwen2_5_vl".into());
+    obj.insert("rope_theta".into(), 1_000_000.0.into());
+    obj.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"type": "mrope", "mrope_section": [2, 3, 3]}),
+    );
+    for key in [
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+    ] {
+        obj.insert(key.into(), nested[key].clone());
+    }
+    let mut vision = nested["vision_config"].clone();
+    let v = vision.as_object_mut().unwrap();
+    v.remove("rope_parameters");
+    v.remove("in_channels");
+    v.insert("in_chans".into(), 3.into());
+    obj.insert("vision_config".into(), vision);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), flat.to_string()).unwrap();
+    let weights =
+        candle_core::safetensors::load(model_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let renamed: HashMap<String, Tensor> = weights
+        .into_iter()
+        .map(|(k, t)| {
+            let k = if let Some(rest) = k.strip_prefix("visual.") {
+                format!("model.visual.{rest}")
+            } else if let Some(rest) = k.strip_prefix("model.") {
+                format!("model.language_model.{rest}")
+            } else {
+                k
+            };
+            (k, t)
+        })
+        .collect();
+    assert!(renamed.contains_key("model.language_model.layers.0.mlp.up_proj.weight"));
+    candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
+
+    let other = Qwen2Vl::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(other.config, model().config);
+    let (req, _) = request("multi_turn");
+    let a = other
+        .forward(&req.input_ids, req.pixel_values.as_ref(), &req.grid_thw)
+        .unwrap();
+    assert_close(
+        "flat config logits",
+        &a,
+        &tensors("multi_turn")["logits"],
+        1e-4,
+        1e-5,
+    );
+}
