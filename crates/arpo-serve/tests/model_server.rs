@@ -518,3 +518,89 @@ async fn top_logprobs_equal_the_transformers_distribution() -> TestResult {
     server.shutdown().await?;
     Ok(())
 }
+
+/// Our server answers as vLLM does on the same model and request: the same greedy token ids
+/// and log-probs, the same top-3 alternatives (`fixtures/serve/vllm_uitars_tiny_base.json`,
+/// recorded from vLLM's CPU build by `fixtures/scripts/make_vllm_golden.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_equal_vllms_on_uitars_tiny_base() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let golden: Value = serde_json::from_slice(&std::fs::read(
+        root.join("fixtures/serve/vllm_uitars_tiny_base.json"),
+    )?)?;
+    let model = root.join("fixtures/models/uitars-tiny-base");
+    let engine = Arc::new(ModelEngine::new(
+        UiTars::load(
+            model.to_str().ok_or("utf-8 path")?,
+            DType::F32,
+            &Device::Cpu,
+        )?,
+        model.display().to_string(),
+    ));
+    let server = Server::start(engine, ServeConfig::default(), "127.0.0.1:0".parse()?).await?;
+    let url = format!("{}/chat/completions", server.base_url());
+    for case in golden["cases"].as_array().ok_or("cases")? {
+        let name = case["name"].as_str().ok_or("name")?;
+        let image = std::fs::read(root.join(case["image"].as_str().ok_or("image")?))?;
+        let body = json!({
+            "model": "ui-tars",
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(&image)
+                )}},
+                {"type": "text", "text": case["instruction"]},
+            ]}],
+            "temperature": 0.0,
+            "max_tokens": case["max_tokens"],
+            "logprobs": true,
+            "top_logprobs": 3,
+            "return_tokens_as_token_ids": true,
+        });
+        let answer = complete(&url, &body).await?;
+        assert_eq!(
+            Some(answer.usage.prompt_tokens),
+            case["prompt_tokens"].as_u64(),
+            "{name}: prompt tokens"
+        );
+        let choice = &answer.choices[0];
+        assert_eq!(
+            choice.message.content.as_deref(),
+            case["answer"].as_str(),
+            "{name}"
+        );
+        let got = &choice.logprobs.as_ref().ok_or("logprobs")?.content;
+        let want = case["tokens"].as_array().ok_or("tokens")?;
+        assert_eq!(got.len(), want.len(), "{name}: generated tokens");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(
+                parse_token_id(&g.token).map(u64::from),
+                w["id"].as_u64(),
+                "{name}: token {i}"
+            );
+            let lp = w["logprob"].as_f64().ok_or("logprob")?;
+            assert!(
+                (f64::from(g.logprob) - lp).abs() < 1e-4,
+                "{name}: token {i}: {} vs vLLM's {lp}",
+                g.logprob
+            );
+            let tops = w["top"].as_array().ok_or("top")?;
+            assert_eq!(g.top_logprobs.len(), tops.len(), "{name}: token {i}");
+            for (k, (gt, wt)) in g.top_logprobs.iter().zip(tops).enumerate() {
+                assert_eq!(
+                    parse_token_id(&gt.token).map(u64::from),
+                    wt[0].as_u64(),
+                    "{name}: token {i} alternative {k}"
+                );
+                let lp = wt[1].as_f64().ok_or("top logprob")?;
+                assert!(
+                    (f64::from(gt.logprob) - lp).abs() < 1e-4,
+                    "{name}: token {i} alternative {k}: {} vs vLLM's {lp}",
+                    gt.logprob
+                );
+            }
+        }
+    }
+    server.shutdown().await?;
+    Ok(())
+}
