@@ -6,17 +6,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::DashboardError;
 
 /// A run's results directory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RunDir {
     pub root: PathBuf,
+    /// The last parse of `training_metrics.json`, by the file's modification time and length:
+    /// the page polls every two seconds and the trainer rewrites the file once per step.
+    metrics_cache: Mutex<Option<(FileStamp, Arc<MetricsFile>)>>,
 }
+
+type FileStamp = (Option<SystemTime>, u64);
 
 /// Curves of one kind (per step or per epoch): x values and one series per metric.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
@@ -39,6 +46,36 @@ pub struct RunCurves {
     pub last_step_seconds: Option<f64>,
     pub steps: Curves,
     pub epochs: Curves,
+}
+
+/// How far a run is (`/api/summary`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct RunProgress {
+    pub experiment: String,
+    pub steps_done: usize,
+    pub epochs_done: usize,
+    pub last_step: Option<f64>,
+    /// Rollout plus update seconds of every step, and of the last one.
+    pub step_seconds_total: f64,
+    pub last_step_seconds: Option<f64>,
+}
+
+/// `training_metrics.json`, its rows kept as JSON objects.
+#[derive(Debug, serde::Deserialize)]
+struct MetricsFile {
+    #[serde(default)]
+    experiment: String,
+    #[serde(default)]
+    steps: Vec<Map<String, Value>>,
+    #[serde(default)]
+    epochs: Vec<Map<String, Value>>,
+}
+
+fn step_seconds(r: &Map<String, Value>) -> f64 {
+    ["rollout_seconds", "update_seconds"]
+        .iter()
+        .filter_map(|k| r.get(*k).and_then(Value::as_f64))
+        .sum()
 }
 
 /// One task's line of the page.
@@ -70,6 +107,7 @@ impl RunDir {
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
+            metrics_cache: Mutex::new(None),
         }
     }
 
@@ -81,33 +119,62 @@ impl RunDir {
     /// The step and epoch curves of `training_metrics.json`, each downsampled to at most
     /// `max_points` points. A missing file is a run that has not finished a step yet.
     pub fn curves(&self, max_points: usize) -> Result<RunCurves, DashboardError> {
-        let Some(v) = self.read_json("training_metrics.json")? else {
+        let Some(m) = self.metrics()? else {
             return Ok(RunCurves::default());
         };
-        let rows = |key: &str| {
-            v.get(key)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        };
-        let steps = rows("steps");
-        let seconds = |r: &Value| {
-            ["rollout_seconds", "update_seconds"]
-                .iter()
-                .filter_map(|k| r.get(*k).and_then(Value::as_f64))
-                .sum::<f64>()
-        };
         Ok(RunCurves {
-            step_seconds_total: steps.iter().map(seconds).sum(),
-            last_step_seconds: steps.last().map(seconds),
-            experiment: v
-                .get("experiment")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            steps: downsample(&curves_of(&steps, "step"), max_points),
-            epochs: downsample(&curves_of(&rows("epochs"), "epoch"), max_points),
+            step_seconds_total: m.steps.iter().map(step_seconds).sum(),
+            last_step_seconds: m.steps.last().map(step_seconds),
+            steps: downsample(&curves_of(&m.steps, "step"), max_points),
+            epochs: downsample(&curves_of(&m.epochs, "epoch"), max_points),
+            experiment: m.experiment.clone(),
         })
+    }
+
+    /// What the page polls: counts and times, without building curves.
+    pub fn progress(&self) -> Result<RunProgress, DashboardError> {
+        let Some(m) = self.metrics()? else {
+            return Ok(RunProgress::default());
+        };
+        Ok(RunProgress {
+            steps_done: m.steps.len(),
+            epochs_done: m.epochs.len(),
+            last_step: m
+                .steps
+                .last()
+                .and_then(|r| r.get("step"))
+                .and_then(Value::as_f64),
+            step_seconds_total: m.steps.iter().map(step_seconds).sum(),
+            last_step_seconds: m.steps.last().map(step_seconds),
+            experiment: m.experiment.clone(),
+        })
+    }
+
+    fn metrics(&self) -> Result<Option<Arc<MetricsFile>>, DashboardError> {
+        let path = self.root.join("training_metrics.json");
+        let stamp = |m: &std::fs::Metadata| (m.modified().ok(), m.len());
+        let before = match std::fs::metadata(&path) {
+            Ok(m) => stamp(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DashboardError::io(&path, e)),
+        };
+        let mut cache = self
+            .metrics_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, m)) = cache.as_ref().filter(|(s, _)| *s == before) {
+            return Ok(Some(Arc::clone(m)));
+        }
+        let text = std::fs::read(&path).map_err(|e| DashboardError::io(&path, e))?;
+        let parsed: MetricsFile =
+            serde_json::from_slice(&text).map_err(|source| DashboardError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        let parsed = Arc::new(parsed);
+        // Cached under the stamp read before the read: a write in between only costs a parse.
+        *cache = Some((before, Arc::clone(&parsed)));
+        Ok(Some(parsed))
     }
 
     /// Each task's attempts and recent outcomes from `task_results/task_<id>_results.json`.
@@ -188,32 +255,28 @@ fn str_field(v: &Value, key: &str) -> String {
 
 /// Rows of numbers → one series per numeric field (a field missing from a row is NaN there,
 /// shown as a gap).
-fn curves_of(rows: &[Value], x_key: &str) -> Curves {
-    let mut names: Vec<String> = Vec::new();
-    for r in rows {
-        if let Some(o) = r.as_object() {
-            for (k, v) in o {
-                if k != x_key && v.is_number() && !names.contains(k) {
-                    names.push(k.clone());
-                }
-            }
-        }
-    }
-    let mut series: BTreeMap<String, Vec<f64>> = names
+fn curves_of(rows: &[Map<String, Value>], x_key: &str) -> Curves {
+    let names: std::collections::BTreeSet<&str> = rows
         .iter()
-        .map(|n| (n.clone(), Vec::with_capacity(rows.len())))
+        .flat_map(|r| r.iter())
+        .filter(|(k, v)| *k != x_key && v.is_number())
+        .map(|(k, _)| k.as_str())
         .collect();
+    let index: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut columns: Vec<Vec<f64>> = vec![vec![f64::NAN; rows.len()]; names.len()];
     let mut x = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
         x.push(r.get(x_key).and_then(Value::as_f64).unwrap_or(i as f64));
-        for (name, s) in &mut series {
-            s.push(r.get(name).and_then(Value::as_f64).unwrap_or(f64::NAN));
+        for (k, v) in r {
+            if let (Some(&j), Some(v)) = (index.get(k.as_str()), v.as_f64()) {
+                columns[j][i] = v;
+            }
         }
     }
     Curves {
         total: rows.len(),
         x,
-        series,
+        series: names.iter().map(|n| n.to_string()).zip(columns).collect(),
     }
 }
 
@@ -256,8 +319,13 @@ mod tests {
 
     #[test]
     fn downsampling_takes_bucket_means_at_the_bucket_end() {
-        let rows: Vec<Value> = (0..10)
-            .map(|i| serde_json::json!({"step": i, "loss": i as f64}))
+        let rows: Vec<Map<String, Value>> = (0..10)
+            .map(|i| {
+                let mut m = Map::new();
+                m.insert("step".into(), i.into());
+                m.insert("loss".into(), (i as f64).into());
+                m
+            })
             .collect();
         let c = curves_of(&rows, "step");
         assert_eq!(c.x.len(), 10);

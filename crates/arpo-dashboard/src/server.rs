@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::DashboardError;
 use crate::episodes::{read_step, recorded_steps, step_dir};
-use crate::run::RunDir;
+use crate::run::{RunDir, RunProgress};
 
 /// The default address: loopback, on the port Ray's dashboard uses (the seed's users know it).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8265";
@@ -87,26 +87,15 @@ fn error_response(e: &DashboardError) -> Response {
 
 #[derive(Debug, Serialize)]
 struct Summary {
-    experiment: String,
-    steps_done: usize,
-    epochs_done: usize,
-    last_step: Option<f64>,
-    /// Rollout plus update seconds of all steps, and of the last.
-    step_seconds_total: f64,
-    last_step_seconds: Option<f64>,
+    #[serde(flatten)]
+    progress: RunProgress,
     recorded_steps: Vec<u64>,
 }
 
 async fn summary(State(run): Shared) -> Response {
     blocking(run, |run| {
-        let c = run.curves(1)?;
         Ok(Summary {
-            experiment: c.experiment,
-            steps_done: c.steps.total,
-            epochs_done: c.epochs.total,
-            last_step: c.steps.x.last().copied(),
-            step_seconds_total: c.step_seconds_total,
-            last_step_seconds: c.last_step_seconds,
+            progress: run.progress()?,
             recorded_steps: recorded_steps(&run.episodes_dir())?,
         })
     })

@@ -559,6 +559,85 @@ async fn the_api_serves_a_runs_files_downsampled() {
     assert_eq!(s["recorded_steps"], serde_json::json!([998, 999, 1000]));
 }
 
+/// A long run stays light: 5,000 steps with the trainer's 25 step fields. What the page fetches
+/// on its first load (page, summary, curves, tasks, replay) comes back in well under a second
+/// and the curves are a few hundred points per metric.
+#[tokio::test]
+async fn a_long_run_loads_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_run(dir.path(), 8);
+    let fields = [
+        "avg_reward",
+        "success_rate",
+        "format_error_rate",
+        "rollouts",
+        "dropped_rollouts",
+        "replay_size",
+        "replay_tasks",
+        "injected_groups",
+        "all_failed_groups",
+        "invalid_groups",
+        "loss",
+        "pg_clipfrac_higher",
+        "pg_clipfrac_lower",
+        "ppo_kl",
+        "entropy",
+        "grad_norm",
+        "lr",
+        "optimizer_steps",
+        "skipped_optimizer_steps",
+        "tokens",
+        "generated_tokens",
+        "env_steps",
+        "rollout_seconds",
+        "update_seconds",
+    ];
+    let rows: Vec<serde_json::Value> = (0..5000)
+        .map(|i| {
+            let mut row = serde_json::Map::new();
+            row.insert("step".into(), i.into());
+            row.insert("epoch".into(), (i / 2).into());
+            for (k, f) in fields.iter().enumerate() {
+                row.insert((*f).into(), (0.001 * (i * k) as f64).into());
+            }
+            serde_json::Value::Object(row)
+        })
+        .collect();
+    let metrics = serde_json::json!({"experiment": "long", "steps": rows, "epochs": []});
+    std::fs::write(
+        dir.path().join("training_metrics.json"),
+        metrics.to_string(),
+    )
+    .unwrap();
+    let addr = start(dir.path().to_path_buf()).await;
+    let started = std::time::Instant::now();
+    let mut curves_bytes = 0;
+    for path in [
+        "/",
+        "/api/summary",
+        "/api/curves?max_points=400",
+        "/api/tasks",
+        "/api/replay",
+    ] {
+        let t = std::time::Instant::now();
+        let (status, body) = get(addr, path).await;
+        eprintln!("{path}: {:?}", t.elapsed());
+        assert_eq!(status, 200, "{path}");
+        if path.starts_with("/api/curves") {
+            curves_bytes = body.len();
+            let c: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            // 5000 into at most 400: buckets of 13, 385 points.
+            assert_eq!(c["steps"]["x"].as_array().unwrap().len(), 385);
+            assert_eq!(c["steps"]["total"], 5000);
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("first load of a 5000-step run: {took:?}, curves {curves_bytes} bytes");
+    assert!(took.as_secs_f64() < 1.0, "first load took {took:?}");
+    // 25 series × 385 points of at most ~20 characters: under 250 kB.
+    assert!(curves_bytes < 250_000, "{curves_bytes} bytes of curves");
+}
+
 /// The page in a real browser: Debian's `chromium` (`apt-get install chromium`) renders it
 /// with its scripts run, and the DOM it dumps must hold the success-rate curve with one point
 /// per finished step and the latest step's first trajectory with its screenshots and actions.
