@@ -604,3 +604,27 @@ async fn answers_equal_vllms_on_uitars_tiny_base() -> TestResult {
     server.shutdown().await?;
     Ok(())
 }
+
+/// The adapter memory bound counts one merged copy of the weights per adapter: the tensor
+/// bytes the checkpoint's safetensors header lists (f32 here).
+#[test]
+fn an_adapter_costs_one_copy_of_the_checkpoints_weights() -> TestResult {
+    use arpo_serve::Engine as _;
+    let file = std::fs::read(model_dir().join("model.safetensors"))?;
+    let header_len = u64::from_le_bytes(file[..8].try_into()?) as usize;
+    let header: Value = serde_json::from_slice(&file[8..8 + header_len])?;
+    let tensor_bytes: u64 = header
+        .as_object()
+        .ok_or("a header object")?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, t)| {
+            let o = &t["data_offsets"];
+            o[1].as_u64().unwrap_or(0) - o[0].as_u64().unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(tensor_bytes as usize, file.len() - 8 - header_len);
+    let engine = ModelEngine::new(load_uitars()?, model_dir().display().to_string());
+    assert_eq!(engine.adapter_bytes(), tensor_bytes);
+    Ok(())
+}
