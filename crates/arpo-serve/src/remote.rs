@@ -10,11 +10,12 @@
 //! a server that does not answer is set aside for a while, its request retried on another,
 //! and the failure logged and counted ([`RemotePolicy::server_failures`]). With no model name
 //! the first model `GET /v1/models` lists is used. Weights reach every server through the
-//! engine's own route ([`WeightSync`]).
+//! engine's own route ([`WeightSync`]); a server a push did not reach gets no requests until a
+//! later push does, so rollouts never sample stale weights.
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,30 @@ impl FromStr for WeightSync {
     }
 }
 
+/// The text of an error, without its kind's prefix.
+fn message(error: &PolicyError) -> &str {
+    match error {
+        PolicyError::InvalidInput(m) | PolicyError::Generation(m) | PolicyError::Server(m) => m,
+    }
+}
+
+/// One error from one per server: a single one as it is; several as one naming each (a
+/// client error when every server refused, else a server error).
+fn combine(mut errors: Vec<PolicyError>, what: &str) -> PolicyError {
+    if errors.len() == 1 {
+        return errors.remove(0);
+    }
+    let joined = errors.iter().map(message).collect::<Vec<_>>().join("; ");
+    if errors
+        .iter()
+        .all(|e| matches!(e, PolicyError::InvalidInput(_)))
+    {
+        PolicyError::InvalidInput(format!("every model server refused {what}: {joined}"))
+    } else {
+        PolicyError::Server(format!("every model server failed {what}: {joined}"))
+    }
+}
+
 /// The path as the server must read it: a relative path would be taken from the server's own
 /// working directory.
 fn absolute(path: &Path) -> Result<std::path::PathBuf, PolicyError> {
@@ -138,13 +163,16 @@ fn absolute(path: &Path) -> Result<std::path::PathBuf, PolicyError> {
     })
 }
 
-/// What one server went through: requests sent and failures (transport errors, 5xx).
+/// What one server went through: requests sent and failures (transport errors, 5xx, failed
+/// weight pushes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerFailures {
     pub url: String,
     pub requests: u64,
     pub failures: u64,
     pub last_error: Option<String>,
+    /// The last weight push did not reach it: it gets no requests until one does.
+    pub stale: bool,
 }
 
 #[derive(Debug)]
@@ -155,9 +183,19 @@ struct Endpoint {
     failures: AtomicU64,
     down_until: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
+    /// Holds weights older than the last push (see [`RemotePolicy::push_weights`]).
+    stale: AtomicBool,
 }
 
 impl Endpoint {
+    fn record_failure(&self, error: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
+    }
+
     fn is_down(&self, now: Instant) -> bool {
         self.down_until
             .lock()
@@ -166,15 +204,11 @@ impl Endpoint {
     }
 
     fn mark_down(&self, error: &str) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.record_failure(error);
         *self
             .down_until
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now() + DOWN_FOR);
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
     }
 
     fn mark_up(&self) {
@@ -328,6 +362,7 @@ impl RemotePolicy {
                 failures: AtomicU64::new(0),
                 down_until: Mutex::new(None),
                 last_error: Mutex::new(None),
+                stale: AtomicBool::new(false),
             })
             .collect();
         Ok(Self {
@@ -361,6 +396,7 @@ impl RemotePolicy {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone(),
+                stale: e.stale.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -373,13 +409,16 @@ impl RemotePolicy {
     }
 
     /// The order to try the servers in: live ones by fewest requests in flight (round-robin
-    /// among equals), then the ones set aside.
+    /// among equals), then the ones set aside; never one that missed the last weight push.
     fn order(&self) -> Vec<usize> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = self.endpoints.len();
         let start = NEXT.fetch_add(1, Ordering::Relaxed) % n;
         let now = Instant::now();
-        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+        let mut order: Vec<usize> = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| !self.endpoints[i].stale.load(Ordering::Relaxed))
+            .collect();
         order.sort_by_key(|&i| {
             let e = &self.endpoints[i];
             (e.is_down(now), e.in_flight.load(Ordering::Relaxed))
@@ -440,8 +479,15 @@ impl RemotePolicy {
         path: &str,
         body: Option<&Value>,
     ) -> Result<String, PolicyError> {
+        let order = self.order();
+        if order.is_empty() {
+            return Err(PolicyError::Server(format!(
+                "no model server holds the current weights: the last weight push failed on each of {} (see the log)",
+                self.config.base_urls.join(", ")
+            )));
+        }
         let mut errors = Vec::new();
-        for i in self.order() {
+        for i in order {
             let endpoint = &self.endpoints[i];
             let url = format!("{}{path}", endpoint.url);
             match self.call(endpoint, method.clone(), &url, body).await {
@@ -454,31 +500,54 @@ impl RemotePolicy {
                     retry: false,
                 }) => return Err(error),
                 Err(Failure { error, retry: true }) => {
-                    let message = error.to_string();
-                    endpoint.mark_down(&message);
+                    endpoint.mark_down(message(&error));
                     if self.endpoints.len() > 1 {
-                        tracing::warn!(server = %endpoint.url, error = %message, "model server failed; retrying on another");
+                        tracing::warn!(server = %endpoint.url, error = %message(&error), "model server failed; retrying on another");
                     }
-                    errors.push(message);
+                    errors.push(error);
                 }
             }
         }
-        Err(PolicyError::Server(if errors.len() == 1 {
-            errors.remove(0)
-        } else {
-            format!("every model server failed: {}", errors.join("; "))
-        }))
+        Err(combine(errors, "the request"))
     }
 
-    /// `path` on every server (weight pushes): all must succeed.
-    async fn send_all(&self, path: &str, body: &Value) -> Result<Vec<String>, PolicyError> {
+    /// `path` on every server, their answers in order.
+    async fn send_all(&self, path: &str, body: &Value) -> Vec<Result<String, PolicyError>> {
         let calls = self.endpoints.iter().map(|endpoint| async move {
             let url = format!("{}{path}", endpoint.url);
             self.call(endpoint, reqwest::Method::POST, &url, Some(body))
                 .await
                 .map_err(|f| f.error)
         });
-        futures::future::join_all(calls).await.into_iter().collect()
+        futures::future::join_all(calls).await
+    }
+
+    /// Records a weight push's outcome per server: a server it did not reach holds other
+    /// weights, so it gets no more requests until a later push reaches it (rollouts stay
+    /// on-policy); that is logged and counted. Fails only when no server took the push.
+    fn settle_push<T>(
+        &self,
+        results: Vec<Result<T, PolicyError>>,
+        what: &str,
+    ) -> Result<(), PolicyError> {
+        let mut errors = Vec::new();
+        for (endpoint, result) in self.endpoints.iter().zip(results) {
+            match result {
+                Ok(_) => endpoint.stale.store(false, Ordering::Relaxed),
+                Err(error) => {
+                    endpoint.stale.store(true, Ordering::Relaxed);
+                    endpoint.record_failure(message(&error));
+                    errors.push(error);
+                }
+            }
+        }
+        if errors.len() == self.endpoints.len() {
+            return Err(combine(errors, what));
+        }
+        for f in self.server_failures().iter().filter(|f| f.stale) {
+            tracing::warn!(server = %f.url, error = ?f.last_error, "{what} failed on this model server: it gets no requests until a later push reaches it");
+        }
+        Ok(())
     }
 
     /// The model requests go to: the configured one, else the first `GET /v1/models` lists.
@@ -526,19 +595,18 @@ impl RemotePolicy {
     /// vLLM's `POST /v1/load_lora_adapter` (a PEFT adapter directory the servers can read),
     /// on every server.
     pub async fn load_lora_adapter(&self, name: &str, path: &Path) -> Result<(), PolicyError> {
-        self.send_all(
-            "/load_lora_adapter",
-            &json!({"lora_name": name, "lora_path": absolute(path)?}),
-        )
-        .await
-        .map(|_| ())
+        let body = json!({"lora_name": name, "lora_path": absolute(path)?});
+        let results = self.send_all("/load_lora_adapter", &body).await;
+        self.settle_push(results, "loading the lora adapter")
     }
 
-    /// vLLM's `POST /v1/unload_lora_adapter`, on every server.
+    /// vLLM's `POST /v1/unload_lora_adapter`, on every server (all must succeed).
     pub async fn unload_lora_adapter(&self, name: &str) -> Result<(), PolicyError> {
         self.send_all("/unload_lora_adapter", &json!({"lora_name": name}))
             .await
-            .map(|_| ())
+            .into_iter()
+            .map(|r| r.map(|_| ()))
+            .collect()
     }
 
     /// Pushes new adapter weights after a training update: unloads `name` if the server has
@@ -552,9 +620,9 @@ impl RemotePolicy {
 
     /// Full weights from a checkpoint directory (arpo-serve's `/v1/reload_weights`).
     pub async fn reload_weights(&self, path: &Path) -> Result<(), PolicyError> {
-        self.send_all("/reload_weights", &json!({"model_path": absolute(path)?}))
-            .await
-            .map(|_| ())
+        let body = json!({"model_path": absolute(path)?});
+        let results = self.send_all("/reload_weights", &body).await;
+        self.settle_push(results, "reloading the weights")
     }
 
     /// SGLang's `POST /update_weights_from_disk` (at the server root, not under `/v1`); its
@@ -584,7 +652,8 @@ impl RemotePolicy {
                 Ok(())
             }
         });
-        futures::future::join_all(calls).await.into_iter().collect()
+        let results = futures::future::join_all(calls).await;
+        self.settle_push(results, "updating the weights from disk")
     }
 
     /// Sends the weights in `dir` to every server the way `sync` says (for

@@ -1306,6 +1306,45 @@ mod remote {
             matches!(err, Err(arpo_core::PolicyError::InvalidInput(ref m)) if m.contains("config.json")),
             "{err:?}"
         );
+        // ... and then no server holds the weights being trained: no request goes out.
+        assert!(live.server_failures().iter().all(|f| f.stale));
+        let err = live.act(&[context(0)], &SamplingParams::greedy(8)).await;
+        assert!(
+            matches!(err, Err(arpo_core::PolicyError::Server(ref m)) if m.starts_with("no model server holds the current weights")),
+            "{err:?}"
+        );
+
+        // A push that misses one server (down) succeeds on the others; the missed one gets no
+        // requests until a later push reaches it, so every rollout samples the new weights.
+        let partly = RemotePolicy::new(
+            RemotePolicyConfig::new(format!("{},{dead}", a.base_url()), "ui-tars"),
+            None,
+        )?;
+        partly
+            .push_weights(WeightSync::ArpoReload, ckpt.path(), "unused")
+            .await?;
+        let report = partly.server_failures();
+        assert_eq!(
+            report
+                .iter()
+                .map(|f| (f.stale, f.failures))
+                .collect::<Vec<_>>(),
+            vec![(false, 0), (true, 1)],
+            "{report:?}"
+        );
+        let r = partly
+            .act(&vec![context(0); 4], &SamplingParams::greedy(256))
+            .await?;
+        assert!(
+            r.iter()
+                .all(|r| r.text.starts_with("Thought: I see 1 screenshot(s) v3."))
+        );
+        assert_eq!(
+            partly.server_failures()[1].requests,
+            1,
+            "only the push went to it"
+        );
+
         assert_eq!("sglang_disk".parse::<WeightSync>()?, WeightSync::SglangDisk);
         let bad = "nccl".parse::<WeightSync>().map_err(|e| e.to_string());
         assert!(
