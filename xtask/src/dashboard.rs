@@ -19,6 +19,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     RunDir::open(&args.run)?;
+    if !args.addr.ip().is_loopback() {
+        eprintln!(
+            "warning: {} is reachable from other machines, and the page shows every screenshot the run kept",
+            args.addr
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

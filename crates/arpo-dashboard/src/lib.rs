@@ -73,5 +73,5 @@ pub mod tensorboard;
 
 pub use episodes::{RecordedEpisode, RecordedGroup, Retention, record_episodes};
 pub use error::DashboardError;
-pub use server::{DEFAULT_ADDR, router, serve};
+pub use server::{DEFAULT_ADDR, router, serve, serve_in_background};
 pub use tensorboard::{TensorBoardWriter, scalars_from_json};

@@ -60,6 +60,40 @@ pub async fn serve(run_dir: PathBuf, addr: SocketAddr) -> Result<(), DashboardEr
         .map_err(|source| DashboardError::Bind { addr, source })
 }
 
+/// Serves the dashboard of `run_dir` on `addr` from a thread of its own (with its own small
+/// runtime, so that a training loop busy on its threads never stalls the page), for the life
+/// of the process. Binds before returning: a taken port is an error here, not later in the
+/// thread. Returns the address bound (useful with port 0).
+pub fn serve_in_background(
+    run_dir: PathBuf,
+    addr: SocketAddr,
+) -> Result<SocketAddr, DashboardError> {
+    let bind_error = |source| DashboardError::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(bind_error)?;
+    std::thread::Builder::new()
+        .name("arpo-dashboard".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => axum::serve(l, router(run_dir)).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = served {
+                    tracing::error!("dashboard on {local} stopped: {e}");
+                }
+            });
+        })
+        .map_err(bind_error)?;
+    tracing::info!(%local, "dashboard listening");
+    Ok(local)
+}
+
 type Shared = State<Arc<RunDir>>;
 
 /// Runs file reading off the async workers.

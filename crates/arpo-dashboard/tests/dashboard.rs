@@ -559,6 +559,28 @@ async fn the_api_serves_a_runs_files_downsampled() {
     assert_eq!(s["recorded_steps"], serde_json::json!([998, 999, 1000]));
 }
 
+/// What `cargo xtask train --dashboard` uses: the server on its own thread, bound before the
+/// call returns, answering while the caller's thread is busy.
+#[test]
+fn the_background_server_answers_while_the_caller_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_run(dir.path(), 8);
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    let addr = arpo_dashboard::serve_in_background(dir.path().to_path_buf(), any_port).unwrap();
+    // A second server on the same port is refused at once, with what to do.
+    let e = arpo_dashboard::serve_in_background(dir.path().to_path_buf(), addr).unwrap_err();
+    assert!(e.to_string().contains("--addr"), "{e}");
+    // This thread does blocking work only (no runtime of its own): a plain TCP client.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /api/summary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"steps_done\":8"), "{out}");
+}
+
 /// A long run stays light: 5,000 steps with the trainer's 25 step fields. What the page fetches
 /// on its first load (page, summary, curves, tasks, replay) comes back in well under a second
 /// and the curves are a few hundred points per metric.
