@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use arpo_core::protocol::PromptConfig;
 use arpo_core::{Environment, Policy, SamplingParams, ScreenSize, Screenshot};
-use arpo_env_vmware::{EnvConfig, OsworldEnv, Vmrun, VmrunConfig, VmwareProvider};
+use arpo_env_vmware::coverage::{Runs, classify};
+use arpo_env_vmware::{
+    EnvConfig, EvaluatorBackend, OsworldEnv, OsworldNames, Vmrun, VmrunConfig, VmwareProvider,
+};
 use arpo_model::{DTypeSpec, DeviceSpec};
 use arpo_trainer::env_check::{
     self, ChosenTask, EpisodeSettings, Outcome, check_guest, check_vmware, first_server_model,
@@ -114,6 +117,13 @@ pub struct Args {
     /// The host cache (downloads, the task's files fetched by evaluators).
     #[arg(long, default_value = "cache")]
     cache_dir: PathBuf,
+    /// How the task is scored: auto (our native evaluator when it covers the task, else
+    /// OSWorld's own through a Python worker), native, or osworld.
+    #[arg(long, default_value = "auto")]
+    evaluator: EvaluatorBackend,
+    /// The Python that has OSWorld's `desktop-env` (for the worker).
+    #[arg(long, default_value = "python3")]
+    python: String,
     /// Write the screenshots here (`step_NN.png`: the screen model turn NN saw; the last one is
     /// the final screen) and the episode (`episode.json`: responses, actions, timings, score).
     #[arg(long)]
@@ -342,13 +352,23 @@ async fn run_async(args: Args) -> Result<()> {
         attempts: 1,
         env_hint: String::new(),
     };
+    // A task file under evaluation_examples/examples/<domain>/: uploads may read under
+    // evaluation_examples, and the worker resolves OSWorld's relative paths from there.
+    let examples_dir = args
+        .task
+        .as_ref()
+        .and_then(|p| p.parent()?.parent()?.parent())
+        .map(Path::to_path_buf);
     let mut config = EnvConfig {
         cache_dir: args.cache_dir.clone(),
+        examples_dir: examples_dir.clone(),
         settle: seconds("settle", args.settle)?,
         step_pause: seconds("step-pause", args.step_pause)?,
         reset_attempts: 1,
         ..EnvConfig::default()
     };
+    config.osworld.evaluator = args.evaluator;
+    config.osworld.python = args.python.clone();
     if let Some(s) = args.ready_timeout {
         config.ready_timeout = seconds("ready-timeout", s)?;
     } else if args.url.is_some() {
@@ -418,13 +438,25 @@ async fn run_async(args: Args) -> Result<()> {
     }
     println!("Task:        {} ({source})", task.id);
     println!("Instruction: {}", task.instruction);
-    let missing = task.unsupported();
-    if !missing.is_empty() {
-        bail!(
-            "task {} needs what arpo-env-vmware does not support yet: {} (see `cargo xtask osworld-coverage`)",
+    let names = (args.evaluator != EvaluatorBackend::Native).then(OsworldNames::bundled);
+    let tasks_dir = examples_dir
+        .map(|d| d.join("examples"))
+        .unwrap_or_default();
+    let (runs, _, reasons) = classify(&task, &tasks_dir, names.as_ref());
+    match runs {
+        Runs::Native => println!("Evaluator:   native"),
+        Runs::Osworld => {
+            env.check_evaluator().await.with_context(|| {
+                format!("task {} needs OSWorld's own evaluator (--evaluator {})", task.id, args.evaluator)
+            })?;
+            println!("Evaluator:   OSWorld's desktop_env, through the worker ({})", args.python);
+        }
+        Runs::NotRunnable => bail!(
+            "task {} cannot be scored with --evaluator {}: {} (see `cargo xtask osworld-coverage`)",
             task.id,
-            missing.join(", ")
-        );
+            args.evaluator,
+            reasons.join("; ")
+        ),
     }
 
     let policy = make_policy(&args, prompt).await?;

@@ -146,7 +146,8 @@ pub struct EnvConfig {
 }
 
 /// Which evaluator scores a task (`env.osworld.evaluator`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EvaluatorBackend {
     /// Native when every setup step, getter and metric of the task is native, else OSWorld's.
     #[default]

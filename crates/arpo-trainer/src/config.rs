@@ -390,6 +390,33 @@ pub struct EnvConfig {
     pub coordinates: CoordinateMode,
     pub vmware: VmwareConfig,
     pub remote: RemoteConfig,
+    /// How OSWorld tasks are scored (VMware and remote providers).
+    pub osworld: OsworldConfig,
+}
+
+/// `env.osworld`: the evaluator of OSWorld tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OsworldConfig {
+    /// `auto` (our native evaluator when it has every setup step, getter and metric of the
+    /// task, else OSWorld's own through a Python worker), `native` (refuse tasks it lacks) or
+    /// `osworld` (always OSWorld's).
+    pub evaluator: arpo_env_vmware::EvaluatorBackend,
+    /// The Python that has OSWorld's `desktop-env` installed (the worker's interpreter).
+    pub python: String,
+    /// Largest file a setup step may download, in bytes.
+    pub max_download_bytes: u64,
+}
+
+impl Default for OsworldConfig {
+    fn default() -> Self {
+        let env = arpo_env_vmware::EnvConfig::default();
+        Self {
+            evaluator: env.osworld.evaluator,
+            python: env.osworld.python,
+            max_download_bytes: env.max_download_bytes,
+        }
+    }
 }
 
 impl Default for EnvConfig {
@@ -403,6 +430,7 @@ impl Default for EnvConfig {
             coordinates: CoordinateMode::Relative,
             vmware: VmwareConfig::default(),
             remote: RemoteConfig::default(),
+            osworld: OsworldConfig::default(),
         }
     }
 }
@@ -530,10 +558,7 @@ impl Config {
 
     /// Reads a YAML file, applies `overrides`, and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, TrainerError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::Io {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
         Self::from_yaml_str(&text, overrides).map_err(|e| e.in_file(path))
     }
 

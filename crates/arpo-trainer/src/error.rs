@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+/// A boxed error source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can stop a training or evaluation run.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
@@ -25,8 +28,12 @@ pub enum TrainerError {
         source: Box<TrainerError>,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
     /// A task set could not be read.
     #[error("task set {spec}: {reason}")]
     Tasks { spec: String, reason: String },
@@ -38,8 +45,18 @@ pub enum TrainerError {
         source: arpo_core::PolicyError,
     },
     /// The learner (scoring, loss, optimizer, checkpoint) failed.
-    #[error("learner: {0}")]
-    Learner(String),
+    #[error("learner: {what}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    Learner {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The replay buffer refused an operation.
+    #[error("replay buffer: {0}")]
+    Replay(#[from] arpo_replay::ReplayError),
+    /// Advantages or the policy loss could not be computed.
+    #[error("advantages/loss: {0}")]
+    Algorithm(#[from] arpo_grpo::GrpoError),
     /// The pre-flight checks failed; each problem says how to fix it.
     #[error("pre-flight check failed:\n  - {}", problems.join("\n  - "))]
     Preflight { problems: Vec<String> },
@@ -93,10 +110,27 @@ impl TrainerError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
+    /// A file operation on `path` failed with `e` (an `io::Error`, a JSON error, or a message).
+    pub fn io(path: impl Into<PathBuf>, e: impl Into<BoxError>) -> Self {
         Self::Io {
             path: path.into(),
-            reason: e.to_string(),
+            source: e.into(),
+        }
+    }
+
+    /// The learner failed at `what` because of `e`.
+    pub fn learner(what: impl Into<String>, e: impl Into<BoxError>) -> Self {
+        Self::Learner {
+            what: what.into(),
+            source: Some(e.into()),
+        }
+    }
+
+    /// The learner failed, as `what` says.
+    pub fn learner_msg(what: impl Into<String>) -> Self {
+        Self::Learner {
+            what: what.into(),
+            source: None,
         }
     }
 }

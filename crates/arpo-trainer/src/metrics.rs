@@ -8,7 +8,8 @@ use arpo_core::Trajectory;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainerError;
-use crate::rollout::DroppedRollout;
+use crate::learner::UpdateStats;
+use crate::rollout::{DroppedRollout, RolloutReport};
 
 /// One training step.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -50,6 +51,50 @@ pub struct StepMetrics {
     pub env_steps: usize,
     pub rollout_seconds: f64,
     pub update_seconds: f64,
+}
+
+impl StepMetrics {
+    /// The rollout side of a step: its own rollouts' rates (replayed episodes come later and do
+    /// not count), dropped rollouts, tokens, env steps, time.
+    pub fn from_rollouts(step: u64, epoch: usize, report: &RolloutReport, threshold: f64) -> Self {
+        let own: Vec<&Trajectory> = report
+            .groups
+            .iter()
+            .flat_map(|g| g.trajectories.iter())
+            .collect();
+        let n = own.len().max(1) as f64;
+        let share = |f: &dyn Fn(&Trajectory) -> bool| own.iter().filter(|t| f(t)).count() as f64 / n;
+        Self {
+            step,
+            epoch,
+            rollouts: own.len(),
+            dropped_rollouts: report.dropped.len(),
+            avg_reward: own.iter().map(|t| t.reward()).sum::<f64>() / n,
+            success_rate: share(&|t| t.eval_result > threshold),
+            format_error_rate: share(&|t| t.format_reward < 0.0),
+            generated_tokens: report.generated_tokens,
+            env_steps: report.env_steps,
+            rollout_seconds: report.seconds,
+            ..Self::default()
+        }
+    }
+
+    /// The update side of a step from its optimizer steps: means of the per-step statistics,
+    /// the last learning rate, total tokens, counts of steps taken and skipped.
+    pub fn absorb_updates(&mut self, stats: &[UpdateStats]) {
+        let k = stats.len().max(1) as f64;
+        let mean = |f: fn(&UpdateStats) -> f64| stats.iter().map(f).sum::<f64>() / k;
+        self.optimizer_steps = stats.len();
+        self.skipped_optimizer_steps = stats.iter().filter(|s| s.skipped).count();
+        self.loss = mean(|s| s.loss);
+        self.pg_clipfrac_higher = mean(|s| s.pg_clipfrac_higher);
+        self.pg_clipfrac_lower = mean(|s| s.pg_clipfrac_lower);
+        self.ppo_kl = mean(|s| s.ppo_kl);
+        self.entropy = mean(|s| s.entropy);
+        self.grad_norm = mean(|s| s.grad_norm);
+        self.lr = stats.last().map_or(0.0, |s| s.lr);
+        self.tokens = stats.iter().map(|s| s.tokens).sum();
+    }
 }
 
 /// One epoch: the means of its steps (sums for counts), and validation when it ran.

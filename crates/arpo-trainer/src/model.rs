@@ -28,8 +28,8 @@ use crate::TrainerError;
 use crate::config::{Config, CoordinateMode};
 use crate::learner::{Learner, Sample, UpdateStats};
 
-fn learner_err(what: &str, e: impl std::fmt::Display) -> TrainerError {
-    TrainerError::Learner(format!("{what}: {e}"))
+fn learner_err(what: &str, e: impl Into<crate::error::BoxError>) -> TrainerError {
+    TrainerError::learner(what, e)
 }
 
 /// The image preprocessing bounds of a run: `data.min_pixels`/`data.max_pixels` where set, the
@@ -159,14 +159,14 @@ impl EpisodeBuilder {
     pub fn build(&self, t: &Trajectory) -> Result<BuiltEpisode, TrainerError> {
         let n = t.turns.len();
         if n == 0 {
-            return Err(TrainerError::Learner(format!(
+            return Err(TrainerError::learner_msg(format!(
                 "trajectory of task {} has no turns to train on",
                 t.task_id
             )));
         }
         for (k, turn) in t.turns.iter().enumerate() {
             if turn.response.token_ids.is_empty() {
-                return Err(TrainerError::Learner(format!(
+                return Err(TrainerError::learner_msg(format!(
                     "turn {k} of task {} has no sampled token ids: training needs a policy that reports them (a server answering logprobs with token ids)",
                     t.task_id
                 )));
@@ -216,7 +216,7 @@ impl EpisodeBuilder {
             }
             let k = turn_positions.len();
             let Some(turn) = t.turns.get(k) else {
-                return Err(TrainerError::Learner(format!(
+                return Err(TrainerError::learner_msg(format!(
                     "the chat template rendered more assistant turns than the trajectory of task {} has ({n})",
                     t.task_id
                 )));
@@ -232,7 +232,7 @@ impl EpisodeBuilder {
             }
         }
         if turn_positions.len() != n {
-            return Err(TrainerError::Learner(format!(
+            return Err(TrainerError::learner_msg(format!(
                 "found {} assistant turns in the rendered trajectory of task {} but it has {n}",
                 turn_positions.len(),
                 t.task_id
@@ -418,7 +418,7 @@ impl Learner for CandleLearner {
             .map_err(|e| learner_err("scoring", e))?;
         let expected: usize = built.turn_positions.iter().map(Vec::len).sum();
         if values.len() != expected {
-            return Err(TrainerError::Learner(format!(
+            return Err(TrainerError::learner_msg(format!(
                 "scored {} tokens but the trajectory has {expected} sampled tokens",
                 values.len()
             )));
@@ -457,8 +457,8 @@ impl Learner for CandleLearner {
         _optimizer_step: u64,
     ) -> Result<UpdateStats, TrainerError> {
         if loss.kl.is_some() {
-            return Err(TrainerError::Learner(
-                "a KL penalty needs a reference model, which the candle learner does not keep yet: set algorithm.disable_kl: true".into(),
+            return Err(TrainerError::learner_msg(
+                "a KL penalty needs a reference model, which the candle learner does not keep yet: set algorithm.disable_kl: true",
             ));
         }
         let built = minibatch
@@ -485,7 +485,7 @@ impl Learner for CandleLearner {
             if let Some(old) = &old
                 && old.len() != n
             {
-                return Err(TrainerError::Learner(format!(
+                return Err(TrainerError::learner_msg(format!(
                     "task {}: {} old log-probs for {n} sampled tokens",
                     sample.trajectory.task_id,
                     old.len()
@@ -654,7 +654,7 @@ fn parallel_map<T: Sync, R: Send>(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(TrainerError::Learner("a scoring thread panicked".into()))
+                    Err(TrainerError::learner_msg("a scoring thread panicked"))
                 })
             })
             .collect()

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use arpo_core::Task;
 use arpo_env_sim::{Catalogue, SimEnv};
+use arpo_env_vmware::coverage::{Runs, classify};
 use arpo_env_vmware::{
+    EvaluatorBackend, OsworldNames,
     EnvConfig as OsworldConfig, GuestClient, GuestConfig, HostType, OsworldEnv, OsworldTask,
     VmwareProvider, Vmrun, VmrunConfig, load_index, remote_pool,
 };
@@ -72,6 +74,8 @@ pub fn load_tasks(spec: &str, config: &Config, max_tasks: usize) -> Result<Vec<T
                 let examples = &examples;
                 let entries = load_index(index, examples).map_err(|e| err(e.to_string()))?;
                 let mut tasks = Vec::with_capacity(entries.len());
+                let names = (config.env.osworld.evaluator != EvaluatorBackend::Native)
+                    .then(OsworldNames::bundled);
                 let mut unsupported = Vec::new();
                 for entry in entries {
                     let task = OsworldTask::load(&entry.path).map_err(|e| {
@@ -80,17 +84,18 @@ pub fn load_tasks(spec: &str, config: &Config, max_tasks: usize) -> Result<Vec<T
                             examples.display()
                         ))
                     })?;
-                    let missing = task.unsupported();
-                    if missing.is_empty() {
-                        tasks.push(task.to_task(Some(&entry.domain)));
+                    let (runs, _, reasons) = classify(&task, examples, names.as_ref());
+                    if runs == Runs::NotRunnable {
+                        unsupported.push(format!("{}: {}", entry.id, reasons.join(", ")));
                     } else {
-                        unsupported.push(format!("{} needs {}", entry.id, missing.join(", ")));
+                        tasks.push(task.to_task(Some(&entry.domain)));
                     }
                 }
                 if !unsupported.is_empty() {
                     return Err(err(format!(
-                        "{} task(s) need what is not supported yet (run `cargo xtask osworld-coverage`): {}",
+                        "{} task(s) cannot be scored with env.osworld.evaluator {} (see `cargo xtask osworld-coverage`): {}",
                         unsupported.len(),
+                        config.env.osworld.evaluator,
                         unsupported.join("; ")
                     )));
                 }
@@ -151,12 +156,34 @@ pub fn vmrun(config: &Config) -> Result<Vmrun, TrainerError> {
     Ok(Vmrun::new(vc))
 }
 
-fn osworld_config(config: &Config) -> OsworldConfig {
+/// The examples folder of `env.vmware.examples_dir` (OSWorld's `evaluation_examples`, or its
+/// `examples/` inside).
+pub fn examples_dir(config: &Config) -> PathBuf {
+    let dir = &config.env.vmware.examples_dir;
+    if dir.join("examples").is_dir() {
+        dir.join("examples")
+    } else {
+        dir.clone()
+    }
+}
+
+/// arpo-env-vmware's settings for every environment of the run (one cache folder each is
+/// added by the pools).
+pub fn osworld_config(config: &Config) -> OsworldConfig {
+    let defaults = OsworldConfig::default();
+    let o = &config.env.osworld;
     OsworldConfig {
         pause_between_steps: config.env.vmware.pause_during_inference
             && config.env.provider == EnvProvider::Vmware,
         reset_attempts: 1, // the rollout engine retries resets (env.reset_retries)
-        ..OsworldConfig::default()
+        max_download_bytes: o.max_download_bytes,
+        examples_dir: Some(config.env.vmware.examples_dir.clone()),
+        osworld: arpo_env_vmware::OsworldEvaluatorConfig {
+            evaluator: o.evaluator,
+            python: o.python.clone(),
+            ..defaults.osworld.clone()
+        },
+        ..defaults
     }
 }
 
@@ -289,6 +316,14 @@ pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
                 }
                 Err(e) => problems.push(e.to_string()),
             }
+        }
+    }
+    if config.env.provider != EnvProvider::Sim
+        && config.env.osworld.evaluator != EvaluatorBackend::Native
+    {
+        let env = OsworldEnv::remote("http://127.0.0.1:1", osworld_config(config));
+        if let Err(e) = env.check_evaluator().await {
+            problems.push(format!("env.osworld.evaluator {}: {e}", config.env.osworld.evaluator));
         }
     }
     if let Err(e) = crate::model::pixel_bounds(config) {

@@ -34,7 +34,7 @@ use crate::TrainerError;
 use crate::model::EpisodeBuilder;
 
 fn err(what: &str, e: impl std::fmt::Display) -> TrainerError {
-    TrainerError::Learner(format!("sft: {what}: {e}"))
+    TrainerError::learner_msg(format!("sft: {what}: {e}"))
 }
 
 /// The short thought written before each demonstrated action.

@@ -235,7 +235,7 @@ impl TabularPolicy {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Table>, TrainerError> {
         self.table
             .lock()
-            .map_err(|_| TrainerError::Learner("tabular policy lock poisoned".into()))
+            .map_err(|_| TrainerError::learner_msg("tabular policy lock poisoned"))
     }
 
     /// Index of an answer of `buttons` from the first sampled token.
@@ -362,7 +362,7 @@ impl Learner for TabularPolicy {
             })
             .collect();
         let out = arpo_grpo::policy_loss_slices(&seqs, loss)
-            .map_err(|e| TrainerError::Learner(e.to_string()))?;
+            .map_err(|e| TrainerError::learner_msg(e.to_string()))?;
         // Chain rule through the softmax: d logp(c) / d logit_j = [j = c] − p_j.
         let mut grads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for (k, s) in minibatch.iter().enumerate() {

@@ -1,6 +1,7 @@
 //! The training loop: epochs of steps, each step rollouts → replay → advantages → update, with
 //! metrics, task results, curves, checkpoints and resume.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,7 +20,9 @@ use crate::metrics::{
     task_file_name, write_json,
 };
 use crate::progress::Progress;
-use crate::rollout::{Coordinates, RolloutEvent, RolloutSettings, mix_seed, run_rollouts};
+use crate::rollout::{
+    Coordinates, Group, RolloutEvent, RolloutReport, RolloutSettings, mix_seed, run_rollouts,
+};
 use crate::{TrainerError, curves};
 
 /// The state `--resume` restores, saved as `trainer_state.json` in every checkpoint.
@@ -356,32 +359,70 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         last || (f > 0 && (epoch as i64 + 1) % f == 0)
     }
 
+    /// One step: collect the groups, record them, replay, build the update's batches, update,
+    /// write the metrics.
     async fn train_step(
         &mut self,
         epoch: usize,
         step: u64,
         tasks: &[Task],
     ) -> Result<(), TrainerError> {
+        self.progress.set_context(epoch, step);
+        let report = self.collect(step, tasks).await?;
+        let mut m = StepMetrics::from_rollouts(
+            step,
+            epoch,
+            &report,
+            self.config.algorithm.replay.success_threshold,
+        );
+        self.progress.set_success_rate(m.success_rate);
+        self.record_rollouts(tasks, &report, step, epoch);
+        let (groups, injected) = self.replay(report.groups, &mut m)?;
+        let update_started = Instant::now();
+        let batches = self.batches(groups, &injected, &mut m)?;
+        let stats = self.update(&batches)?;
+        m.absorb_updates(&stats);
+        m.update_seconds = update_started.elapsed().as_secs_f64();
+        tracing::info!(
+            step,
+            epoch,
+            avg_reward = m.avg_reward,
+            success_rate = m.success_rate,
+            replay_size = m.replay_size,
+            injected_groups = m.injected_groups,
+            invalid_groups = m.invalid_groups,
+            dropped_rollouts = m.dropped_rollouts,
+            loss = m.loss,
+            grad_norm = m.grad_norm,
+            "step done"
+        );
+        self.state.metrics.steps.push(m);
+        self.write_outputs()?;
+        self.progress.step_done();
+        Ok(())
+    }
+
+    /// Rolls the step's tasks out; fails only when every rollout was dropped.
+    async fn collect(&mut self, step: u64, tasks: &[Task]) -> Result<RolloutReport, TrainerError> {
         let settings = rollout_settings(&self.config, false)?;
-        let threshold = self.config.algorithm.replay.success_threshold;
         let seed = mix_seed(self.config.data.seed, 1_000_003 + step);
         let progress = &self.progress;
-        progress.set_context(epoch, step);
         let report = run_rollouts(
             self.policy,
             &mut self.envs,
             tasks,
             &settings,
             seed,
-            &mut |ev: RolloutEvent<'_>| progress.rollout_event(&ev),
+            &mut |ev: RolloutEvent<'_>| {
+                if let RolloutEvent::Stepped { .. } = ev {
+                    // Named points where the crash tests stop a real run (`FAIL_POINTS`).
+                    fail::fail_point!("train::rollout");
+                }
+                progress.rollout_event(&ev);
+            },
         )
         .await?;
-        let own: Vec<&Trajectory> = report
-            .groups
-            .iter()
-            .flat_map(|g| g.trajectories.iter())
-            .collect();
-        if own.is_empty() {
+        if report.groups.iter().all(|g| g.trajectories.is_empty()) {
             return Err(TrainerError::AllRolloutsDropped {
                 step,
                 dropped: report.dropped.len(),
@@ -392,24 +433,12 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
                     .unwrap_or_default(),
             });
         }
-        let mut m = StepMetrics {
-            step,
-            epoch,
-            rollouts: own.len(),
-            dropped_rollouts: report.dropped.len(),
-            avg_reward: own.iter().map(|t| t.reward()).sum::<f64>() / own.len() as f64,
-            success_rate: own.iter().filter(|t| t.eval_result > threshold).count() as f64
-                / own.len() as f64,
-            format_error_rate: own.iter().filter(|t| t.format_reward < 0.0).count() as f64
-                / own.len() as f64,
-            generated_tokens: report.generated_tokens,
-            env_steps: report.env_steps,
-            rollout_seconds: report.seconds,
-            ..Default::default()
-        };
-        self.progress.set_success_rate(m.success_rate);
+        Ok(report)
+    }
 
-        // Per-task results: the step's own rollouts and the dropped ones.
+    /// Per-task results: the step's own rollouts and the dropped ones.
+    fn record_rollouts(&mut self, tasks: &[Task], report: &RolloutReport, step: u64, epoch: usize) {
+        let threshold = self.config.algorithm.replay.success_threshold;
         for g in &report.groups {
             for (r, t) in g.trajectories.iter().enumerate() {
                 self.record(
@@ -420,27 +449,25 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             }
         }
         for d in &report.dropped {
-            self.record(
-                tasks,
-                &d.task_id,
-                Attempt::dropped(d, step, epoch, "training"),
-            );
+            self.record(tasks, &d.task_id, Attempt::dropped(d, step, epoch, "training"));
         }
+    }
 
-        // Replay: rescue all-failed groups, then store this step's successes.
-        let mut groups: Vec<Vec<Trajectory>> = report
-            .groups
+    /// Replay: rescue all-failed groups with stored successes, then store this step's
+    /// successes. Returns the non-empty groups and the (group, position) of each injection.
+    fn replay(
+        &mut self,
+        groups: Vec<Group>,
+        m: &mut StepMetrics,
+    ) -> Result<(Vec<Vec<Trajectory>>, BTreeSet<(usize, usize)>), TrainerError> {
+        let mut groups: Vec<Vec<Trajectory>> = groups
             .into_iter()
             .map(|g| g.trajectories)
             .filter(|g| !g.is_empty())
             .collect();
-        let replay_report = self
-            .state
-            .replay
-            .apply(&mut groups)
-            .map_err(|e| TrainerError::Learner(format!("replay: {e}")))?;
+        let replay_report = self.state.replay.apply(&mut groups)?;
         m.all_failed_groups = replay_report.all_failed_groups;
-        let injected: std::collections::BTreeSet<(usize, usize)> = replay_report
+        let injected: BTreeSet<(usize, usize)> = replay_report
             .injections
             .iter()
             .map(|i| (i.group, i.position))
@@ -448,31 +475,36 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         m.injected_groups = injected
             .iter()
             .map(|(g, _)| *g)
-            .collect::<std::collections::BTreeSet<_>>()
+            .collect::<BTreeSet<_>>()
             .len();
         let stats = self.state.replay.stats();
         m.replay_size = stats.stored_episodes;
         m.replay_tasks = stats.tasks_with_success;
+        Ok((groups, injected))
+    }
 
-        // Advantages per group, then old log-probs with the current weights.
+    /// Advantages per group, and old log-probs with the current weights unless the step is
+    /// on-policy (one optimizer step over the whole batch, one PPO epoch, no dropout: the
+    /// weights that score the update are the ones before it, so the learner's own detached
+    /// log-probs are the old ones and need no separate pass).
+    fn batches(
+        &mut self,
+        groups: Vec<Vec<Trajectory>>,
+        injected: &BTreeSet<(usize, usize)>,
+        m: &mut StepMetrics,
+    ) -> Result<Vec<Vec<Sample>>, TrainerError> {
+        let actor = &self.config.worker.actor;
         let adv_config = advantage_config(&self.config);
-        let update_started = Instant::now();
-        // One optimizer step over the whole batch, one PPO epoch and no dropout: the weights
-        // that score the update are the ones before it, so the old log-probs are the learner's
-        // own (detached) and need no separate pass.
-        let on_policy = self.config.worker.actor.ppo_epochs == 1
-            && groups.len() <= self.config.worker.actor.global_batch_size
-            && (self.config.worker.actor.model.lora.rank == 0
-                || self.config.worker.actor.model.lora.dropout == 0.0);
-        let mut batches: Vec<Vec<Sample>> = Vec::new();
+        let on_policy = actor.ppo_epochs == 1
+            && groups.len() <= actor.global_batch_size
+            && (actor.model.lora.rank == 0 || actor.model.lora.dropout == 0.0);
+        let mut batches = Vec::with_capacity(groups.len());
         for (gi, group) in groups.into_iter().enumerate() {
             let rewards: Vec<f64> = group.iter().map(Trajectory::reward).collect();
             if arpo_grpo::is_invalid_group(&rewards) {
                 m.invalid_groups += 1;
             }
-            let advantages = arpo_grpo::group_advantages(&rewards, &adv_config)
-                .map_err(|e| TrainerError::Learner(format!("advantages: {e}")))?;
-            let mut samples = Vec::with_capacity(group.len());
+            let advantages = arpo_grpo::group_advantages(&rewards, &adv_config)?;
             let olds: Vec<Option<Vec<Vec<f32>>>> = if on_policy {
                 vec![None; group.len()]
             } else {
@@ -483,64 +515,42 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
                     .map(Some)
                     .collect()
             };
-            for (pos, ((trajectory, advantage), old_logprobs)) in
-                group.into_iter().zip(advantages).zip(olds).enumerate()
-            {
-                samples.push(Sample {
+            let samples = group
+                .into_iter()
+                .zip(advantages)
+                .zip(olds)
+                .enumerate()
+                .map(|(pos, ((trajectory, advantage), old_logprobs))| Sample {
                     trajectory,
                     advantage,
                     old_logprobs,
                     injected: injected.contains(&(gi, pos)),
-                });
-            }
+                })
+                .collect();
             batches.push(samples);
         }
+        Ok(batches)
+    }
 
-        // Mini-batches of `global_batch_size` groups, one optimizer step each.
+    /// Mini-batches of `global_batch_size` groups, one optimizer step each, `ppo_epochs` times.
+    fn update(&mut self, batches: &[Vec<Sample>]) -> Result<Vec<UpdateStats>, TrainerError> {
         let loss = loss_config(&self.config);
-        let mut stats_all: Vec<UpdateStats> = Vec::new();
+        let mut stats = Vec::new();
         for _ in 0..self.config.worker.actor.ppo_epochs {
             for mb in batches.chunks(self.config.worker.actor.global_batch_size) {
                 let minibatch: Vec<Sample> = mb.iter().flatten().cloned().collect();
                 if minibatch.is_empty() {
                     continue;
                 }
-                let s = self
-                    .learner
-                    .update(&minibatch, &loss, self.state.optimizer_steps)?;
+                fail::fail_point!("train::update");
+                stats.push(
+                    self.learner
+                        .update(&minibatch, &loss, self.state.optimizer_steps)?,
+                );
                 self.state.optimizer_steps += 1;
-                stats_all.push(s);
             }
         }
-        m.update_seconds = update_started.elapsed().as_secs_f64();
-        m.optimizer_steps = stats_all.len();
-        m.skipped_optimizer_steps = stats_all.iter().filter(|s| s.skipped).count();
-        let k = stats_all.len().max(1) as f64;
-        m.loss = stats_all.iter().map(|s| s.loss).sum::<f64>() / k;
-        m.pg_clipfrac_higher = stats_all.iter().map(|s| s.pg_clipfrac_higher).sum::<f64>() / k;
-        m.pg_clipfrac_lower = stats_all.iter().map(|s| s.pg_clipfrac_lower).sum::<f64>() / k;
-        m.ppo_kl = stats_all.iter().map(|s| s.ppo_kl).sum::<f64>() / k;
-        m.entropy = stats_all.iter().map(|s| s.entropy).sum::<f64>() / k;
-        m.grad_norm = stats_all.iter().map(|s| s.grad_norm).sum::<f64>() / k;
-        m.lr = stats_all.last().map_or(0.0, |s| s.lr);
-        m.tokens = stats_all.iter().map(|s| s.tokens).sum();
-
-        tracing::info!(
-            step,
-            epoch,
-            avg_reward = m.avg_reward,
-            success_rate = m.success_rate,
-            replay_size = m.replay_size,
-            injected_groups = m.injected_groups,
-            invalid_groups = m.invalid_groups,
-            loss = m.loss,
-            grad_norm = m.grad_norm,
-            "step done"
-        );
-        self.state.metrics.steps.push(m);
-        self.write_outputs()?;
-        self.progress.step_done();
-        Ok(())
+        Ok(stats)
     }
 
     fn record(&mut self, tasks: &[Task], task_id: &str, attempt: Attempt) {
@@ -666,6 +676,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
         self.learner.save(&tmp)?;
+        fail::fail_point!("train::checkpoint");
         write_json(&tmp.join("trainer_state.json"), &self.state)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| TrainerError::io(&dir, e))?;

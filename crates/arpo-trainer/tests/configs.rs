@@ -59,7 +59,9 @@ fn the_embedded_default_spells_out_every_key() {
     let mut missing = Vec::new();
     keys_missing(&defaults, &file, String::new(), &mut missing);
     // Provider sections for other providers are documented in config_uitars_2b_mac.yaml.
-    missing.retain(|k| !k.starts_with("env.vmware") && !k.starts_with("env.remote"));
+    missing.retain(|k| {
+        !k.starts_with("env.vmware") && !k.starts_with("env.remote") && !k.starts_with("env.osworld")
+    });
     assert!(
         missing.is_empty(),
         "keys missing from embedded_default.yaml: {missing:?}"
@@ -96,4 +98,116 @@ fn a_typo_in_a_file_names_the_file_and_the_key() {
     let err = Config::load(&path, &[]).unwrap_err().to_string();
     assert!(err.contains("typo.yaml"), "{err}");
     assert!(err.contains("trainer.save_frq"), "{err}");
+}
+
+/// Every key the seed's configs carry that does nothing here is refused, naming what to use.
+#[test]
+fn removed_keys_are_refused_with_their_replacement() {
+    for (key, instead) in arpo_trainer::config::REMOVED_KEYS {
+        let err = Config::from_yaml_str("", &[format!("{key}=1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(err.contains(instead), "{key}: {err}");
+    }
+    let err = Config::from_yaml_str("", &["algorithm.disable_kl=false".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reference model"), "{err}");
+}
+
+/// `data.max_pixels`/`min_pixels` reach the rollout policy's image processor, the learner's, and
+/// the absolute-coordinate mapping; absent, all three use the model's preprocessor_config.json.
+#[test]
+fn pixel_bounds_reach_every_image_processor() {
+    use arpo_trainer::rollout::Coordinates;
+    let model = "worker.actor.model.model_path=../../fixtures/models/uitars-tiny-base";
+    // The tiny base's preprocessor_config.json: shortest_edge 3136, longest_edge 100352.
+    let c = Config::from_yaml_str("", &[model.into(), "env.coordinates=absolute".into()]).unwrap();
+    assert_eq!(arpo_trainer::model::pixel_bounds(&c).unwrap(), (3136, 100_352));
+    let c = Config::from_yaml_str(
+        "",
+        &[
+            model.into(),
+            "env.coordinates=absolute".into(),
+            "data.max_pixels=12544".into(),
+            "data.min_pixels=784".into(),
+        ],
+    )
+    .unwrap();
+    let (policy, learner) = arpo_trainer::model::load_local(&c, 1).unwrap();
+    assert_eq!(policy.model.processor.config.max_pixels, 12_544);
+    assert_eq!(policy.model.processor.config.min_pixels, 784);
+    assert_eq!(learner.episodes.processor.config.max_pixels, 12_544);
+    assert_eq!(learner.episodes.processor.config.min_pixels, 784);
+    let settings = arpo_trainer::train::rollout_settings(&c, false).unwrap();
+    assert_eq!(
+        settings.coordinates,
+        Coordinates::Absolute {
+            min_pixels: 784,
+            max_pixels: 12_544
+        }
+    );
+    // A 640x400 screenshot at 12544 pixels at most: smart_resize gives 140x84 (a multiple of 28,
+    // 11760 pixels): 10x6 patches of 14, merged 2x2, = 15 image tokens, where the model's own
+    // bound (100352) would give 392x224 (28x16 patches, 112 tokens).
+    let img = image::RgbImage::new(640, 400);
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let shot = arpo_core::Screenshot::new(png, 640, 400);
+    let rgb = arpo_model::processor::decode_screenshot(&shot).unwrap();
+    let out = policy
+        .model
+        .processor
+        .preprocess(&[rgb], &candle_core::Device::Cpu)
+        .unwrap();
+    let tokens: usize = out.grid_thw.iter().map(|g| g[0] * g[1] * g[2] / 4).sum();
+    assert_eq!(tokens, 15);
+}
+
+/// `data.max_tasks` cuts the training tasks, not the validation set.
+#[test]
+fn max_tasks_cuts_training_only() {
+    let c = Config::from_yaml_str(
+        "",
+        &[
+            "data.train_files=sim:train".into(),
+            "data.val_files=sim:heldout".into(),
+            "data.max_tasks=3".into(),
+        ],
+    )
+    .unwrap();
+    let plan = arpo_trainer::plan::RunPlan::new(&c).unwrap();
+    assert_eq!(plan.train_tasks.len(), 3);
+    let all_heldout = arpo_env_sim::Catalogue::default().heldout().len();
+    assert!(all_heldout > 3);
+    assert_eq!(plan.val_tasks.len(), all_heldout);
+}
+
+/// `env.screen_size` becomes the size the engine checks every environment against.
+#[test]
+fn screen_size_is_what_the_engine_checks() {
+    let c = Config::from_yaml_str("", &["env.screen_size=[1920, 1080]".into()]).unwrap();
+    let s = arpo_trainer::train::rollout_settings(&c, true).unwrap();
+    assert_eq!(s.expected_screen.map(|s| s.pair()), Some((1920, 1080)));
+    let c = Config::from_yaml_str("", &[]).unwrap();
+    assert_eq!(arpo_trainer::train::rollout_settings(&c, true).unwrap().expected_screen, None);
+    assert!(Config::from_yaml_str("", &["env.screen_size=[0, 1080]".into()]).is_err());
+}
+
+/// A `load_checkpoint_path` that is not a checkpoint fails the pre-flight, before any rollout.
+#[tokio::test]
+async fn a_bad_load_checkpoint_path_fails_the_preflight() {
+    let c = Config::from_yaml_str(
+        "",
+        &[
+            "worker.actor.model.model_path=../../fixtures/models/uitars-tiny-base".into(),
+            "trainer.load_checkpoint_path=/nonexistent/epoch_3".into(),
+        ],
+    )
+    .unwrap();
+    let err = arpo_trainer::setup::preflight(&c).await.unwrap_err().to_string();
+    assert!(err.contains("trainer.load_checkpoint_path"), "{err}");
 }
