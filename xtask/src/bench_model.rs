@@ -1,5 +1,14 @@
 //! `cargo xtask bench-model`: prefill and decode timings of the candle model with random
-//! weights of a real shape (no download); prints one JSON line.
+//! weights of a published shape (no download); prints one JSON line.
+//!
+//! Shapes: `--shape 2b` (UI-TARS-2B, Qwen2-VL-2B), `--shape 1.5-7b` (UI-TARS-1.5-7B,
+//! Qwen2.5-VL-7B, windowed vision attention), or a model directory (its own weights).
+//! `--layers` / `--vision-depth` cut a random-weight model to fewer decoder layers / vision
+//! blocks, and `--vision-only` times the vision tower alone, so that a shape too big for the
+//! machine still runs in part; the JSON says what ran. Before allocating, the weights' size is
+//! checked against the memory available (CPU) and a shape that cannot fit is refused with the
+//! options that make it fit. `--image WxH` (e.g. `1932x1092`, a 1920x1080 screenshot after
+//! ARPO's smart resize) or a square side; `--device cuda` with a `--features cuda` build.
 //!
 //! With `--train`: forward + backward of one episode on the 2B shape (one 448x448 image, 346
 //! prompt tokens + 64 assistant tokens), LoRA (`--lora-rank`, 16 by default) or full
@@ -10,25 +19,32 @@ use std::time::Instant;
 
 use anyhow::Result;
 use arpo_core::SamplingParams;
-use arpo_model::{GenerationRequest, Qwen2Vl, Qwen2VlConfig};
-use candle_core::{Device, Tensor};
+use arpo_model::{DeviceSpec, GenerationRequest, Qwen2Vl, Qwen2VlConfig};
+use candle_core::{DType, Tensor};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model shape: `2b` (UI-TARS-2B / Qwen2-VL-2B) or a model directory (its own weights).
+    /// Model shape: `2b` (UI-TARS-2B / Qwen2-VL-2B), `1.5-7b` (UI-TARS-1.5-7B / Qwen2.5-VL-7B),
+    /// or a model directory (its own weights).
     #[arg(long, default_value = "2b")]
     shape: String,
-    /// Side of the square input image in pixels (a multiple of 28).
-    #[arg(long, default_value_t = 448)]
-    image: usize,
+    /// The input image: `WIDTHxHEIGHT` or the side of a square, in pixels (multiples of 28).
+    #[arg(long, default_value = "448")]
+    image: String,
     /// Tokens decoded after the first one.
     #[arg(long, default_value_t = 16)]
     decode: usize,
-    /// Prompt length in tokens, image tokens included.
+    /// Prompt length in tokens, image tokens included (raised to fit the image when smaller).
     #[arg(long, default_value_t = 346)]
     prompt_tokens: usize,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// cpu, cuda, cuda:N or metal (a GPU needs a build with that feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Time the vision tower alone (no decoder: its weights are not even made).
+    #[arg(long, conflicts_with = "train")]
+    vision_only: bool,
     /// Benchmark a training step (forward + backward, f32) instead of generation.
     #[arg(long)]
     train: bool,
@@ -38,12 +54,12 @@ pub struct Args {
     /// Train every weight instead of LoRA adapters.
     #[arg(long, requires = "train")]
     full: bool,
-    /// Decoder layers of the training benchmark (28 in the real model; fewer to fit in memory).
-    #[arg(long, default_value_t = 28, requires = "train")]
-    layers: usize,
-    /// Vision blocks of the training benchmark (32 in the real model).
-    #[arg(long, default_value_t = 32, requires = "train")]
-    vision_depth: usize,
+    /// Decoder layers (28 in both shapes; fewer to fit in memory). Random shapes only.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Vision blocks (32 in both shapes; fewer to fit in memory). Random shapes only.
+    #[arg(long)]
+    vision_depth: Option<usize>,
     /// Assistant (scored) tokens of the training episode, after the prompt.
     #[arg(long, default_value_t = 64, requires = "train")]
     assistant_tokens: usize,
@@ -68,16 +84,45 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// `MemAvailable` of /proc/meminfo in bytes; `None` off Linux.
+fn available_memory() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    })
+}
+
+/// `448` or `1932x1092` as (width, height).
+fn parse_image(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = match s.split_once(['x', 'X']) {
+        Some((w, h)) => (w.trim().parse()?, h.trim().parse()?),
+        None => {
+            let side = s.trim().parse()?;
+            (side, side)
+        }
+    };
+    anyhow::ensure!(
+        w > 0 && h > 0 && w % 28 == 0 && h % 28 == 0,
+        "--image {s}: width and height must be positive multiples of 28 (smart_resize's output; 1920x1080 becomes 1932x1092)"
+    );
+    Ok((w, h))
+}
+
 fn run_train(args: &Args) -> Result<()> {
     use arpo_model::train::bench::{BenchMode, TrainBench, train_step_2b};
     anyhow::ensure!(
         args.shape == "2b",
-        "--train benchmarks the 2b shape only (random weights)"
+        "--train benchmarks the 2b shape only (arpo_model::train::bench, random weights); time the 1.5-7b shape's inference without --train"
     );
     anyhow::ensure!(
-        args.dtype == "f32",
-        "--train runs in f32 (the dtype of training on CPU)"
+        args.dtype == "f32" && args.device == "cpu",
+        "--train runs in f32 on the CPU (the dtype of training on CPU)"
     );
+    let (w, h) = parse_image(&args.image)?;
+    anyhow::ensure!(w == h, "--train takes a square --image");
     let bench = TrainBench {
         mode: if args.full {
             BenchMode::Full
@@ -86,9 +131,9 @@ fn run_train(args: &Args) -> Result<()> {
                 rank: args.lora_rank,
             }
         },
-        layers: args.layers,
-        vision_depth: args.vision_depth,
-        image: args.image,
+        layers: args.layers.unwrap_or(28),
+        vision_depth: args.vision_depth.unwrap_or(32),
+        image: w,
         prompt_tokens: args.prompt_tokens,
         assistant_tokens: args.assistant_tokens,
         gradient_checkpointing: args.gradient_checkpointing,
@@ -108,74 +153,165 @@ fn run_train(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The random-weight shape to build, cut as asked, and its parameter count.
+fn random_shape(args: &Args) -> Result<(Qwen2VlConfig, usize)> {
+    let mut config = Qwen2VlConfig::named_shape(&args.shape).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--shape {:?}: not a model directory, and not a named shape (2b, 1.5-7b)",
+            args.shape
+        )
+    })?;
+    if let Some(n) = args.layers {
+        config.text.num_hidden_layers = n;
+    }
+    if let Some(n) = args.vision_depth {
+        anyhow::ensure!(n >= 1, "--vision-depth must be at least 1");
+        config.vision.depth = n;
+        // Qwen2.5-VL's full-attention blocks past the cut go with it.
+        if let arpo_model::config::VisionArch::Qwen25Vl {
+            fullatt_block_indexes,
+            ..
+        } = &mut config.vision.arch
+        {
+            fullatt_block_indexes.retain(|&i| i < n);
+        }
+    }
+    let params = arpo_model::model::param_shapes(&config)
+        .iter()
+        .filter(|(name, _)| !args.vision_only || name.starts_with("visual."))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    Ok((config, params))
+}
+
 pub fn run(args: Args) -> Result<()> {
     if args.train {
         return run_train(&args);
     }
     let dtype = crate::predict::parse_dtype(&args.dtype)?;
-    let device = Device::Cpu;
+    let spec: DeviceSpec = args.device.parse()?;
+    let device = spec.open()?;
+    let (width, height) = parse_image(&args.image)?;
+    let dir = std::path::Path::new(&args.shape);
     let t0 = Instant::now();
-    let model = if args.shape == "2b" {
-        Qwen2Vl::random(Qwen2VlConfig::ui_tars_2b(), dtype, &device)?
+    let (model, params) = if dir.is_dir() {
+        anyhow::ensure!(
+            args.layers.is_none() && args.vision_depth.is_none(),
+            "--layers and --vision-depth cut random-weight shapes only, not a model directory"
+        );
+        let model = Qwen2Vl::load(dir, dtype, &device)?;
+        let params = model.parameters().iter().map(|(_, t)| t.elem_count()).sum();
+        (model, params)
     } else {
-        Qwen2Vl::load(std::path::Path::new(&args.shape), dtype, &device)?
+        let (mut config, params) = random_shape(&args)?;
+        let bytes = params as u64 * dtype.size_in_bytes() as u64;
+        if spec == DeviceSpec::Cpu {
+            if let Some(avail) = available_memory() {
+                // Weights plus the transient f32 copy of the largest tensor while it is made,
+                // activations and the KV cache: refuse what cannot fit rather than swap or die.
+                anyhow::ensure!(
+                    bytes as f64 <= 0.75 * avail as f64,
+                    "--shape {} ({}{} decoder layers, {} vision blocks) has {:.2} B parameters: {:.1} GB of {} weights, more than 3/4 of the {:.1} GB available; run a part of it (--vision-only, --layers N, --vision-depth N) or --dtype bf16",
+                    args.shape,
+                    if args.vision_only { "vision tower of " } else { "" },
+                    config.text.num_hidden_layers,
+                    config.vision.depth,
+                    params as f64 / 1e9,
+                    bytes as f64 / 1e9,
+                    args.dtype,
+                    avail as f64 / 1e9,
+                );
+            }
+        }
+        if args.vision_only {
+            // No decoder weights are made: a 0-layer text model with a 1-token vocabulary.
+            config.text.num_hidden_layers = 0;
+            config.text.vocab_size = 1;
+        }
+        (Qwen2Vl::random(config, dtype, &device)?, params)
     };
     let init_s = t0.elapsed().as_secs_f64();
     let cfg = &model.config;
-    anyhow::ensure!(
-        args.image % 28 == 0 && args.image > 0,
-        "--image must be a positive multiple of 28"
-    );
-    let g = args.image / cfg.vision.patch_size;
-    let grid = [1, g, g];
-    let image_tokens = g * g / cfg.vision.spatial_merge_size.pow(2);
-    anyhow::ensure!(
-        args.prompt_tokens >= image_tokens + 2,
-        "--prompt-tokens must hold the {image_tokens} image tokens and the vision markers"
-    );
-    // A prompt of the requested length: text, <|vision_start|>, image tokens, <|vision_end|>, text.
-    let text = args.prompt_tokens - image_tokens - 2;
-    let filler = |i: usize| (i * 7919 % 150_000) as u32;
-    let mut ids: Vec<u32> = (0..text / 2).map(filler).collect();
-    ids.push(cfg.vision_start_token_id);
-    ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
-    ids.push(
-        cfg.vision_end_token_id
-            .unwrap_or(cfg.vision_start_token_id + 1),
-    );
-    ids.extend((text / 2..text).map(filler));
-    let pixel_values = Tensor::randn(0f32, 1.0, (g * g, cfg.vision.patch_dim()), &device)?;
-    let request = GenerationRequest {
-        input_ids: ids,
-        pixel_values: Some(pixel_values),
-        grid_thw: vec![grid],
-    };
-    let start = Instant::now();
-    let (out, t) = model.generate(
-        std::slice::from_ref(&request),
-        &SamplingParams::greedy(args.decode + 1),
-        &[],
-    )?;
-    let total_s = start.elapsed().as_secs_f64();
-    let decode_tok_s = if t.decode_s > 0.0 {
-        t.decode_steps as f64 / t.decode_s
-    } else {
-        0.0
-    };
-    let json = serde_json::json!({
+    let (gh, gw) = (height / cfg.vision.patch_size, width / cfg.vision.patch_size);
+    let grid = [1, gh, gw];
+    let image_tokens = gh * gw / cfg.vision.spatial_merge_size.pow(2);
+    let pixel_values = Tensor::randn(0f32, 1.0, (gh * gw, cfg.vision.patch_dim()), &device)?;
+    let mut json = serde_json::json!({
+        "impl": "arpo-rs candle",
         "shape": args.shape,
+        "model_type": if cfg.is_qwen25() { "qwen2_5_vl" } else { "qwen2_vl" },
         "dtype": args.dtype,
-        "prompt_tokens": args.prompt_tokens,
-        "image": args.image,
-        "vision_s": t.vision_s,
-        "prefill_s": t.prefill_s - t.vision_s,
-        "first_token_s": t.prefill_s,
-        "decode_tok_s": decode_tok_s,
-        "decoded": out.first().map_or(0, |g| g.token_ids.len()),
-        "total_s": total_s,
+        "device": spec.to_string(),
+        "params": params,
+        "weights_gb": params as f64 * dtype.size_in_bytes() as f64 / 1e9,
+        "vision_blocks": cfg.vision.depth,
+        "image": format!("{width}x{height}"),
+        "image_tokens": image_tokens,
+        "threads": candle_core::utils::get_num_threads(),
         "init_s": init_s,
-        "peak_rss_mb": peak_rss_mb(),
     });
+    let extra = if args.vision_only {
+        let start = Instant::now();
+        let features = model.vision.forward(&pixel_values, &[grid], true)?;
+        // Waits for the device (and checks the output is whole).
+        let n = features.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        anyhow::ensure!(n.is_finite(), "the vision tower gave a non-finite sum");
+        serde_json::json!({
+            "part": "vision tower only",
+            "vision_s": start.elapsed().as_secs_f64(),
+            "features": features.dims(),
+        })
+    } else {
+        // A prompt of the requested length: text, <|vision_start|>, image tokens,
+        // <|vision_end|>, text.
+        let prompt_tokens = args.prompt_tokens.max(image_tokens + 2);
+        let text = prompt_tokens - image_tokens - 2;
+        let filler = |i: usize| (i * 7919 % cfg.text.vocab_size.min(150_000)) as u32;
+        let mut ids: Vec<u32> = (0..text / 2).map(filler).collect();
+        ids.push(cfg.vision_start_token_id);
+        ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
+        ids.push(
+            cfg.vision_end_token_id
+                .unwrap_or(cfg.vision_start_token_id + 1),
+        );
+        ids.extend((text / 2..text).map(filler));
+        let request = GenerationRequest {
+            input_ids: ids,
+            pixel_values: Some(pixel_values),
+            grid_thw: vec![grid],
+        };
+        let start = Instant::now();
+        let (out, t) = model.generate(
+            std::slice::from_ref(&request),
+            &SamplingParams::greedy(args.decode + 1),
+            &[],
+        )?;
+        let total_s = start.elapsed().as_secs_f64();
+        let decode_tok_s = if t.decode_s > 0.0 {
+            t.decode_steps as f64 / t.decode_s
+        } else {
+            0.0
+        };
+        serde_json::json!({
+            "part": if args.layers.is_none() && args.vision_depth.is_none() {
+                "whole model".to_string()
+            } else {
+                format!("{} decoder layers, {} vision blocks", cfg.text.num_hidden_layers, cfg.vision.depth)
+            },
+            "decoder_layers": cfg.text.num_hidden_layers,
+            "prompt_tokens": prompt_tokens,
+            "vision_s": t.vision_s,
+            "prefill_s": t.prefill_s - t.vision_s,
+            "first_token_s": t.prefill_s,
+            "decode_tok_s": decode_tok_s,
+            "decoded": out.first().map_or(0, |g| g.token_ids.len()),
+            "total_s": total_s,
+        })
+    };
+    if let (Some(obj), serde_json::Value::Object(more)) = (json.as_object_mut(), extra) {
+        obj.extend(more);
+        obj.insert("peak_rss_mb".into(), peak_rss_mb().into());
+    }
     println!("{json}");
     Ok(())
 }

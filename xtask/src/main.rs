@@ -72,7 +72,7 @@ enum Command {
 
 fn main() -> Result<()> {
     alloc::tune();
-    // Fault points named in `FAIL_POINTS` (the crash tests stop a real run at them); none is
+    // Fault points named in `FAILPOINTS` (the crash tests stop a real run at them); none is
     // active unless that variable names it.
     let _fail_points = fail::FailScenario::setup();
     let cli = Cli::parse();

@@ -166,7 +166,7 @@ async fn remote_policy(
     const ADAPTER: &str = "arpo-policy";
     let source = learner.source_dir.clone();
     let push = move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), arpo_trainer::TrainerError> {
-        let fail = |e: String| arpo_trainer::TrainerError::Learner(format!("pushing weights to the server: {e}"));
+        let fail = |e: String| arpo_trainer::TrainerError::learner_msg(format!("pushing weights to the server: {e}"));
         if sync == WeightSync::None {
             return Ok(());
         }

@@ -3,7 +3,7 @@
 //! with the same final weights and metrics as a run that was never interrupted; the
 //! half-written checkpoint of the third kill is never picked up.
 //!
-//! The kills land at named fault points of the training loop (`fail` crate, `FAIL_POINTS`):
+//! The kills land at named fault points of the training loop (`fail` crate, `FAILPOINTS`):
 //! the point sleeps, the test sees the process stop using CPU there, and sends SIGKILL.
 
 #![cfg(target_os = "linux")]
@@ -49,14 +49,14 @@ fn train(out: &Path, fail_points: Option<&str>, resume: bool) -> Command {
             &format!("trainer.logs_path={}", out.join("logs").display()),
         ])
         .env("RAYON_NUM_THREADS", "1")
-        .env_remove("FAIL_POINTS")
+        .env_remove("FAILPOINTS")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if resume {
         c.arg("--resume");
     }
     if let Some(f) = fail_points {
-        c.env("FAIL_POINTS", f);
+        c.env("FAILPOINTS", f);
     }
     c
 }

@@ -1,6 +1,17 @@
-//! UI-TARS (Qwen2-VL) inference on candle, matching HF transformers.
+//! UI-TARS inference and training on candle, matching HF transformers: Qwen2-VL
+//! (`model_type: qwen2_vl`, UI-TARS-2B/7B) and Qwen2.5-VL (`qwen2_5_vl`, UI-TARS-1.5-7B, the
+//! ARPO paper's base).
 //!
-//! - [`config`]: `config.json` (flat and transformers-5 forms), preprocessor and generation configs;
+//! Qwen2.5-VL differs in the vision tower only: RMSNorm, a gated SiLU MLP, and attention within
+//! windows of `window_size` pixels (patches reordered window by window, restored after the
+//! merger) except in the `fullatt_block_indexes` blocks. Both families are checked against
+//! transformers on tiny random checkpoints (`fixtures/models/tiny-qwen2vl`,
+//! `fixtures/models/tiny-qwen25vl`: logits, greedy tokens, LoRA and full gradients).
+//! [`Qwen2VlConfig::named_shape`] gives the published shapes (`2b`, `1.5-7b`) for benchmarks
+//! with random weights (`cargo xtask bench-model --shape 1.5-7b`).
+//!
+//! - [`config`]: `config.json` (flat and transformers-5 forms, both families), preprocessor and
+//!   generation configs;
 //! - [`weights`]: local directories, sharded checkpoints, the Hugging Face cache (offline);
 //! - [`Qwen2Vl`]: vision tower + M-RoPE decoder, with a differentiable whole-sequence
 //!   [`Qwen2Vl::forward`] for training;
@@ -11,10 +22,14 @@
 //! use candle_core::{DType, Device};
 //!
 //! # fn main() -> Result<(), arpo_model::ModelError> {
-//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-qwen2vl");
-//! let model = Qwen2Vl::load(&dir, DType::F32, &Device::Cpu)?;
+//! let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
+//! let model = Qwen2Vl::load(&fixtures.join("tiny-qwen2vl"), DType::F32, &Device::Cpu)?;
 //! let logits = model.forward(&[1, 2, 3], None, &[])?;
 //! assert_eq!(logits.dims(), &[3, model.config.text.vocab_size]);
+//!
+//! // UI-TARS-1.5's architecture loads the same way.
+//! let model = Qwen2Vl::load(&fixtures.join("tiny-qwen25vl"), DType::F32, &Device::Cpu)?;
+//! assert!(model.config.is_qwen25());
 //! # Ok(())
 //! # }
 //! ```

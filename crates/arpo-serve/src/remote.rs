@@ -605,8 +605,7 @@ impl RemotePolicy {
         self.send_all("/unload_lora_adapter", &json!({"lora_name": name}))
             .await
             .into_iter()
-            .map(|r| r.map(|_| ()))
-            .collect()
+            .try_for_each(|r| r.map(|_| ()))
     }
 
     /// Pushes new adapter weights after a training update: unloads `name` if the server has

@@ -1374,7 +1374,7 @@ mod remote {
             let bytes: Vec<u8> = if spelled.starts_with("<|") {
                 spelled.clone().into_bytes()
             } else {
-                spelled.chars().map(|c| unbyte(c)).collect()
+                spelled.chars().map(unbyte).collect()
             };
             let entry = TokenLogprob {
                 token: String::from_utf8_lossy(&bytes).into_owned(),

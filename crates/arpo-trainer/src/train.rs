@@ -415,7 +415,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             seed,
             &mut |ev: RolloutEvent<'_>| {
                 if let RolloutEvent::Stepped { .. } = ev {
-                    // Named points where the crash tests stop a real run (`FAIL_POINTS`).
+                    // Named points where the crash tests stop a real run (`FAILPOINTS`).
                     fail::fail_point!("train::rollout");
                 }
                 progress.rollout_event(&ev);
