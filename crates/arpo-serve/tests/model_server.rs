@@ -302,6 +302,31 @@ async fn remote_policy_answers_as_the_local_policy() -> TestResult {
         want.windows(2).any(|p| p[0].token_ids != p[1].token_ids),
         "{want:?}"
     );
+    // As against a server that names tokens by text and bytes only (SGLang): the model's
+    // tokenizer maps them back to the same ids; no model name given.
+    let mut config = RemotePolicyConfig::new(server.base_url(), "");
+    config.token_ids_in_logprobs = false;
+    let mapper = arpo_serve::TokenMapper::from_file(&model_dir().join("tokenizer.json"))?;
+    let by_bytes = RemotePolicy::new(config, Some(mapper))?;
+    let got = by_bytes.act(&contexts, &greedy).await?;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.token_ids, w.token_ids,
+            "context {i}: token ids from bytes"
+        );
+    }
+    let unmapped = RemotePolicy::new(
+        RemotePolicyConfig {
+            token_ids_in_logprobs: false,
+            ..RemotePolicyConfig::new(server.base_url(), "ui-tars")
+        },
+        None,
+    )?;
+    let err = unmapped.act(&contexts[..1], &greedy).await;
+    assert!(
+        matches!(err, Err(arpo_core::PolicyError::Server(ref m)) if m.contains("tokenizer.json")),
+        "{err:?}"
+    );
     server.shutdown().await?;
     Ok(())
 }
