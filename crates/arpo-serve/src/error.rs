@@ -17,7 +17,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error(
-        "refusing to serve on {addr} without an api key: other machines can reach that address. Start with --api-key <KEY> (or ARPO_SERVE_API_KEY), bind 127.0.0.1, or pass --allow-unauthenticated on a trusted network"
+        "refusing to serve on {addr} without an api key: other machines can reach that address: start with --api-key <KEY> (or ARPO_SERVE_API_KEY), bind 127.0.0.1, or pass --allow-unauthenticated on a trusted network"
     )]
     Unauthenticated { addr: String },
     #[error("the server stopped with an error: {0}")]
