@@ -333,7 +333,7 @@ impl Comparison {
     /// the tests between labels, then one column per label for every task (pooled counts).
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<24} {:>4}  {:>13}  {:>14}  {:>22}  {}\n",
+            "{:<24} {:>4}  {:>13}  {:>14}  {:>27}  {}\n",
             "label", "runs", "mean ± sd", "95% t-interval", "pooled (Wilson 95%)", "per run (%)"
         );
         for s in &self.labels {
@@ -345,7 +345,7 @@ impl Comparison {
                 None => ("-".to_string(), "- (one run)".to_string()),
             };
             out += &format!(
-                "{:<24} {:>4}  {:>13}  {:>14}  {:>22}  {}\n",
+                "{:<24} {:>4}  {:>13}  {:>14}  {:>27}  {}\n",
                 truncate(&s.label, 24),
                 s.runs.len(),
                 mean_sd,
