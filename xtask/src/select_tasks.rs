@@ -1,11 +1,13 @@
 //! `cargo xtask select-tasks`: ARPO's task selection. Keeps the tasks the base model solves at
 //! least once in K attempts (optionally not every time) and writes an index
-//! `{domain: [task ids]}` that `data.train_files` reads.
+//! `{domain: [task ids]}` that `data.train_files` reads. The selection is
+//! `arpo_trainer::select`; this file parses the arguments and prints.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+
+use arpo_trainer::select::select;
 
 use crate::eval::{Common, config, policy, run_eval};
 
@@ -51,24 +53,8 @@ pub fn run(args: Args) -> Result<()> {
         false,
     ))?;
     let tasks = arpo_trainer::setup::load_tasks(&args.from, &config, args.common.max_tasks)?;
-    // The solved candidates, in the set's order.
-    let mut solved: Vec<(String, String)> = Vec::new();
-    for task in &tasks {
-        let Some(t) = report.per_task.iter().find(|t| t.task_id == task.id) else {
-            continue;
-        };
-        if t.successes == 0 || (args.not_always && t.successes == t.attempts) {
-            continue;
-        }
-        let domain = task.domain.clone().unwrap_or_else(|| "tasks".into());
-        solved.push((domain, task.id.clone()));
-    }
-    let picked = pick(&solved, args.per_domain, args.first);
-    let kept = picked.len();
-    let mut index: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (domain, id) in picked {
-        index.entry(domain).or_default().push(id);
-    }
+    let index = select(&tasks, &report, args.not_always, args.per_domain, args.first);
+    let kept: usize = index.values().map(Vec::len).sum();
     print!("{}", report.table());
     if let Some(path) = &args.report {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -94,65 +80,4 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::bail!("no task was solved: the base model is too weak for this set, or raise --attempts");
     }
     Ok(())
-}
-
-/// The tasks to keep from the solved ones (in the set's order): without `per_domain`, the first
-/// ones; with it, at most that many of each domain, taken in rounds (the first task of every
-/// domain in order of appearance, then the second, ...). `first` caps the total either way.
-fn pick(
-    solved: &[(String, String)],
-    per_domain: Option<usize>,
-    first: Option<usize>,
-) -> Vec<(String, String)> {
-    let cap = first.unwrap_or(usize::MAX);
-    let Some(k) = per_domain else {
-        return solved.iter().take(cap).cloned().collect();
-    };
-    let mut domains: Vec<(&str, Vec<&(String, String)>)> = Vec::new();
-    for entry in solved {
-        match domains.iter_mut().find(|(d, _)| *d == entry.0) {
-            Some((_, v)) => v.push(entry),
-            None => domains.push((&entry.0, vec![entry])),
-        }
-    }
-    let mut out = Vec::new();
-    for round in 0..k {
-        for (_, entries) in &domains {
-            if let Some(e) = entries.get(round)
-                && out.len() < cap
-            {
-                out.push((*e).clone());
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pick;
-
-    fn set() -> Vec<(String, String)> {
-        [("a", "a1"), ("b", "b1"), ("a", "a2"), ("c", "c1"), ("a", "a3"), ("c", "c2")]
-            .iter()
-            .map(|(d, id)| ((*d).to_string(), (*id).to_string()))
-            .collect()
-    }
-
-    fn ids(v: Vec<(String, String)>) -> Vec<String> {
-        v.into_iter().map(|(_, id)| id).collect()
-    }
-
-    #[test]
-    fn without_per_domain_the_first_tasks_in_order() {
-        assert_eq!(ids(pick(&set(), None, Some(4))), ["a1", "b1", "a2", "c1"]);
-        assert_eq!(pick(&set(), None, None).len(), 6);
-    }
-
-    #[test]
-    fn per_domain_takes_rounds_across_domains() {
-        assert_eq!(ids(pick(&set(), Some(1), None)), ["a1", "b1", "c1"]);
-        assert_eq!(ids(pick(&set(), Some(2), Some(4))), ["a1", "b1", "c1", "a2"]);
-        assert_eq!(ids(pick(&set(), Some(5), None)), ["a1", "b1", "c1", "a2", "c2", "a3"]);
-    }
 }

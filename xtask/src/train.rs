@@ -28,6 +28,9 @@ pub struct Args {
     /// Run the pre-flight checks, print the resolved config, and stop.
     #[arg(long)]
     pub check: bool,
+    /// Serve the live dashboard of this run (default 127.0.0.1:8265, loopback).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = arpo_dashboard::DEFAULT_ADDR)]
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 /// Logs to `<logs_path>/training.log` (everything at info) and to stderr (warnings, or
@@ -76,6 +79,10 @@ pub fn run(args: Args) -> Result<()> {
         };
     }
     init_logging(&config.trainer.logs_path, args.quiet)?;
+    if let Some(addr) = args.dashboard {
+        let addr = arpo_dashboard::serve_in_background(config.results_dir(), addr)?;
+        eprintln!("dashboard: http://{addr}/");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -165,7 +165,7 @@ impl Catalogue {
             // checked with OSWorld's `check_list` (regular expressions searched in each line).
             serde_json::json!({
                 "func": "check_list",
-                "result": { "type": "vm_file", "path": crate::guest::SCORE_FILE, "dest": "sim_score.txt" },
+                "result": { "type": "vm_file", "path": crate::SCORE_FILE, "dest": "sim_score.txt" },
                 "expected": { "type": "rule", "rules": { "expect": ["^1\\s*$"], "unexpect": [] } }
             })
         };

@@ -30,13 +30,10 @@ use crate::session::Session;
 use crate::task::{Split, TaskSpec};
 use crate::{Catalogue, SimError};
 
-/// The file holding the current score of the loaded task (`1` or `0`; an infeasible task reads `0`:
-/// the host scores those from the last action, as OSWorld does).
-pub const SCORE_FILE: &str = "/sim/score.txt";
+pub use crate::SCORE_FILE;
 /// The file holding the whole desktop state as JSON.
 pub const STATE_FILE: &str = "/sim/state.json";
-/// The file holding the loaded task spec as JSON.
-pub const TASK_FILE: &str = "/sim/task.json";
+pub use crate::TASK_FILE;
 
 /// The shared state of a guest server: one simulated desktop.
 #[derive(Debug, Clone)]

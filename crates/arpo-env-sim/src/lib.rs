@@ -9,7 +9,7 @@
 //!   each task with an instruction, an evaluator ([`task::Check`]s) and an oracle solution.
 //! - [`SimEnv`]: the `arpo_core::Environment`; cheap to build, one per parallel episode.
 //! - [`render`]: deterministic RGB rendering with a bundled 5x7 font; PNG encoding.
-//! - [`guest`]: the OSWorld guest HTTP protocol over a simulated desktop
+//! - `guest` (feature `guest`): the OSWorld guest HTTP protocol over a simulated desktop
 //!   (`cargo xtask sim-guest`), with [`pyautogui::parse_program`] for `/execute`.
 //!
 //! ```
@@ -36,11 +36,17 @@ pub mod desktop;
 mod env;
 mod error;
 pub mod font;
+#[cfg(feature = "guest")]
 pub mod guest;
 pub mod pyautogui;
 pub mod render;
 mod session;
 pub mod task;
+
+/// The guest file a simulated task's evaluator reads its score from (`vm_file` getter).
+pub const SCORE_FILE: &str = "/sim/score.txt";
+/// The guest file that holds the loaded task (the simulated guest's signature).
+pub const TASK_FILE: &str = "/sim/task.json";
 
 pub use catalogue::{Catalogue, HELDOUT_PER_FAMILY, MAX_INSTANCES, TRAIN_PER_FAMILY};
 pub use env::{DEFAULT_MAX_STEPS, SimEnv};

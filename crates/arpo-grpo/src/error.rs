@@ -25,12 +25,14 @@ pub enum GrpoError {
         expected: String,
     },
     /// A tensor has an integer dtype where floats are needed.
+    #[cfg(feature = "candle")]
     #[error("log_probs has dtype {dtype:?}: pass f32, f64, bf16 or f16 log-probabilities")]
     NotFloat { dtype: candle_core::DType },
     /// The batch holds no sequence.
     #[error("empty batch: pass at least one sequence")]
     EmptyBatch,
     /// A tensor operation failed.
+    #[cfg(feature = "candle")]
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -7,7 +7,7 @@
 //!    reward against the other rollouts of its task in the same step,
 //!    `A = (r − mean) / (std + 1e-6)` with the unbiased std; Dr. GRPO (no std) and RLOO
 //!    (leave-one-out baseline) as options ([`AdvantageEstimator`]).
-//! 2. **Policy loss** ([`policy_loss`] on candle tensors, differentiable with respect to the
+//! 2. **Policy loss** (`policy_loss` on candle tensors, feature `candle` (default), differentiable with respect to the
 //!    log-probs; [`policy_loss_slices`] on `f64` slices with its analytic gradient): per token
 //!    `r = exp(logp − old_logp)`, `max(−A·r, −A·clip(r, 1 − 0.2, 1 + 0.3))`, and for `A < 0`
 //!    the dual clip `min(·, −3·A)`; aggregated as `seq-mean-token-mean` (the reference) or
@@ -18,6 +18,7 @@
 //! both configs deserialize from YAML/JSON sections with every field optional.
 //!
 //! ```
+//! # #[cfg(feature = "candle")] {
 //! use arpo_grpo::{
 //!     AdvantageConfig, PolicyLossConfig, PolicyLossInputs, group_advantages, policy_loss,
 //! };
@@ -45,6 +46,7 @@
 //! assert_eq!(out.metrics.pg_clipfrac_higher, 0.0);
 //! let grads = out.loss.backward()?;
 //! assert!(grads.get(&logp).is_some());
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -52,6 +54,7 @@ mod advantage;
 mod config;
 mod error;
 mod slices;
+#[cfg(feature = "candle")]
 mod tensor;
 
 pub use advantage::{
@@ -64,4 +67,5 @@ pub use slices::{
     MASKED_MEAN_EPS, SequenceInput, SliceLoss, TokenLoss, policy_loss_slices, token_kl,
     token_policy_loss,
 };
+#[cfg(feature = "candle")]
 pub use tensor::{PolicyLoss, PolicyLossInputs, policy_loss};

@@ -495,6 +495,8 @@ pub struct TrainerConfig {
     /// and the epoch table), `jsonl` (one line per step in `results/<exp>/metrics.jsonl`),
     /// `tensorboard` (event files under `results/<exp>/tensorboard/`).
     pub logger: Vec<Logger>,
+    /// What `results/<exp>/episodes/` keeps for the dashboard.
+    pub episodes: arpo_dashboard::Retention,
     /// Validate every N epochs (0 or less: never).
     pub val_freq: i64,
     pub val_before_train: bool,
@@ -519,6 +521,7 @@ impl Default for TrainerConfig {
             total_episodes: 5,
             experiment_name: "uitars_arpo".into(),
             logger: vec![Logger::Console],
+            episodes: arpo_dashboard::Retention::default(),
             val_freq: -1,
             val_before_train: false,
             save_freq: 1,

@@ -280,7 +280,7 @@ pub async fn load_sim_task(url: &str, parameters: &Value) -> Result<(), CheckFai
 /// Whether the guest is the simulated one (it serves its task as a virtual file).
 pub async fn is_sim_guest(guest: &GuestClient) -> bool {
     matches!(
-        guest.file(arpo_env_sim::guest::TASK_FILE).await,
+        guest.file(arpo_env_sim::TASK_FILE).await,
         Ok(Some(_))
     )
 }

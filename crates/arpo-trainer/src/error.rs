@@ -90,6 +90,9 @@ pub enum TrainerError {
         actual: (u32, u32),
         task_id: String,
     },
+    /// Recording episodes or writing TensorBoard files failed.
+    #[error(transparent)]
+    Dashboard(#[from] arpo_dashboard::DashboardError),
     /// A piece of the system this command needs is not built in this checkout.
     #[error("{what} is not available: {reason}")]
     Missing { what: String, reason: String },

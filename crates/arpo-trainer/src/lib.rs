@@ -39,6 +39,7 @@ pub mod model;
 pub mod plan;
 pub mod progress;
 pub mod rollout;
+pub mod select;
 pub mod setup;
 pub mod sft;
 pub mod testing;

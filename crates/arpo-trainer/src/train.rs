@@ -102,6 +102,7 @@ pub struct Trainer<'a, P: Policy + ?Sized, E: Environment, L: Learner> {
     /// lets tests kill a run at a chosen point.
     pub stop_after_steps: Option<u64>,
     state: TrainerState,
+    tensorboard: Option<arpo_dashboard::TensorBoardWriter>,
 }
 
 impl<P: Policy + ?Sized, E: Environment, L: Learner> std::fmt::Debug for Trainer<'_, P, E, L> {
@@ -237,6 +238,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             progress,
             stop_after_steps: None,
             state,
+            tensorboard: None,
         })
     }
 
@@ -297,6 +299,14 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             "training starts"
         );
         let mut steps_this_process = 0u64;
+        if self.config.trainer.logger.contains(&Logger::Tensorboard) && self.tensorboard.is_none() {
+            let dir = self.paths.results.join("tensorboard");
+            let mut tb = arpo_dashboard::TensorBoardWriter::create(&dir)?;
+            if self.state.step > 0 {
+                tb.write_session_start(self.state.step)?; // drop a killed run's later points
+            }
+            self.tensorboard = Some(tb);
+        }
         let mut last_checkpoint = None;
         if self.config.trainer.val_before_train && self.state.epoch == 0 && self.state.step == 0 {
             self.validate(0).await?;
@@ -380,6 +390,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         let (groups, injected) = self.replay(report.groups, &mut m)?;
         let update_started = Instant::now();
         let batches = self.batches(groups, &injected, &mut m)?;
+        self.record_episodes(step, &batches)?;
         let stats = self.update(&batches)?;
         m.absorb_updates(&stats);
         m.update_seconds = update_started.elapsed().as_secs_f64();
@@ -396,6 +407,10 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             grad_norm = m.grad_norm,
             "step done"
         );
+        if let Some(tb) = &mut self.tensorboard {
+            let v = serde_json::to_value(&m).map_err(|e| TrainerError::io(&self.paths.results, e))?;
+            tb.write_scalars(step, &arpo_dashboard::scalars_from_json("train", &v))?;
+        }
         self.state.metrics.steps.push(m);
         self.write_outputs()?;
         self.progress.step_done();
@@ -532,6 +547,30 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         Ok(batches)
     }
 
+    /// The step's groups, with their advantages, for the dashboard (`results/<exp>/episodes/`)
+    /// and a few screenshots for TensorBoard.
+    fn record_episodes(&mut self, step: u64, batches: &[Vec<Sample>]) -> Result<(), TrainerError> {
+        let groups: Vec<arpo_dashboard::RecordedGroup<'_>> = batches
+            .iter()
+            .map(|b| arpo_dashboard::RecordedGroup {
+                episodes: b
+                    .iter()
+                    .map(|s| arpo_dashboard::RecordedEpisode {
+                        trajectory: &s.trajectory,
+                        advantage: s.advantage,
+                        injected: s.injected,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let dir = self.paths.results.join("episodes");
+        arpo_dashboard::record_episodes(&dir, step, &groups, self.config.trainer.episodes)?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.write_episode_images(step, &groups, 2)?;
+        }
+        Ok(())
+    }
+
     /// Mini-batches of `global_batch_size` groups, one optimizer step each, `ppo_epochs` times.
     fn update(&mut self, batches: &[Vec<Sample>]) -> Result<Vec<UpdateStats>, TrainerError> {
         let loss = loss_config(&self.config);
@@ -593,6 +632,11 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             val_success_rate = e.val_success_rate,
             "epoch done"
         );
+        if let Some(tb) = &mut self.tensorboard {
+            let last_step = steps.last().map_or(0, |s| s.step);
+            let v = serde_json::to_value(&e).map_err(|err| TrainerError::io(&self.paths.results, err))?;
+            tb.write_scalars(last_step, &arpo_dashboard::scalars_from_json("epoch", &v))?;
+        }
         self.state.metrics.epochs.push(e);
         self.write_outputs()?;
         if let Err(err) = curves::draw(&self.state.metrics, &self.paths.results) {

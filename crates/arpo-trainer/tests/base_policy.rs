@@ -49,7 +49,7 @@ async fn the_base_policy_solves_some_but_not_most_training_tasks() {
     let Envs::Sim(mut envs) = build_envs(&c).unwrap() else {
         panic!("the embedded default is the sim provider")
     };
-    let mut settings = rollout_settings(&c, true);
+    let mut settings = rollout_settings(&c, true).unwrap();
     settings.group_size = 1;
     let threshold = c.algorithm.replay.success_threshold;
     let report = evaluate(

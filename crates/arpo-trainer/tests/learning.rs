@@ -73,7 +73,7 @@ async fn eval(c: &Config, policy: &arpo_model::LocalPolicy) -> EvalReport {
         panic!("the embedded default is the sim provider")
     };
     let tasks = load_tasks(&c.data.train_files, c, 0).unwrap();
-    let mut settings = rollout_settings(c, true);
+    let mut settings = rollout_settings(c, true).unwrap();
     settings.group_size = ATTEMPTS;
     let threshold = c.algorithm.replay.success_threshold;
     evaluate(

@@ -3,7 +3,7 @@
 
 #![cfg(unix)]
 
-mod support;
+
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use arpo_env_vmware::{
     EnvConfig, GuestConfig, OsworldEnv, OsworldTask, VmwareProvider, vmware_pool,
 };
 use serde_json::json;
-use support::{FakeGuest, Script, fake_vmrun, vmrun_calls};
+use crate::support::{FakeGuest, Script, fake_vmrun, vmrun_calls};
 
 fn config(cache: &Path, pause: bool) -> EnvConfig {
     EnvConfig {

@@ -1,12 +1,12 @@
 //! Golden parity with HF transformers on the tiny random-weight Qwen2-VL: position ids,
 //! vision features and logits at every position, for prompts with 0, 1 and 2 images.
 
-mod common;
+
 
 use arpo_core::SamplingParams;
 use arpo_model::{GenerationRequest, Qwen2Vl};
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use crate::common::*;
 
 fn model() -> Qwen2Vl {
     Qwen2Vl::load(&model_dir(), DType::F32, &Device::Cpu).expect("tiny model loads")

@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
-mod common;
+
 
 use arpo_core::{EpisodeEnd, Trajectory};
 use arpo_replay::{ReplacePositions, ReplayBuffer, ReplayConfig, ReplayError};
-use common::{Ep, groups, ids};
+use crate::common::{Ep, groups, ids};
 
 fn buffer(config: ReplayConfig) -> ReplayBuffer<Ep> {
     ReplayBuffer::new(config, 7).expect("valid config")

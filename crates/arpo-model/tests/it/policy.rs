@@ -1,12 +1,12 @@
 //! The local Policy on the tiny fixture model.
 
-mod common;
+
 
 use arpo_core::protocol::PromptConfig;
 use arpo_core::{AgentContext, FinishReason, Policy, SamplingParams, Screenshot};
 use arpo_model::{LocalPolicy, UiTars};
 use candle_core::{DType, Device};
-use common::*;
+use crate::common::*;
 
 fn screenshot(name: &str) -> Screenshot {
     let bytes = std::fs::read(golden_dir().join("images").join(name)).unwrap();

@@ -3,12 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
-mod common;
+
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use arpo_replay::{ReplacePositions, ReplayBuffer, ReplayConfig, StepReport};
-use common::{Ep, ids};
+use crate::common::{Ep, ids};
 use proptest::prelude::*;
 
 /// Evaluations that exercise every rule: failures, near-threshold values, partial and full

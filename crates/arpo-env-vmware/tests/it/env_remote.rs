@@ -2,7 +2,7 @@
 //! steps), steps, evaluate on OSWorld's own task files; faults (500s, a hang, the server going
 //! down mid-episode) end the episode with a reason and leave the env reusable.
 
-mod support;
+
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use arpo_env_vmware::{
     OsworldTask, VmwareError, remote_pool,
 };
 use serde_json::{Value, json};
-use support::{FakeGuest, Script};
+use crate::support::{FakeGuest, Script};
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

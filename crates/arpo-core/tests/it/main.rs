@@ -1,0 +1,5 @@
+//! The integration tests of arpo-core, one binary (a link of the crate per test binary is the
+//! slow part of a build on few cores).
+
+mod protocol_props;
+mod ui_tars_golden;

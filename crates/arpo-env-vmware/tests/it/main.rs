@@ -1,0 +1,10 @@
+//! The integration tests of arpo-env-vmware, one binary (a link of the crate per test binary is the
+//! slow part of a build on few cores).
+
+mod support;
+mod env_remote;
+mod env_vmware;
+mod evaluators;
+mod pyautogui_roundtrip;
+mod tasks;
+mod vmrun_fake;

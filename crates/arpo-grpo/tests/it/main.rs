@@ -1,0 +1,5 @@
+//! The integration tests of arpo-grpo, one binary (a link of the crate per test binary is the
+//! slow part of a build on few cores).
+
+mod golden;
+mod properties;

@@ -1,0 +1,11 @@
+//! The integration tests of arpo-model, one binary (a link of the crate per test binary is the
+//! slow part of a build on few cores).
+
+mod common;
+mod parity;
+mod policy;
+mod preprocess;
+mod properties;
+mod qwen25;
+mod train_full;
+mod train_lora;

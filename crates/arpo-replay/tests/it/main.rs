@@ -1,0 +1,6 @@
+//! The integration tests of arpo-replay, one binary (a link of the crate per test binary is the
+//! slow part of a build on few cores).
+
+mod common;
+mod properties;
+mod reference;
