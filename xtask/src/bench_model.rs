@@ -213,7 +213,11 @@ pub fn run(args: Args) -> Result<()> {
                     bytes as f64 <= 0.75 * avail as f64,
                     "--shape {} ({}{} decoder layers, {} vision blocks) has {:.2} B parameters: {:.1} GB of {} weights, more than 3/4 of the {:.1} GB available; run a part of it (--vision-only, --layers N, --vision-depth N) or --dtype bf16",
                     args.shape,
-                    if args.vision_only { "vision tower of " } else { "" },
+                    if args.vision_only {
+                        "vision tower of "
+                    } else {
+                        ""
+                    },
                     config.text.num_hidden_layers,
                     config.vision.depth,
                     params as f64 / 1e9,
@@ -232,7 +236,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     let init_s = t0.elapsed().as_secs_f64();
     let cfg = &model.config;
-    let (gh, gw) = (height / cfg.vision.patch_size, width / cfg.vision.patch_size);
+    let (gh, gw) = (
+        height / cfg.vision.patch_size,
+        width / cfg.vision.patch_size,
+    );
     let grid = [1, gh, gw];
     let image_tokens = gh * gw / cfg.vision.spatial_merge_size.pow(2);
     let pixel_values = Tensor::randn(0f32, 1.0, (gh * gw, cfg.vision.patch_dim()), &device)?;
@@ -254,7 +261,10 @@ pub fn run(args: Args) -> Result<()> {
         let start = Instant::now();
         let features = model.vision.forward(&pixel_values, &[grid], true)?;
         // Waits for the device (and checks the output is whole).
-        let n = features.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        let n = features
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         anyhow::ensure!(n.is_finite(), "the vision tower gave a non-finite sum");
         serde_json::json!({
             "part": "vision tower only",
@@ -266,7 +276,11 @@ pub fn run(args: Args) -> Result<()> {
         // <|vision_end|>, text.
         let prompt_tokens = args.prompt_tokens.max(image_tokens + 2);
         let text = prompt_tokens - image_tokens - 2;
-        let filler = |i: usize| (i * 7919 % cfg.text.vocab_size.min(150_000)) as u32;
+        // Text ids below the vision placeholders (a small vocabulary's specials sit at its end).
+        let text_ids = (cfg.vision_start_token_id.min(cfg.image_token_id) as usize)
+            .min(cfg.text.vocab_size)
+            .min(150_000);
+        let filler = |i: usize| (i * 7919 % text_ids) as u32;
         let mut ids: Vec<u32> = (0..text / 2).map(filler).collect();
         ids.push(cfg.vision_start_token_id);
         ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
