@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use arpo_core::{Environment, Policy};
-use arpo_serve::{RemotePolicy, RemotePolicyConfig, TokenMapper, WeightSync};
 use arpo_trainer::model::{CandleLearner, load_local};
 use arpo_trainer::plan::{ResumeFrom, RunPlan};
+use arpo_trainer::remote::remote_policy;
 use arpo_trainer::setup::{Envs, build_envs, preflight};
 use arpo_trainer::{Config, Progress, Trainer};
 
@@ -128,75 +128,17 @@ async fn train(config: Config, args: Args) -> Result<()> {
     let quiet = args.quiet;
     if config.worker.rollout.use_external_server {
         let (remote, learner) = remote_policy(&config, learner).await?;
+        println!(
+            "Rollouts on {} (model {}), weight sync {:?}",
+            remote.config().base_urls.join(", "),
+            remote.config().model,
+            config.worker.rollout.weight_sync
+        );
         drop(local);
         run_envs(config, &remote, envs, learner, train_tasks, val_tasks, resume, quiet).await
     } else {
         run_envs(config, &local, envs, learner, train_tasks, val_tasks, resume, quiet).await
     }
-}
-
-/// Rollouts through OpenAI-compatible server(s); after each update the new weights go to
-/// them as `worker.rollout.weight_sync` says (a LoRA adapter through `/v1/load_lora_adapter`,
-/// full weights through `/v1/reload_weights` or SGLang's `/update_weights_from_disk`).
-async fn remote_policy(
-    config: &Config,
-    mut learner: CandleLearner,
-) -> Result<(RemotePolicy, CandleLearner)> {
-    let r = &config.worker.rollout;
-    let mut remote_config = RemotePolicyConfig::new(r.server_url.trim_end_matches('/'), &r.server_model)
-        .with_more_urls(&r.server_urls);
-    if let Some(key) = r.server_api_key.clone().filter(|k| !k.is_empty()) {
-        remote_config.api_key = Some(key);
-    }
-    remote_config.prompt = arpo_trainer::model::prompt_config(config);
-    // Token ids of servers that do not name them (SGLang) come through the model's vocabulary.
-    let mapper = TokenMapper::from_file(&learner.source_dir.join("tokenizer.json")).ok();
-    let mut policy = RemotePolicy::new(remote_config, mapper)?;
-    let model = policy.preflight().await?;
-    let lora = learner.trainable.lora_set().is_some();
-    let sync = match r.weight_sync.as_str() {
-        "auto" if lora => WeightSync::LoraAdapter,
-        "auto" => WeightSync::ArpoReload,
-        other => other.parse::<WeightSync>()?,
-    };
-    anyhow::ensure!(
-        sync == WeightSync::None || sync.is_adapter() == lora,
-        "worker.rollout.weight_sync {:?} sends {} but this run trains {}: use {}",
-        r.weight_sync,
-        if sync.is_adapter() { "a LoRA adapter" } else { "full weights" },
-        if lora { "a LoRA adapter" } else { "full weights" },
-        if lora { "lora_adapter" } else { "arpo_reload (arpo-serve) or sglang_disk (SGLang)" },
-    );
-    println!("Rollouts on {} (model {model}), weight sync {sync:?}", policy.config().base_urls.join(", "));
-    let push_dir = config.checkpoint_dir().join("server_push");
-    let pusher = policy.clone();
-    const ADAPTER: &str = "arpo-policy";
-    let source = learner.source_dir.clone();
-    let push = move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), arpo_trainer::TrainerError> {
-        let fail = |e: String| arpo_trainer::TrainerError::learner_msg(format!("pushing weights to the server: {e}"));
-        if sync == WeightSync::None {
-            return Ok(());
-        }
-        if lora {
-            trainable
-                .save_adapter(&push_dir, &source.to_string_lossy(), None)
-                .map_err(|e| fail(e.to_string()))?;
-        } else {
-            trainable
-                .save(&push_dir, &source, None)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::block_in_place(|| handle.block_on(pusher.push_weights(sync, &push_dir, ADAPTER)))
-            .map_err(|e| fail(e.to_string()))
-    };
-    // The first push makes the server answer with the weights being trained from the start.
-    push(&learner.trainable)?;
-    if sync.is_adapter() {
-        policy.set_model(ADAPTER);
-    }
-    learner.after_update = Some(Box::new(push));
-    Ok((policy, learner))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod progress;
+pub mod remote;
 pub mod rollout;
 pub mod select;
 pub mod setup;
