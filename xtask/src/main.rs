@@ -5,7 +5,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-mod alloc;
+arpo_alloc::global_allocator!();
+
 mod bench_model;
 mod bench_serve;
 mod compare;
@@ -71,7 +72,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    alloc::tune();
+    arpo_alloc::tune();
     // Fault points named in `FAILPOINTS` (the crash tests stop a real run at them); none is
     // active unless that variable names it.
     let _fail_points = fail::FailScenario::setup();

@@ -8,10 +8,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-/// The allocator `cargo xtask` runs with (freed memory kept for reuse: candle allocates every
-/// op's output afresh, and the system allocator's page faults cost more than the model here).
-#[path = "../../../xtask/src/alloc.rs"]
-mod alloc;
+// The allocator `cargo xtask` runs with (freed memory kept for reuse: candle allocates every
+// op's output afresh, and the system allocator's page faults cost more than the model here).
+arpo_alloc::global_allocator!();
 
 use std::path::PathBuf;
 
@@ -27,7 +26,7 @@ fn root() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_base_policy_solves_some_but_not_most_training_tasks() {
-    alloc::tune();
+    arpo_alloc::tune();
     // As `cargo xtask` runs a small model: candle's ops on one thread (this binary has no
     // other test). SAFETY: no thread of this process reads the environment concurrently.
     #[allow(unsafe_code)]
