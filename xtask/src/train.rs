@@ -198,12 +198,6 @@ async fn run_with<P: Policy + ?Sized, E: Environment>(
     };
     if let Some(dir) = resume_dir {
         eprintln!("resumed from {}", dir.display());
-        // A remote policy's server got the weights of before the resume: it gets the restored
-        // ones before the first rollout.
-        let learner = &mut trainer.learner;
-        if let Some(push) = learner.after_update.as_mut() {
-            push(&learner.trainable)?;
-        }
     } else if resume != ResumeFrom::Fresh {
         eprintln!("nothing to resume from: starting fresh");
     }

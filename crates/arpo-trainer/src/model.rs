@@ -260,7 +260,8 @@ pub struct CandleLearner {
     lora_seed: u64,
     /// Threads that score the trajectories of a batch in parallel.
     pub workers: usize,
-    /// Called after each update (e.g. to push the new weights to a server).
+    /// Called after each update and after a checkpoint is loaded (e.g. to push the new weights
+    /// to a server, so a resumed run's first rollout samples from the restored weights).
     pub after_update: Option<Box<dyn FnMut(&Trainable) -> Result<(), TrainerError> + Send>>,
 }
 
@@ -613,6 +614,10 @@ impl Learner for CandleLearner {
             })?;
         }
         Trainable::load_optimizer(dir, &mut self.optimizer).map_err(err)?;
+        // The weights changed: a rollout copy elsewhere (a server) follows before any rollout.
+        if let Some(hook) = self.after_update.as_mut() {
+            hook(&self.trainable)?;
+        }
         Ok(())
     }
 

@@ -256,3 +256,46 @@ fn a_missing_model_fails_the_preflight_with_the_path() {
     let e = load_local(&c, 1).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/model"), "{e}");
 }
+
+/// A resumed run with a remote policy: loading a checkpoint hands the restored weights to the
+/// push hook (what sends them to the server) before anything else runs, so the first rollout
+/// after `--resume` samples from them, not from the base weights the server got at start.
+#[tokio::test]
+async fn loading_a_checkpoint_pushes_the_restored_weights() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, mut learner) = load_local(&config(&[]), 10).unwrap();
+    let t = rollout(&policy, 1, 9, 8).await;
+    let loss = arpo_grpo::PolicyLossConfig::default();
+    let first_weight = |tr: &arpo_model::train::trainable::Trainable| -> Vec<f32> {
+        let (_, var) = &tr.vars()[0];
+        var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let pushed: Arc<Mutex<Vec<Vec<f32>>>> = Arc::default();
+    let sink = pushed.clone();
+    learner.after_update = Some(Box::new(move |tr| {
+        sink.lock().unwrap().push(first_weight(tr));
+        Ok(())
+    }));
+    let step = |learner: &mut arpo_trainer::model::CandleLearner, k: u64| {
+        let old = learner.old_logprobs(&t).unwrap();
+        let s = Sample {
+            trajectory: t.clone(),
+            advantage: 1.0,
+            old_logprobs: Some(old),
+            injected: false,
+        };
+        learner.update(&[s], &loss, k).unwrap();
+    };
+    step(&mut learner, 0);
+    learner.save(dir.path()).unwrap();
+    let saved = first_weight(&learner.trainable);
+    step(&mut learner, 1);
+    let moved = first_weight(&learner.trainable);
+    assert_ne!(moved, saved, "the second update changed nothing");
+    let before = pushed.lock().unwrap().len();
+    learner.load(dir.path()).unwrap();
+    let pushes = pushed.lock().unwrap();
+    assert_eq!(pushes.len(), before + 1, "loading pushed once");
+    assert_eq!(pushes.last().unwrap(), &saved, "the pushed weights are the restored ones");
+}
