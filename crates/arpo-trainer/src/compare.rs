@@ -485,6 +485,7 @@ mod tests {
             seed: 0,
             episodes,
             successes,
+            dropped: 0,
             success_rate: successes as f64 / episodes as f64,
             ci95: wilson_interval(successes, episodes, 1.96),
             per_task: vec![

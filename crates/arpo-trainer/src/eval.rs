@@ -43,8 +43,12 @@ pub struct EvalReport {
     pub attempts_per_task: usize,
     pub temperature: f64,
     pub seed: u64,
+    /// Scored episodes (dropped rollouts are not among them).
     pub episodes: usize,
     pub successes: usize,
+    /// Rollouts dropped because their environment kept failing (not scored).
+    #[serde(default)]
+    pub dropped: usize,
     pub success_rate: f64,
     /// 95% Wilson interval of the success rate.
     pub ci95: (f64, f64),
@@ -64,7 +68,7 @@ impl EvalReport {
                 t.task_id,
                 t.attempts,
                 t.successes,
-                100.0 * t.successes as f64 / t.attempts.max(1) as f64
+                100.0 * t.successes as f64 / (t.attempts - t.dropped).max(1) as f64
             );
         }
         out += &format!(
@@ -126,8 +130,11 @@ where
             e.mean_eval_result /= scored as f64;
         }
     }
-    let episodes: usize = per_task.values().map(|t| t.attempts).sum();
+    // A dropped rollout (the environment kept failing) is no episode of the agent's: it counts
+    // neither as a success nor as a failure, and is reported beside the rate.
+    let episodes: usize = per_task.values().map(|t| t.attempts - t.dropped).sum();
     let successes: usize = per_task.values().map(|t| t.successes).sum();
+    let dropped: usize = per_task.values().map(|t| t.dropped).sum();
     Ok(EvalReport {
         label: label.to_string(),
         model: policy.describe(),
@@ -137,6 +144,7 @@ where
         seed,
         episodes,
         successes,
+        dropped,
         success_rate: if episodes == 0 {
             0.0
         } else {
@@ -185,6 +193,7 @@ pub fn pool_by_label(reports: &[EvalReport]) -> Vec<PooledReport> {
         let p = &mut g.pooled;
         p.episodes += r.episodes;
         p.successes += r.successes;
+        p.dropped += r.dropped;
         p.success_rate = if p.episodes == 0 {
             0.0
         } else {
@@ -308,6 +317,7 @@ mod tests {
             seed: 0,
             episodes,
             successes,
+            dropped: 0,
             success_rate: successes as f64 / episodes as f64,
             ci95: wilson_interval(successes, episodes, 1.96),
             per_task: task_successes

@@ -360,3 +360,48 @@ async fn an_evaluation_that_raises_breaks_the_chain_with_its_stage() -> Result<(
     }
     Ok(())
 }
+
+/// `cargo xtask eval` scores through the same engine: with the training step's seed it gets the
+/// training rollout's score; a rollout its environment drops is reported as dropped and counts
+/// neither as a success nor as a failure.
+#[tokio::test]
+async fn eval_agrees_with_training_and_does_not_score_dropped_rollouts() -> Result<()> {
+    let ok = button_task("b", 2, 4);
+    let mut dead = button_task("dead", 0, 2);
+    dead.config["fail_evaluations"] = 100.into();
+    let settings = RolloutSettings {
+        group_size: 1,
+        max_steps: 4,
+        reset_retries: 2,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::greedy(16)
+        },
+        coordinates: Coordinates::Relative,
+        expected_screen: None,
+    };
+    for seed in [11u64, 12, 13, 14] {
+        let policy = TabularPolicy::new(0.1);
+        let tasks = [ok.clone(), dead.clone()];
+        let trained = run_rollouts(&policy, &mut [ButtonRow::new()], &tasks, &settings, seed, &mut |_| {})
+            .await?;
+        let report = arpo_trainer::eval::evaluate(
+            &policy,
+            &mut [ButtonRow::new()],
+            &tasks,
+            &settings,
+            seed,
+            0.1,
+            "check",
+            "test",
+            &mut |_| {},
+        )
+        .await?;
+        let solved = usize::from(trained.groups[0].trajectories[0].eval_result > 0.1);
+        assert_eq!(report.successes, solved, "seed {seed}");
+        assert_eq!(report.episodes, 1, "seed {seed}: the dropped rollout is no episode");
+        assert_eq!(report.dropped, 1, "seed {seed}");
+        assert_eq!(report.success_rate, solved as f64, "seed {seed}");
+    }
+    Ok(())
+}
