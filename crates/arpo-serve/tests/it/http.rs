@@ -714,6 +714,8 @@ async fn api_key_is_required_when_set_and_not_otherwise() -> TestResult {
         Some("Bearer wrong"),
         Some("s3cret"),
         Some("Bearer s3cret2"),
+        Some("Bearer s3cre"),
+        Some("Bearer "),
     ] {
         let mut req = client.post(&chat).json(&request_with_images(0, json!({})));
         if let Some(a) = auth {

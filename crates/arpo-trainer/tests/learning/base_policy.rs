@@ -8,9 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-// The allocator `cargo xtask` runs with (freed memory kept for reuse: candle allocates every
-// op's output afresh, and the system allocator's page faults cost more than the model here).
-arpo_alloc::global_allocator!();
 
 use std::path::PathBuf;
 
@@ -26,13 +23,7 @@ fn root() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_base_policy_solves_some_but_not_most_training_tasks() {
-    arpo_alloc::tune();
-    // As `cargo xtask` runs a small model: candle's ops on one thread (this binary has no
-    // other test). SAFETY: no thread of this process reads the environment concurrently.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", "1")
-    };
+    crate::run_like_xtask();
     let text = std::fs::read_to_string(root().join("configs/embedded_default.yaml")).unwrap();
     let c = Config::from_yaml_str(
         &text,

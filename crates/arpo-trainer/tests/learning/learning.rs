@@ -9,9 +9,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-// The allocator `cargo xtask` runs with (freed memory kept for reuse: candle allocates every
-// op's output afresh, and the system allocator's page faults cost more than the model here).
-arpo_alloc::global_allocator!();
 
 use std::path::{Path, PathBuf};
 
@@ -92,14 +89,7 @@ async fn eval(c: &Config, policy: &arpo_model::LocalPolicy) -> EvalReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_run_beats_the_base_policy_on_its_tasks() {
-    arpo_alloc::tune();
-    // As `cargo xtask train` runs a small model: one sequence per core, candle's ops on one
-    // thread (set before the first op; this binary has no other test).
-    // SAFETY: no thread of this process reads the environment concurrently.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", "1")
-    };
+    crate::run_like_xtask();
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path());
     let steps = EPOCHS as u64;

@@ -1,0 +1,5 @@
+//! The integration tests of arpo-serve, one binary (a link of the crate per test binary is the
+//! slow part of a build on few cores).
+
+mod http;
+mod model_server;
