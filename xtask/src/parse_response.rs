@@ -3,6 +3,7 @@
 use std::io::Read as _;
 
 use anyhow::{Context as _, Result, bail};
+use arpo_core::ScreenSize;
 use arpo_core::protocol::{
     CoordinateSystem, ParseConfig, UI_TARS_MAX_PIXELS, UI_TARS_MIN_PIXELS, parse_response,
 };
@@ -18,15 +19,15 @@ pub enum Coords {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Screen size of the environment, WIDTHxHEIGHT.
-    #[arg(long, default_value = "1920x1080", value_parser = parse_size)]
-    screen: (u32, u32),
+    #[arg(long, default_value = "1920x1080")]
+    screen: ScreenSize,
     /// The coordinate convention of the model that wrote the response.
     #[arg(long, value_enum, default_value = "relative")]
     coords: Coords,
     /// With --coords absolute: the size of the screenshot given to the model, before its
     /// processor's smart_resize (default: the screen size).
-    #[arg(long, value_parser = parse_size)]
-    image_size: Option<(u32, u32)>,
+    #[arg(long)]
+    image_size: Option<ScreenSize>,
     /// With --coords absolute: smart_resize's max_pixels.
     #[arg(long, default_value_t = UI_TARS_MAX_PIXELS)]
     max_pixels: u64,
@@ -35,24 +36,9 @@ pub struct Args {
     min_pixels: u64,
 }
 
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT (e.g. 1920x1080)"))?;
-    let side = |v: &str| {
-        v.trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| {
-                format!("{s:?} is not WIDTHxHEIGHT with positive integers (e.g. 1920x1080)")
-            })
-    };
-    Ok((side(w)?, side(h)?))
-}
 
 pub fn run(args: Args) -> Result<()> {
-    let (width, height) = args.screen;
+    let (width, height) = args.screen.pair();
     let coordinates = match args.coords {
         Coords::Relative => {
             if args.image_size.is_some() {
@@ -61,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
             CoordinateSystem::Relative1000
         }
         Coords::Absolute => {
-            let (iw, ih) = args.image_size.unwrap_or(args.screen);
+            let (iw, ih) = args.image_size.unwrap_or(args.screen).pair();
             CoordinateSystem::absolute_for_image(iw, ih, args.min_pixels, args.max_pixels)
                 .context("cannot derive the model's coordinate space from --image-size")?
         }

@@ -2,6 +2,7 @@
 //! OSWorld client (ours in `arpo-env-vmware`, or OSWorld's own) can run with no VM.
 
 use anyhow::{Context as _, Result};
+use arpo_core::ScreenSize;
 use arpo_env_sim::Catalogue;
 use arpo_env_sim::guest::{GuestState, serve};
 
@@ -14,24 +15,16 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Screen size, WIDTHxHEIGHT (OSWorld's VMs are 1920x1080).
-    #[arg(long, default_value = "1920x1080", value_parser = parse_size)]
-    size: (u32, u32),
+    #[arg(long, default_value = "1920x1080")]
+    size: ScreenSize,
     /// A task to load at start (otherwise an empty desktop until `POST /setup/sim`).
     #[arg(long)]
     task: Option<String>,
 }
 
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("expected WIDTHxHEIGHT, got {s:?}"))?;
-    let w = w.trim().parse().map_err(|e| format!("bad width {w:?}: {e}"))?;
-    let h = h.trim().parse().map_err(|e| format!("bad height {h:?}: {e}"))?;
-    Ok((w, h))
-}
 
 pub fn run(args: Args) -> Result<()> {
-    let (w, h) = args.size;
+    let (w, h) = args.size.pair();
     let state = GuestState::new(w, h)?;
     if let Some(id) = &args.task {
         state.load(Catalogue::default().spec(id)?.clone())?;

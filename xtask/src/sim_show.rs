@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
+use arpo_core::ScreenSize;
 use arpo_env_sim::{Catalogue, Session};
 
 #[derive(Debug, clap::Args)]
@@ -19,8 +20,8 @@ pub struct Args {
     #[arg(long, default_value = "sim-show")]
     out: PathBuf,
     /// Screen size, WIDTHxHEIGHT (at least 336x224).
-    #[arg(long, default_value = "336x224", value_parser = parse_size)]
-    size: (u32, u32),
+    #[arg(long, default_value = "336x224")]
+    size: ScreenSize,
     /// Print every task id with its instruction and exit.
     #[arg(long)]
     list: bool,
@@ -30,14 +31,6 @@ pub struct Args {
     export_osworld: Option<PathBuf>,
 }
 
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("expected WIDTHxHEIGHT, got {s:?}"))?;
-    let w = w.trim().parse().map_err(|e| format!("bad width {w:?}: {e}"))?;
-    let h = h.trim().parse().map_err(|e| format!("bad height {h:?}: {e}"))?;
-    Ok((w, h))
-}
 
 pub fn run(args: Args) -> Result<()> {
     let catalogue = Catalogue::default();
@@ -54,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("give --task <id> (or --list to see the ids)");
     };
     let task = catalogue.task(id)?;
-    let (w, h) = args.size;
+    let (w, h) = args.size.pair();
     let mut session = Session::from_task(&task, w, h)?;
     let actions = if args.solve { session.oracle()? } else { Vec::new() };
     std::fs::create_dir_all(&args.out)

@@ -151,42 +151,15 @@ impl ModelEngine {
     /// [`Self::load`] with the dtype (`f32`, `bf16`, `f16`) and device (`cpu`, `cuda`,
     /// `cuda:N`, the latter with candle's `cuda` feature) named as on the command line.
     pub fn load_named(model: &str, dtype: &str, device: &str) -> Result<Self, EngineError> {
-        let dtype = match dtype {
-            "f32" => DType::F32,
-            "bf16" => DType::BF16,
-            "f16" => DType::F16,
-            other => {
-                return Err(EngineError::InvalidInput(format!(
-                    "unknown dtype {other:?}: use f32, bf16 or f16"
-                )));
-            }
-        };
-        let device = match device {
-            "cpu" => Device::Cpu,
-            other => {
-                let ordinal = match other.strip_prefix("cuda") {
-                    Some("") => 0,
-                    Some(rest) => rest
-                        .strip_prefix(':')
-                        .and_then(|n| n.parse().ok())
-                        .ok_or_else(|| {
-                            EngineError::InvalidInput(format!(
-                                "unknown device {other:?}: use cpu, cuda or cuda:N"
-                            ))
-                        })?,
-                    None => {
-                        return Err(EngineError::InvalidInput(format!(
-                            "unknown device {other:?}: use cpu, cuda or cuda:N"
-                        )));
-                    }
-                };
-                Device::new_cuda(ordinal).map_err(|e| {
-                    EngineError::InvalidInput(format!(
-                        "cannot open {other}: {e} (is this build made with candle's cuda feature?)"
-                    ))
-                })?
-            }
-        };
+        let dtype = dtype
+            .parse::<arpo_model::DTypeSpec>()
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
+            .dtype();
+        let device = device
+            .parse::<arpo_model::DeviceSpec>()
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
+            .open()
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
         Self::load(model, dtype, &device)
     }
 
