@@ -39,6 +39,14 @@ pub struct Args {
     prompt_tokens: usize,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Rollout weights of the linear layers: f32, bf16, q8_0 or q4k (`Qwen2Vl::to_rollout`,
+    /// made from the `--dtype` model; embeddings and norms stay as they are).
+    #[arg(long, default_value = "f32", conflicts_with = "train")]
+    weights: String,
+    /// Make the f32 model first and copy it to `--weights` (the trainer's path: `quantize_s`
+    /// is what a weight sync costs; the peak RSS then includes the f32 model).
+    #[arg(long)]
+    from_f32: bool,
     /// cpu, cuda, cuda:N or metal (a GPU needs a build with that feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -112,10 +120,10 @@ fn parse_image(s: &str) -> Result<(usize, usize)> {
 }
 
 fn run_train(args: &Args) -> Result<()> {
-    use arpo_model::train::bench::{BenchMode, TrainBench, train_step_2b};
+    use crate::bench_train::{BenchMode, TrainBench, train_step_2b};
     anyhow::ensure!(
         args.shape == "2b",
-        "--train benchmarks the 2b shape only (arpo_model::train::bench, random weights); time the 1.5-7b shape's inference without --train"
+        "--train benchmarks the 2b shape only (xtask's bench_train, random weights); time the 1.5-7b shape's inference without --train"
     );
     anyhow::ensure!(
         args.dtype == "f32" && args.device == "cpu",
@@ -189,6 +197,11 @@ pub fn run(args: Args) -> Result<()> {
         return run_train(&args);
     }
     let dtype = crate::predict::parse_dtype(&args.dtype)?;
+    let weights: arpo_model::RolloutWeights = args.weights.parse()?;
+    anyhow::ensure!(
+        weights == arpo_model::RolloutWeights::F32 || dtype == DType::F32,
+        "--weights {weights} is made from f32 weights: leave --dtype at f32"
+    );
     let spec: DeviceSpec = args.device.parse()?;
     let device = spec.open()?;
     let (width, height) = parse_image(&args.image)?;
@@ -232,9 +245,16 @@ pub fn run(args: Args) -> Result<()> {
             config.text.num_hidden_layers = 0;
             config.text.vocab_size = 1;
         }
-        (Qwen2Vl::random(config, dtype, &device)?, params)
+        let model = if weights == arpo_model::RolloutWeights::F32 || args.from_f32 {
+            Qwen2Vl::random(config, dtype, &device)?
+        } else {
+            // Quantized as drawn: the peak is the serving memory, not an f32 model's.
+            Qwen2Vl::random_rollout(config, weights, &device)?
+        };
+        (model, params)
     };
     let init_s = t0.elapsed().as_secs_f64();
+    let (model, rollout_json) = rollout_copy(model, weights)?;
     let cfg = &model.config;
     let (gh, gw) = (
         height / cfg.vision.patch_size,
@@ -257,6 +277,9 @@ pub fn run(args: Args) -> Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "init_s": init_s,
     });
+    if let (Some(obj), serde_json::Value::Object(more)) = (json.as_object_mut(), rollout_json) {
+        obj.extend(more);
+    }
     let extra = if args.vision_only {
         let start = Instant::now();
         let features = model.vision.forward(&pixel_values, &[grid], true)?;
@@ -328,4 +351,27 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("{json}");
     Ok(())
+}
+
+/// The `--weights` copy of a loaded `model` (the source is dropped; a random shape is made
+/// quantized already) and what it holds, for the JSON line.
+fn rollout_copy(
+    model: Qwen2Vl,
+    weights: arpo_model::RolloutWeights,
+) -> Result<(Qwen2Vl, serde_json::Value)> {
+    let start = Instant::now();
+    let rollout = if model.rollout_summary().quantized == 0 {
+        model.to_rollout(weights)?
+    } else {
+        model
+    };
+    let s = rollout.rollout_summary();
+    let json = serde_json::json!({
+        "weights": weights.to_string(),
+        "quantize_s": start.elapsed().as_secs_f64(),
+        "quantized_linears": s.quantized,
+        "kept_linears": s.kept,
+        "linear_weights_gb": s.linear_bytes as f64 / 1e9,
+    });
+    Ok((rollout, json))
 }

@@ -9,6 +9,7 @@ arpo_alloc::global_allocator!();
 
 mod bench_model;
 mod bench_serve;
+mod bench_train;
 mod compare;
 mod dashboard;
 mod eval;

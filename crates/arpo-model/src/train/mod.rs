@@ -7,7 +7,6 @@
 //! - [`lora`]: LoRA adapters with PEFT's initialisation and file format, and merging.
 //! - [`checkpoint`]: atomic, checksummed safetensors writes and HF-layout model directories.
 
-pub mod bench;
 pub mod checkpoint;
 pub mod lora;
 pub mod ops;

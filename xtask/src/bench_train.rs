@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::Result;
-use super::lora::LoraConfig;
-use super::score::Episode;
-use super::trainable::Trainable;
-use crate::{Qwen2Vl, Qwen2VlConfig};
+use arpo_model::train::Result;
+use arpo_model::train::lora::LoraConfig;
+use arpo_model::train::score::Episode;
+use arpo_model::train::trainable::Trainable;
+use arpo_model::{Qwen2Vl, Qwen2VlConfig};
 
 /// What is trained in the benchmark.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +118,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     let g = bench.image / cfg.vision.patch_size;
     let image_tokens = g * g / cfg.vision.spatial_merge_size.pow(2);
     if bench.prompt_tokens < image_tokens + 2 {
-        return Err(super::TrainError::Config(format!(
+        return Err(arpo_model::train::TrainError::Config(format!(
             "prompt_tokens must hold the {image_tokens} image tokens and the vision markers"
         )));
     }
@@ -147,7 +147,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     for _ in 0..bench.steps.max(1) {
         let t = Instant::now();
         let loss = trainable.score(&episode)?.sum()?.neg()?;
-        let grads = super::recompute::backward(&loss)?;
+        let grads = arpo_model::train::recompute::backward(&loss)?;
         times.push(t.elapsed().as_secs_f64());
         drop(grads);
     }
