@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use arpo_core::Policy;
-use arpo_serve::{RemotePolicy, RemotePolicyConfig};
 use arpo_trainer::eval::{EvalReport, evaluate};
-use arpo_trainer::model::{load_policy, prompt_config};
+use arpo_trainer::model::load_policy;
+use arpo_trainer::remote::server_policy;
 use arpo_trainer::rollout::RolloutEvent;
 use arpo_trainer::setup::{Envs, build_envs, load_tasks};
 use arpo_trainer::train::rollout_settings;
@@ -26,12 +26,15 @@ pub struct Common {
     /// default: the config's worker.actor.model.model_path.
     #[arg(long)]
     pub model: Option<String>,
-    /// Roll out through an OpenAI-compatible server instead of the local model.
+    /// Roll out through an OpenAI-compatible server instead of the local model (sets
+    /// worker.rollout.server_url; the config's server_urls, server_api_key and
+    /// use_external_server: true do the same without this flag).
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
-    /// The model name to ask the server for.
-    #[arg(long, default_value = "")]
-    pub server_model: String,
+    /// The model name to ask the server for (default: the config's server_model, else the
+    /// first model the server lists).
+    #[arg(long)]
+    pub server_model: Option<String>,
     /// Attempts per task.
     #[arg(long, default_value_t = 1)]
     pub attempts: usize,
@@ -67,16 +70,20 @@ pub fn config(common: &Common) -> Result<Config> {
     if let Some(m) = &common.model {
         config.worker.actor.model.model_path = PathBuf::from(m);
     }
+    if let Some(url) = &common.server {
+        config.worker.rollout.use_external_server = true;
+        config.worker.rollout.server_url = url.clone();
+    }
+    if let Some(model) = &common.server_model {
+        config.worker.rollout.server_model = model.clone();
+    }
     Ok(config)
 }
 
 /// The policy to evaluate: the local candle model or a server.
-pub fn policy(common: &Common, config: &Config) -> Result<Box<dyn Policy>> {
-    let prompt = prompt_config(config);
-    if let Some(url) = &common.server {
-        let mut rc = RemotePolicyConfig::new(url.trim_end_matches('/'), &common.server_model);
-        rc.prompt = prompt;
-        return Ok(Box::new(RemotePolicy::new(rc, None)?));
+pub async fn policy(config: &Config) -> Result<Box<dyn Policy>> {
+    if config.worker.rollout.use_external_server {
+        return Ok(Box::new(server_policy(config).await?));
     }
     Ok(Box::new(load_policy(config)?))
 }
@@ -124,7 +131,6 @@ pub async fn run_eval(
 
 pub fn run(args: Args) -> Result<()> {
     let config = config(&args.common)?;
-    let policy = policy(&args.common, &config)?;
     let label = args.label.clone().unwrap_or_else(|| {
         args.common
             .model
@@ -135,6 +141,7 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let policy = rt.block_on(policy(&config))?;
     let report = rt.block_on(run_eval(&args.common, &config, policy.as_ref(), &args.tasks, &label, false))?;
     print!("{}", report.table());
     println!(

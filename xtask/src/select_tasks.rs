@@ -39,11 +39,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let config = config(&args.common)?;
-    let policy = policy(&args.common, &config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let policy = rt.block_on(policy(&config))?;
     let report = rt.block_on(run_eval(
         &args.common,
         &config,

@@ -38,6 +38,29 @@ pub fn weight_sync(config: &Config, lora: bool) -> Result<WeightSync, TrainerErr
     Ok(sync)
 }
 
+/// The rollout policy of `worker.rollout`'s server(s) for evaluation (no weight sync): its URLs
+/// (`server_url`, `server_urls`), model name (empty: the first `GET /v1/models` lists), API key
+/// (`server_api_key`, else `ARPO_SERVER_API_KEY`), the model's tokenizer as the fallback token
+/// mapper; checked to answer before it is returned.
+pub async fn server_policy(config: &Config) -> Result<RemotePolicy, TrainerError> {
+    let r = &config.worker.rollout;
+    let preflight = |e: String| TrainerError::Preflight {
+        problems: vec![format!("worker.rollout.server_url {}: {e}", r.server_url)],
+    };
+    let mut remote_config =
+        RemotePolicyConfig::new(r.server_url.trim_end_matches('/'), &r.server_model)
+            .with_more_urls(&r.server_urls);
+    if let Some(key) = r.server_api_key.clone().filter(|k| !k.is_empty()) {
+        remote_config.api_key = Some(key);
+    }
+    remote_config.prompt = prompt_config(config);
+    let tokenizer = config.worker.actor.model.model_path.join("tokenizer.json");
+    let mapper = TokenMapper::from_file(&tokenizer).ok();
+    let policy = RemotePolicy::new(remote_config, mapper).map_err(|e| preflight(e.to_string()))?;
+    policy.preflight().await.map_err(|e| preflight(e.to_string()))?;
+    Ok(policy)
+}
+
 /// Rollouts through the server(s) of `worker.rollout`: the policy, checked to answer (its model
 /// resolved from `GET /v1/models` when unnamed), and the learner with a hook that pushes the new
 /// weights after every update as `worker.rollout.weight_sync` says (a LoRA adapter through
