@@ -108,7 +108,7 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     trainable.set_gradient_checkpointing(bench.gradient_checkpointing);
     if let Some(lora) = trainable.lora_set() {
         // B = 0 at init leaves A without gradient: give B values, as after a step.
-        for (_, a) in lora.adapters() {
+        for a in lora.adapters().values() {
             let b = Tensor::randn(0f32, 0.01, a.b.dims(), &device)?;
             a.b.set(&b)?;
         }

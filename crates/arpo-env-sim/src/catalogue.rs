@@ -940,7 +940,7 @@ fn menu_window(g: &mut Gen, title: &str) -> (Window, Vec<Menu>) {
     let content_w = 170;
     let content_h = 4 * ROW_H + 20;
     let mut rect = g.window_rect(content_w, content_h, true);
-    rect.x = rect.x.min(LOGICAL_W - 2 - 3 * 50 - POPUP_W - 24).max(2);
+    rect.x = rect.x.clamp(2, LOGICAL_W - 2 - 3 * 50 - POPUP_W - 24);
     let mut w = window(
         "app",
         title,
@@ -985,7 +985,7 @@ fn hotkey(g: &mut Gen) -> Built {
     Built {
         instruction: format!(
             "Press the keyboard shortcut {} to run {} > {}.",
-            shortcut.replace("ctrl", "Ctrl").replace('+', "+"),
+            shortcut.replace("ctrl", "Ctrl"),
             m.title,
             item.label
         ),

@@ -842,7 +842,7 @@ impl Desktop {
             self.selected_icon = Some(icon.id.clone());
             if !icon.context_menu.is_empty() {
                 let n = icon.context_menu.len() as i32;
-                let x = p.0.min(LOGICAL_W - POPUP_W).max(0);
+                let x = p.0.clamp(0, LOGICAL_W - POPUP_W);
                 let y = p.1.min(LOGICAL_H - n * ROW_H).max(0);
                 self.context_menu = Some(ContextMenu {
                     icon: icon.id.clone(),

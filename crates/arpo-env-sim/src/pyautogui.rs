@@ -552,6 +552,7 @@ impl Parser {
         call.build().map(Some)
     }
 
+    #[allow(clippy::type_complexity)] // positional and keyword arguments, as Python has them
     fn arguments(&mut self) -> Result<(Vec<Value>, Vec<(String, Value)>), SimError> {
         let mut args = Vec::new();
         let mut kwargs: Vec<(String, Value)> = Vec::new();

@@ -250,6 +250,7 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -93,6 +93,7 @@ pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
 
 /// cos/sin tables `[batch, 1, len, head_dim]` for position ids `positions[b][axis][i]`, the half
 /// dimension split over the streams by `mrope_section`.
+#[allow(clippy::needless_range_loop)] // `i` indexes the stream chosen per frequency, `p[s][i]`
 pub fn mrope_cos_sin(
     positions: &[[Vec<i64>; 3]],
     inv_freq: &[f32],
@@ -130,6 +131,7 @@ pub fn mrope_cos_sin(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -115,6 +115,9 @@ pub fn adamw_config(config: &Config, total_optimizer_steps: u64) -> AdamWConfig 
     }
 }
 
+/// What runs after the learner's weights change (an update, a loaded checkpoint).
+pub type WeightsHook = Box<dyn FnMut(&Trainable) -> Result<(), TrainerError> + Send>;
+
 /// Turns trajectories into the token sequences the model scores.
 #[derive(Debug)]
 pub struct EpisodeBuilder {
@@ -262,7 +265,7 @@ pub struct CandleLearner {
     pub workers: usize,
     /// Called after each update and after a checkpoint is loaded (e.g. to push the new weights
     /// to a server, so a resumed run's first rollout samples from the restored weights).
-    pub after_update: Option<Box<dyn FnMut(&Trainable) -> Result<(), TrainerError> + Send>>,
+    pub after_update: Option<WeightsHook>,
 }
 
 impl std::fmt::Debug for CandleLearner {

@@ -25,6 +25,9 @@ use crate::rollout::{
 };
 use crate::{TrainerError, curves};
 
+/// The (group, position) of each replayed episode in a step's groups.
+type Injections = BTreeSet<(usize, usize)>;
+
 /// The state `--resume` restores, saved as `trainer_state.json` in every checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -474,7 +477,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         &mut self,
         groups: Vec<Group>,
         m: &mut StepMetrics,
-    ) -> Result<(Vec<Vec<Trajectory>>, BTreeSet<(usize, usize)>), TrainerError> {
+    ) -> Result<(Vec<Vec<Trajectory>>, Injections), TrainerError> {
         let mut groups: Vec<Vec<Trajectory>> = groups
             .into_iter()
             .map(|g| g.trajectories)

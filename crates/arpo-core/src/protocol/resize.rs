@@ -68,6 +68,7 @@ pub fn smart_resize(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

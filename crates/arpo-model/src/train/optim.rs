@@ -53,6 +53,8 @@ impl Default for AdamWConfig {
 
 impl AdamWConfig {
     /// Checks the ranges torch checks.
+    // `!(x >= 0.0)` on purpose: a NaN fails these checks, which `x < 0.0` would let through.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(TrainError::Config(what));
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
@@ -369,6 +371,7 @@ fn tensor_u64(t: &Tensor) -> Result<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::excessive_precision)] // hand-computed expectations, written out in full
 mod tests {
     use super::*;
     use candle_core::Device;

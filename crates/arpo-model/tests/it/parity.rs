@@ -24,9 +24,9 @@ fn forward_matches_transformers_for_0_1_2_images() {
 
         let rope = model.rope_index(&input_ids, &grid).unwrap();
         let want_pos = t["position_ids"].to_vec2::<i64>().unwrap();
-        for axis in 0..3 {
+        for (axis, want) in want_pos.iter().enumerate() {
             assert_eq!(
-                rope.positions[axis], want_pos[axis],
+                &rope.positions[axis], want,
                 "{case}: positions axis {axis}"
             );
         }

@@ -458,7 +458,7 @@ fn roundtrip_lora() -> Trainable {
     {
         let n: usize = adapter.b.dims().iter().product();
         let values: Vec<f32> = (0..n)
-            .map(|i| (0.05 * ((i * 7 + k * 13) as f32 * 0.61).sin()))
+            .map(|i| 0.05 * ((i * 7 + k * 13) as f32 * 0.61).sin())
             .collect();
         let b = Tensor::from_vec(values, adapter.b.dims(), &Device::Cpu).unwrap();
         adapter.b.set(&b).unwrap();

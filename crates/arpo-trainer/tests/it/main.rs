@@ -1,6 +1,8 @@
 //! The integration tests of arpo-trainer but the long learning ones, one binary (a link of
 //! the crate per test binary is the slow part of a build on few cores).
 
+#![allow(clippy::unwrap_used)] // in tests a panic is the failure report
+
 mod configs;
 mod embedded_run;
 mod env_check;

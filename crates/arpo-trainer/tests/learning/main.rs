@@ -2,6 +2,8 @@
 //! they run a small model the way `cargo xtask train` does (its allocator, candle's ops on one
 //! thread and one sequence per core), which is process-wide state the other tests must not share.
 
+#![allow(clippy::unwrap_used)] // in tests a panic is the failure report
+
 mod base_policy;
 mod learning;
 
