@@ -167,83 +167,12 @@ fn is_python(word: &str) -> bool {
     name == "python" || name == "python3"
 }
 
-/// Splits a command line into words the way a POSIX shell does for quotes and backslashes.
+/// Splits a command line into words the way a POSIX shell does for quotes and backslashes
+/// (the `shlex` crate: `#` at the start of a word begins a comment, as in a shell).
 pub fn shell_split(line: &str) -> Result<Vec<String>, SimError> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => cur.push(c),
-                        None => {
-                            return Err(SimError::CommandLine {
-                                reason: "unterminated single quote".into(),
-                            });
-                        }
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(e @ ('"' | '\\' | '$' | '`')) => cur.push(e),
-                            Some('\n') => {}
-                            Some(e) => {
-                                cur.push('\\');
-                                cur.push(e);
-                            }
-                            None => {
-                                return Err(SimError::CommandLine {
-                                    reason: "unterminated double quote".into(),
-                                });
-                            }
-                        },
-                        Some(c) => cur.push(c),
-                        None => {
-                            return Err(SimError::CommandLine {
-                                reason: "unterminated double quote".into(),
-                            });
-                        }
-                    }
-                }
-            }
-            '\\' => {
-                in_word = true;
-                match chars.next() {
-                    Some('\n') => {}
-                    Some(e) => cur.push(e),
-                    None => {
-                        return Err(SimError::CommandLine {
-                            reason: "a trailing backslash".into(),
-                        });
-                    }
-                }
-            }
-            c => {
-                in_word = true;
-                cur.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    Ok(words)
+    shlex::split(line).ok_or_else(|| SimError::CommandLine {
+        reason: "an unterminated quote or a trailing backslash".into(),
+    })
 }
 
 fn exec_result(returncode: i32, error: String) -> Response {
@@ -356,6 +285,48 @@ mod tests {
             vec!["a", "b c", "d e"]
         );
         assert!(shell_split("'open").is_err());
+    }
+
+    /// Command lines as OSWorld's clients quote them (Python's `shlex.quote` wraps in single
+    /// quotes and writes a quote as `'"'"'`); the expected words are what Python's
+    /// `shlex.split`, which the real guest server runs, makes of each line.
+    #[test]
+    fn shell_split_agrees_with_the_osworld_guest_on_quoted_programs() {
+        let cases: [(&str, [&str; 3]); 4] = [
+            (
+                r#"python3 -c 'import pyautogui; pyautogui.typewrite("it'"'"'s")' "#,
+                [
+                    "python3",
+                    "-c",
+                    r#"import pyautogui; pyautogui.typewrite("it's")"#,
+                ],
+            ),
+            (
+                "python -c 'import pyautogui\npyautogui.write('\"'\"'say \"hi\" \\\\n $HOME `x`'\"'\"')\n# done'",
+                [
+                    "python",
+                    "-c",
+                    "import pyautogui\npyautogui.write('say \"hi\" \\\\n $HOME `x`')\n# done",
+                ],
+            ),
+            (
+                "/usr/bin/python3\t-c  \"print(\\\"\\\\\\\\\\\")\"",
+                ["/usr/bin/python3", "-c", r#"print("\\")"#],
+            ),
+            (
+                r#"python -c "pyautogui.write(\"a b\")""#,
+                ["python", "-c", r#"pyautogui.write("a b")"#],
+            ),
+        ];
+        for (line, words) in cases {
+            assert_eq!(shell_split(line).expect("splits"), words, "{line}");
+        }
+        // A `#` word begins a comment here; Python's shlex.split passes it on as python's
+        // argv[1:], which runs the same program, so both accept the command.
+        assert_eq!(python_code(&json!("python -c 'x' # c")).expect("ok"), "x");
+        for bad in [r#"python -c "x"#, r"python -c x\"] {
+            assert!(shell_split(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

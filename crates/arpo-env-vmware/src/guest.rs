@@ -394,9 +394,7 @@ impl GuestClient {
         let op = "/file";
         let response = self
             .send(op, self.config.request_timeout * 4, |c, u| {
-                c.post(u)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(format!("file_path={}", form_encode(path)))
+                c.post(u).form(&[("file_path", path)])
             })
             .await?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
@@ -491,21 +489,6 @@ pub fn decode_screenshot(bytes: Vec<u8>) -> Result<Screenshot, String> {
         .into_dimensions()
         .map_err(|e| format!("cannot read the image size: {e}"))?;
     Ok(Screenshot::new(bytes, width, height))
-}
-
-/// `application/x-www-form-urlencoded` encoding of one value.
-fn form_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -232,21 +232,18 @@ fn authorize<E: Engine>(state: &AppState<E>, headers: &HeaderMap) -> Result<(), 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), key.as_bytes()) {
+    if key_matches(given, key) {
         Ok(())
     } else {
         Err(ApiError::unauthorized())
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
+/// Compares in time independent of where the key and the given one differ (`subtle`); a length
+/// difference returns early, which reveals only the key's length.
+fn key_matches(given: &str, key: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(given.as_bytes().ct_eq(key.as_bytes()))
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
@@ -944,4 +941,20 @@ fn stream_answer<E: Engine>(
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn key_matches_only_the_whole_key() {
+        assert!(key_matches("s3cret", "s3cret"));
+        for given in [
+            "", "s3cre", "s3cret2", "s3creT", "S3cret", "s3cret\0", "\0s3cret",
+        ] {
+            assert!(!key_matches(given, "s3cret"), "{given:?}");
+        }
+        assert!(!key_matches("s3cret", ""));
+    }
 }

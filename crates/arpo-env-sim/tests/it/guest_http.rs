@@ -109,8 +109,7 @@ impl Guest {
         let r = self
             .http
             .post(self.url("/file"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("file_path={}", path.replace('/', "%2F")))
+            .form(&[("file_path", path)])
             .send()
             .await
             .expect("POST /file");
@@ -510,7 +509,7 @@ async fn execute_rejects_anything_but_pyautogui_with_a_reason() {
         ),
         (
             json!("python -c 'pyautogui.click(1, 1)"),
-            "unterminated single quote",
+            "unterminated quote",
         ),
     ];
     let state_before = guest.json_file(STATE_FILE).await;

@@ -374,6 +374,32 @@ async fn a_screenshot_that_is_not_an_image_is_rejected() {
 }
 
 #[tokio::test]
+async fn file_paths_with_form_reserved_characters_reach_the_guest_intact() {
+    let g = guest();
+    // Space, '+', '&', '=', '%', '*', a quote and non-ASCII: each means something in a form body.
+    // `near` is what a wrong encoding would make of `path` ('+' and "%20" decoded as spaces).
+    let path = "/home/user/My Files/a+b&c=d%20e*f'g\u{e9}\u{4e2d}.txt";
+    let near = "/home/user/My Files/a b&c=d e*f'g\u{e9}\u{4e2d}.txt";
+    {
+        let mut s = g.state.lock().expect("lock");
+        s.files.insert(path.into(), b"exact".to_vec());
+        s.files.insert(near.into(), b"near".to_vec());
+    }
+    let client = GuestClient::new(&g.url(), GuestConfig::default()).expect("client");
+    for (asked, served) in [(path, &b"exact"[..]), (near, &b"near"[..])] {
+        assert_eq!(
+            client.file(asked).await.expect("file").as_deref(),
+            Some(served),
+            "{asked}"
+        );
+    }
+    assert_eq!(
+        client.file("/home/user/none.txt").await.expect("file"),
+        None
+    );
+}
+
+#[tokio::test]
 async fn off_screen_points_are_rejected_and_the_episode_goes_on() {
     let g = guest();
     let cache = tempfile::tempdir().expect("tmp");

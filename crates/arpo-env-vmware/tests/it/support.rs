@@ -9,12 +9,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Multipart, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Form, Router};
 use serde_json::{Value, json};
 
 #[derive(Debug, Default)]
@@ -162,16 +161,18 @@ async fn upload(State(state): State<Shared>, mut form: Multipart) -> Response {
     }
 }
 
-async fn file(State(state): State<Shared>, body: Bytes) -> Response {
+#[derive(serde::Deserialize)]
+struct FileRequest {
+    file_path: String,
+}
+
+/// `/file` reads its form with axum's decoder, so the client's encoding is checked against another
+/// implementation than its own.
+async fn file(State(state): State<Shared>, Form(req): Form<FileRequest>) -> Response {
     if let Some(r) = fault(&state).await {
         return r;
     }
-    let text = String::from_utf8_lossy(&body).into_owned();
-    let Some(encoded) = text.strip_prefix("file_path=") else {
-        return (StatusCode::BAD_REQUEST, "file_path needed").into_response();
-    };
-    let path = decode_form(encoded);
-    match state.lock().expect("lock").files.get(&path) {
+    match state.lock().expect("lock").files.get(&req.file_path) {
         Some(bytes) => bytes.clone().into_response(),
         None => (StatusCode::NOT_FOUND, "File not found").into_response(),
     }
@@ -190,25 +191,6 @@ async fn cloud(
 /// 1 MiB of bytes, for download size caps.
 async fn blob() -> Response {
     vec![7u8; 1 << 20].into_response()
-}
-
-fn decode_form(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("3F");
-                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn router(state: Shared) -> Router {
