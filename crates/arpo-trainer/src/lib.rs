@@ -43,6 +43,7 @@ pub mod rollout;
 pub mod select;
 pub mod setup;
 pub mod sft;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod train;
 
