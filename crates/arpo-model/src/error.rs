@@ -45,6 +45,12 @@ pub enum ModelError {
     Image(String),
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("cannot store {name} as {weights} rollout weights: {reason}")]
+    Quantize {
+        name: String,
+        weights: crate::quantized::RolloutWeights,
+        reason: String,
+    },
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
 }

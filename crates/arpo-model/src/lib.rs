@@ -15,7 +15,9 @@
 //! - [`weights`]: local directories, sharded checkpoints, the Hugging Face cache (offline);
 //! - [`Qwen2Vl`]: vision tower + M-RoPE decoder, with a differentiable whole-sequence
 //!   [`Qwen2Vl::forward`] for training;
-//! - [`nn`]: the `Linear`/`RmsNorm`/`LayerNorm` every projection and norm goes through.
+//! - [`nn`]: the `Linear`/`RmsNorm`/`LayerNorm` every projection and norm goes through;
+//! - [`quantized`]: [`RolloutWeights`] (`f32`, `bf16`, `q8_0`, `q4k`) and
+//!   [`Qwen2Vl::to_rollout`], the generation copy with quantized linears.
 //!
 //! ```
 //! use arpo_model::{Qwen2Vl, Qwen2VlConfig};
@@ -43,6 +45,7 @@ pub mod model;
 pub mod nn;
 pub mod policy;
 pub mod processor;
+pub mod quantized;
 pub mod rope;
 pub mod text;
 pub mod train;
@@ -57,4 +60,5 @@ pub use generate::{Generation, GenerationRequest, GenerationTimings};
 pub use model::Qwen2Vl;
 pub use policy::{LocalPolicy, StepTimings, UiTars};
 pub use processor::{ImageProcessor, ProcessedImages};
+pub use quantized::{RolloutSummary, RolloutWeights};
 pub use rope::{RopeIndex, get_rope_index};

@@ -4,7 +4,10 @@
 //! whole-sequence forward is differentiable. The training code extends these types (LoRA,
 //! frozen-weight ops); keep every linear projection of the model a [`Linear`].
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{D, DType, Module, Result, Tensor};
+
+use crate::quantized::QuantizedWeight;
 
 use crate::train::lora::LoraAdapter;
 
@@ -13,11 +16,15 @@ use crate::train::lora::LoraAdapter;
 /// With a LoRA adapter attached (by `train::trainable::Trainable::lora`), the output is
 /// `x W^T + b + scale * dropout(x) A^T B^T`. A frozen weight (a plain tensor, not a `Var`) goes
 /// through [`crate::train::ops::linear`], which computes no weight gradient in backward.
+///
+/// In a rollout copy ([`crate::Qwen2Vl::to_rollout`]) the weight lives in `quantized` and
+/// `weight` is a shape-only placeholder: that product is for inference (no backward).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    pub quantized: Option<QuantizedWeight>,
 }
 
 impl Linear {
@@ -26,7 +33,23 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            quantized: None,
         }
+    }
+
+    /// Whether the weight is held quantized (and `weight` is only a placeholder of its shape).
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
+
+    /// Stores the weight as `format` and drops the dense one (for inference copies only).
+    pub fn quantize(&mut self, format: GgmlDType) -> Result<()> {
+        let q = QuantizedWeight::quantize(&self.weight, format)?;
+        // One element broadcast to the shape: `dims()` and the dtype stay, the bytes go.
+        let w = &self.weight;
+        self.weight = Tensor::zeros((), w.dtype(), w.device())?.broadcast_as(w.shape())?;
+        self.quantized = Some(q);
+        Ok(())
     }
 
     /// `(out_features, in_features)`.
@@ -38,7 +61,16 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::train::ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let y = match &self.quantized {
+            Some(q) => {
+                let y = q.forward(x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            None => crate::train::ops::linear(x, &self.weight, self.bias.as_ref())?,
+        };
         match &self.lora {
             Some(adapter) => y + adapter.forward_delta(x)?,
             None => Ok(y),

@@ -1,0 +1,353 @@
+//! Rollout weights: the precision a generation copy of the model reads its linear layers in.
+//!
+//! Decoding reads every weight once per token, so on a CPU its speed is the memory bandwidth
+//! divided by the bytes of the weights. [`Qwen2Vl::to_rollout`] builds an inference copy of a
+//! (learner's) model whose linear layers hold their weights as candle `QTensor`s: `q8_0` (8-bit,
+//! blocks of 32 with an f16 scale: 8.5 bits a weight), `q4k` (4-bit k-quants: 4.5 bits) or
+//! `bf16` (16 bits, f32 compute). Embeddings and norms stay as they are (f32); a linear whose
+//! input width is not a multiple of the format's block (the 1176-wide patch embedding) stays
+//! f32. The source model is not changed: training keeps its exact f32 path, and a LoRA adapter
+//! on a source linear is carried over as an f32 low-rank path on top of the quantized base.
+//!
+//! ```
+//! use arpo_model::{Qwen2Vl, RolloutWeights};
+//! use candle_core::{DType, Device};
+//!
+//! # fn main() -> Result<(), arpo_model::ModelError> {
+//! let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
+//! let learner = Qwen2Vl::load(&fixtures.join("tiny-qwen2vl"), DType::F32, &Device::Cpu)?;
+//! let weights = RolloutWeights::Q8_0;
+//! assert_eq!("q8_0".parse::<RolloutWeights>(), Ok(weights));
+//! let rollout = learner.to_rollout(weights)?;
+//! let logits = rollout.forward(&[1, 2, 3], None, &[])?;
+//! assert_eq!(logits.dims(), &[3, rollout.config.text.vocab_size]);
+//! assert!(rollout.rollout_summary().quantized > 0);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Module, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::device::SpecError;
+use crate::error::{ModelError, Result};
+use crate::model::Qwen2Vl;
+use crate::nn::Linear;
+
+/// The storage of the rollout copy's linear weights (`worker.rollout.weights`, `--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum RolloutWeights {
+    /// The learner's own f32 tensors, shared (no copy).
+    #[default]
+    F32,
+    /// bf16 storage, f32 activations (candle's CPU matmul has no bf16 kernel).
+    Bf16,
+    /// 8-bit: blocks of 32 weights with one f16 scale.
+    Q8_0,
+    /// 4-bit k-quants (super-blocks of 256); the output projection (`lm_head`) and linears
+    /// whose width is not a multiple of 256 take `q8_0`.
+    Q4K,
+}
+
+impl RolloutWeights {
+    pub const ALL: [Self; 4] = [Self::F32, Self::Bf16, Self::Q8_0, Self::Q4K];
+
+    /// The format a linear of `in_features` inputs is stored in, or `None` to keep it as is.
+    ///
+    /// `lm_head` is kept at 8 bits under `q4k`: its logits are the log-probabilities the
+    /// learner compares the sampler with, and it is one matrix of the 7 x layers.
+    pub fn format_for(self, in_features: usize, is_lm_head: bool) -> Option<GgmlDType> {
+        let fits = |d: GgmlDType| in_features > 0 && in_features.is_multiple_of(d.block_size());
+        match self {
+            Self::F32 => None,
+            Self::Bf16 => Some(GgmlDType::BF16),
+            Self::Q8_0 => fits(GgmlDType::Q8_0).then_some(GgmlDType::Q8_0),
+            Self::Q4K if !is_lm_head && fits(GgmlDType::Q4K) => Some(GgmlDType::Q4K),
+            Self::Q4K => Self::Q8_0.format_for(in_features, is_lm_head),
+        }
+    }
+}
+
+impl fmt::Display for RolloutWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4k",
+        })
+    }
+}
+
+impl FromStr for RolloutWeights {
+    type Err = SpecError;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.to_string() == s)
+            .ok_or_else(|| SpecError {
+                what: "rollout weights",
+                input: s.to_owned(),
+                allowed: "f32, bf16, q8_0 or q4k",
+            })
+    }
+}
+
+impl TryFrom<String> for RolloutWeights {
+    type Error = SpecError;
+    fn try_from(s: String) -> std::result::Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<RolloutWeights> for String {
+    fn from(w: RolloutWeights) -> Self {
+        w.to_string()
+    }
+}
+
+/// A linear weight `[out, in]` stored as a candle `QTensor`; its product has no backward.
+#[derive(Debug, Clone)]
+pub struct QuantizedWeight {
+    matmul: QMatMul,
+    format: GgmlDType,
+    bytes: usize,
+}
+
+impl QuantizedWeight {
+    /// Quantizes `weight` `[out, in]` (any float dtype) to `format`.
+    pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
+        let q = QTensor::quantize(weight, format)?;
+        let bytes = q.storage_size_in_bytes();
+        // Not `QMatMul::from_qtensor`: it would widen bf16 back to an f32 tensor.
+        Ok(Self {
+            matmul: QMatMul::QTensor(Arc::new(q)),
+            format,
+            bytes,
+        })
+    }
+
+    pub fn format(&self) -> GgmlDType {
+        self.format
+    }
+
+    /// Bytes of the quantized storage (candle may add a repacked copy on first use).
+    pub fn storage_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// `x W^T` for `x` `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.matmul.forward(&x.contiguous()?)
+    }
+}
+
+/// What [`Qwen2Vl::to_rollout`] made of the model's linear layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RolloutSummary {
+    /// Linears whose weight is a `QTensor`.
+    pub quantized: usize,
+    /// Linears kept in the source dtype (width not a multiple of the block).
+    pub kept: usize,
+    /// Bytes of all linear weights as the copy holds them.
+    pub linear_bytes: usize,
+}
+
+impl Qwen2Vl {
+    /// Every linear layer of the model with its HF name (`lm_head` included, also when tied).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out: Vec<(String, &mut Linear)> = Vec::new();
+        let v = &mut self.vision;
+        out.push(("visual.patch_embed.proj".into(), &mut v.patch_embed));
+        for (i, b) in v.blocks.iter_mut().enumerate() {
+            for (n, l) in b.linears_mut() {
+                out.push((format!("visual.blocks.{i}.{n}"), l));
+            }
+        }
+        out.push(("visual.merger.mlp.0".into(), &mut v.merger_fc1));
+        out.push(("visual.merger.mlp.2".into(), &mut v.merger_fc2));
+        for (i, l) in self.text.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (n, lin) in [
+                ("self_attn.q_proj", &mut l.q_proj),
+                ("self_attn.k_proj", &mut l.k_proj),
+                ("self_attn.v_proj", &mut l.v_proj),
+                ("self_attn.o_proj", &mut l.o_proj),
+                ("mlp.gate_proj", &mut l.gate_proj),
+                ("mlp.up_proj", &mut l.up_proj),
+                ("mlp.down_proj", &mut l.down_proj),
+            ] {
+                out.push((format!("{p}.{n}"), lin));
+            }
+        }
+        out.push(("lm_head".into(), &mut self.text.lm_head));
+        out
+    }
+
+    /// An inference copy whose linear weights are stored as `weights` says.
+    ///
+    /// `F32` is a plain clone (the tensors are shared, nothing is copied). Otherwise every
+    /// linear of the vision tower and the decoder (and `lm_head`) whose width fits the
+    /// format's block is quantized, and its `weight` field becomes a shape-only placeholder
+    /// ([`Linear::is_quantized`]): the copy generates and scores, it does not train and is
+    /// not saved. LoRA adapters come along unmerged (f32 low-rank path over the quantized base).
+    /// After the learner's weights change, build the copy again from the learner.
+    pub fn to_rollout(&self, weights: RolloutWeights) -> Result<Qwen2Vl> {
+        let mut copy = self.clone();
+        if weights == RolloutWeights::F32 {
+            return Ok(copy);
+        }
+        for (name, lin) in copy.linears_mut() {
+            if lin.is_quantized() {
+                return Err(ModelError::Quantize {
+                    name,
+                    weights,
+                    reason: "the model is already a rollout copy: build it from the learner".into(),
+                });
+            }
+            let (_, in_features) = lin.dims();
+            let Some(format) = weights.format_for(in_features, name == "lm_head") else {
+                continue;
+            };
+            lin.quantize(format).map_err(|e| ModelError::Quantize {
+                name: name.clone(),
+                weights,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(copy)
+    }
+
+    /// A model of shape `config` with N(0, 0.02) weights, like [`Qwen2Vl::random`], whose
+    /// linears are drawn one at a time and stored as `weights` at once: the whole model never
+    /// exists in f32, so the memory is what serving in that format takes (for benchmarks).
+    pub fn random_rollout(
+        config: crate::Qwen2VlConfig,
+        weights: RolloutWeights,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        use candle_core::DType;
+        let dtype = DType::F32;
+        let mut map = std::collections::HashMap::new();
+        let mut drawn_later = std::collections::HashSet::new();
+        for (name, shape) in crate::model::param_shapes(&config) {
+            let t = if name.contains("norm") || name.contains("ln_q") {
+                if name.ends_with(".bias") {
+                    Tensor::zeros(shape.as_slice(), dtype, device)?
+                } else {
+                    Tensor::ones(shape.as_slice(), dtype, device)?
+                }
+            } else if shape.len() == 2 && name != "model.embed_tokens.weight" {
+                // A shape-only stand-in until the linear is drawn below.
+                let t = Tensor::zeros((), dtype, device)?.broadcast_as(shape.as_slice())?;
+                drawn_later.insert(name.clone());
+                t
+            } else {
+                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?
+            };
+            map.insert(name, t);
+        }
+        let mut model = Self::from_weights(config, crate::weights::Weights::from_map(map))?;
+        for (name, lin) in model.linears_mut() {
+            let (out, inp) = lin.dims();
+            if drawn_later.contains(&format!("{name}.weight")) {
+                lin.weight = Tensor::randn(0f32, 0.02, (out, inp), device)?;
+            }
+            if let Some(format) = weights.format_for(inp, name == "lm_head") {
+                lin.quantize(format).map_err(|e| ModelError::Quantize {
+                    name: name.clone(),
+                    weights,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(model)
+    }
+
+    /// How many linears are quantized and the bytes their weights take.
+    pub fn rollout_summary(&self) -> RolloutSummary {
+        let mut s = RolloutSummary::default();
+        // A clone shares every tensor: it only lends `linears_mut` a model to walk.
+        let mut model = self.clone();
+        for (_, l) in model.linears_mut() {
+            match &l.quantized {
+                Some(q) => {
+                    s.quantized += 1;
+                    s.linear_bytes += q.storage_bytes();
+                }
+                None => {
+                    s.kept += 1;
+                    s.linear_bytes += l.weight.elem_count() * l.weight.dtype().size_in_bytes();
+                }
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    #[test]
+    fn names_round_trip_and_unknown_ones_are_refused() {
+        for w in RolloutWeights::ALL {
+            assert_eq!(w.to_string().parse::<RolloutWeights>().unwrap(), w);
+            let json = serde_json::to_string(&w).unwrap();
+            assert_eq!(serde_json::from_str::<RolloutWeights>(&json).unwrap(), w);
+        }
+        let err = "int8".parse::<RolloutWeights>().unwrap_err();
+        assert_eq!(err.input, "int8");
+        assert!(serde_json::from_str::<RolloutWeights>("\"q4_0\"").is_err());
+    }
+
+    #[test]
+    fn formats_follow_the_block_sizes() {
+        use RolloutWeights as W;
+        assert_eq!(W::F32.format_for(1536, false), None);
+        assert_eq!(W::Q8_0.format_for(1176, false), None);
+        assert_eq!(W::Q8_0.format_for(8960, false), Some(GgmlDType::Q8_0));
+        assert_eq!(W::Q4K.format_for(1536, false), Some(GgmlDType::Q4K));
+        assert_eq!(W::Q4K.format_for(1536, true), Some(GgmlDType::Q8_0));
+        assert_eq!(W::Q4K.format_for(96, false), Some(GgmlDType::Q8_0));
+        assert_eq!(W::Bf16.format_for(1176, false), Some(GgmlDType::BF16));
+    }
+
+    /// q8_0 rounds each weight to the nearest of 255 levels spaced d = max|w|/127 within its
+    /// block of 32 (|w - q(w)| <= d/2) and stores d in f16 (relative error <= 2^-11). A row of
+    /// 0.5 and -0.25 (-63.5 d, a half-level case) against ones (exact at 8 bits): the product
+    /// is within 64 d/2 + 2^-11 * sum|w x| of the exact 8.
+    #[test]
+    fn quantized_linear_matches_the_f32_product_within_the_rounding() {
+        let dev = Device::Cpu;
+        let row: Vec<f32> = (0..64).map(|i| if i % 2 == 0 { 0.5 } else { -0.25 }).collect();
+        let w = Tensor::from_vec([row.clone(), row].concat(), (2, 64), &dev).unwrap();
+        let b = Tensor::new(&[1f32, -1.0], &dev).unwrap();
+        let x = Tensor::ones((1, 3, 64), candle_core::DType::F32, &dev).unwrap();
+        let exact = Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+        let mut q = Linear::new(w, Some(b));
+        q.quantize(GgmlDType::Q8_0).unwrap();
+        assert!(q.is_quantized());
+        assert_eq!(q.dims(), (2, 64));
+        let got = q.forward(&x).unwrap();
+        assert_eq!(got.dims(), &[1, 3, 2]);
+        let (e, g) = (
+            exact.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let d = 0.5 / 127.0;
+        let bound = 64.0 * d / 2.0 + 2f32.powi(-11) * 24.0;
+        for (a, b) in e.iter().zip(&g) {
+            assert!((a - b).abs() <= bound, "{a} vs {b}");
+        }
+        assert_eq!(e[0], 9.0);
+    }
+}
