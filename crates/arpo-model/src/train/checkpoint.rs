@@ -2,14 +2,16 @@
 //!
 //! - Every file is written to a temporary name in the same directory, synced, then renamed:
 //!   a crash mid-save leaves the previous file (or none), never a half-written one.
-//! - [`save_safetensors`] writes the standard safetensors layout (so `transformers`, `peft` and
-//!   vLLM read it) with `{"format": "pt"}` and a CRC-32 of the data section in the header
-//!   metadata (`arpo_crc32`). [`load_safetensors`] checks the structure and that checksum and
-//!   refuses a damaged file with [`TrainError::Corrupt`]. Files without a checksum (from other
-//!   tools) are structure-checked only.
+//! - [`save_safetensors`] writes with the `safetensors` crate's serializer (so `transformers`,
+//!   `peft` and vLLM read it), adding `{"format": "pt"}` and a CRC-32 of the data section to the
+//!   header metadata (`arpo_crc32`). [`load_safetensors`] checks the structure and that
+//!   checksum and refuses a damaged file with [`TrainError::Corrupt`]. Files without a checksum
+//!   (from other tools) are structure-checked only.
 //! - [`CheckpointDir`] assembles a whole directory under a temporary name and renames it into
 //!   place at [`CheckpointDir::commit`].
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -92,15 +94,15 @@ pub fn write_atomic(
     Ok(())
 }
 
-fn dtype_name(dtype: DType) -> Result<&'static str> {
+fn safetensors_dtype(dtype: DType) -> Result<safetensors::Dtype> {
     Ok(match dtype {
-        DType::F32 => "F32",
-        DType::F64 => "F64",
-        DType::BF16 => "BF16",
-        DType::F16 => "F16",
-        DType::U32 => "U32",
-        DType::I64 => "I64",
-        DType::U8 => "U8",
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F64 => safetensors::Dtype::F64,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::U32 => safetensors::Dtype::U32,
+        DType::I64 => safetensors::Dtype::I64,
+        DType::U8 => safetensors::Dtype::U8,
         other => {
             return Err(TrainError::Config(format!(
                 "cannot save dtype {other:?} to safetensors; convert to f32 first"
@@ -136,71 +138,176 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
-/// Saves `tensors` (written in name order) atomically, with `metadata` plus `format: pt` and the
-/// checksum in the header.
+/// A tensor as the `safetensors` serializer sees it: its bytes are made (copied to the host) when
+/// the serializer writes them, one tensor at a time, and hashed on the way.
+struct Streamed<'a> {
+    name: &'a str,
+    tensor: &'a Tensor,
+    dtype: safetensors::Dtype,
+    written: &'a RefCell<Written>,
+}
+
+/// What the serializer has taken from the [`Streamed`] tensors so far.
+#[derive(Default)]
+struct Written {
+    crc: crc32fast::Hasher,
+    order: Vec<String>,
+    failure: Option<TrainError>,
+}
+
+impl safetensors::View for Streamed<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut written = self.written.borrow_mut();
+        written.order.push(self.name.to_owned());
+        match tensor_bytes(self.tensor) {
+            Ok(bytes) => {
+                written.crc.update(&bytes);
+                Cow::Owned(bytes)
+            }
+            // `View::data` cannot fail: keep the error; the file is dropped.
+            Err(e) => {
+                written.failure.get_or_insert(e);
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()
+    }
+}
+
+/// Saves `tensors` atomically with the `safetensors` serializer, with `metadata` plus
+/// `format: pt` and the checksum in the header.
+///
+/// The serializer streams one tensor at a time to a temporary file; the CRC-32 of the data
+/// section is taken as it goes and patched over a fixed-width placeholder in the header, then the
+/// file is synced and renamed into place.
 pub fn save_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, Tensor>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, t) in tensors {
-        let len = t.elem_count() * t.dtype().size_in_bytes();
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": dtype_name(t.dtype())?,
-                "shape": t.dims(),
-                "data_offsets": [offset, offset + len],
-            }),
-        );
-        offset += len;
-    }
-    let mut meta: BTreeMap<String, String> = metadata.clone();
-    meta.insert("format".into(), "pt".into());
-    // A fixed-width placeholder, patched once the data has been streamed.
     const PLACEHOLDER: &str = "00000000";
+    let mut meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    meta.insert("format".into(), "pt".into());
     meta.insert(CRC_KEY.into(), PLACEHOLDER.into());
-    header.insert(
-        "__metadata__".into(),
-        serde_json::to_value(&meta).map_err(|e| TrainError::Config(e.to_string()))?,
-    );
-    let mut header_bytes =
-        serde_json::to_vec(&header).map_err(|e| TrainError::Config(e.to_string()))?;
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
-    let needle = format!("\"{CRC_KEY}\":\"{PLACEHOLDER}\"");
-    let crc_pos = find(&header_bytes, needle.as_bytes())
-        .map(|p| 8 + p + needle.len() - 1 - PLACEHOLDER.len())
-        .ok_or_else(|| TrainError::Config("checksum placeholder not found in header".into()))?;
+    let written = RefCell::new(Written::default());
+    let views = tensors
+        .iter()
+        .map(|(name, tensor)| {
+            Ok((
+                name.as_str(),
+                Streamed {
+                    name,
+                    tensor,
+                    dtype: safetensors_dtype(tensor.dtype())?,
+                    written: &written,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
 
-    let mut failure = None;
-    write_atomic(path, |f| {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *f);
-        w.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
-        w.write_all(&header_bytes)?;
-        let mut crc = crc32fast::Hasher::new();
-        for t in tensors.values() {
-            match tensor_bytes(t) {
-                Ok(b) => {
-                    crc.update(&b);
-                    w.write_all(&b)?;
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    return Err(std::io::Error::other("tensor conversion failed"));
-                }
-            }
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(source) => io_err("writing", path)(source),
+            other => TrainError::Config(format!(
+                "safetensors cannot write {}: {other}",
+                path.display()
+            )),
+        })?;
+        let Written {
+            crc,
+            order,
+            failure,
+        } = written.take();
+        if let Some(e) = failure {
+            return Err(e);
         }
-        w.flush()?;
-        drop(w);
-        f.seek(SeekFrom::Start(crc_pos as u64))?;
-        f.write_all(format!("{:08x}", crc.finalize()).as_bytes())?;
-        Ok(())
-    })
-    .map_err(|e| failure.take().unwrap_or(e))
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err("reopening", &tmp))?;
+        let crc_pos = placeholder_position(&mut f, &tmp, &order, PLACEHOLDER)?;
+        (|| {
+            f.seek(SeekFrom::Start(crc_pos))?;
+            f.write_all(format!("{:08x}", crc.finalize()).as_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, path)
+        })()
+        .map_err(io_err("writing", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// The file offset of the checksum placeholder in the header the serializer wrote, after checking
+/// that it wrote the tensors in the order they were hashed (the checksum covers the data section
+/// in file order).
+fn placeholder_position(
+    f: &mut File,
+    path: &Path,
+    hashed_order: &[String],
+    placeholder: &str,
+) -> Result<u64> {
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8).map_err(io_err("reading", path))?;
+    let header_len = usize::try_from(u64::from_le_bytes(len8))
+        .map_err(|_| unexpected(path, "a header length that does not fit in memory"))?;
+    let mut header = vec![0u8; header_len];
+    f.read_exact(&mut header).map_err(io_err("reading", path))?;
+    let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| unexpected(path, format!("a header that is not valid json: {e}")))?;
+    let offsets: HashMap<&str, (u64, u64)> = parsed
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .map(|(name, entry)| {
+            let at = |i: usize| entry["data_offsets"][i].as_u64().unwrap_or(u64::MAX);
+            (name.as_str(), (at(0), at(1)))
+        })
+        .collect();
+    // A tensor of no bytes shares its offset with the next one and adds nothing to the checksum.
+    let has_bytes = |name: &&str| offsets.get(name).is_none_or(|(start, end)| start != end);
+    let mut in_file: Vec<(u64, &str)> = offsets
+        .iter()
+        .filter(|(name, _)| has_bytes(name))
+        .map(|(name, (start, _))| (*start, *name))
+        .collect();
+    in_file.sort_unstable();
+    let hashed = hashed_order.iter().map(String::as_str).filter(has_bytes);
+    if !in_file.iter().map(|(_, name)| *name).eq(hashed) {
+        return Err(unexpected(
+            path,
+            "the tensors in another order than it read them",
+        ));
+    }
+    let needle = format!("\"{CRC_KEY}\":\"{placeholder}\"");
+    let pos = find(&header, needle.as_bytes())
+        .ok_or_else(|| unexpected(path, "a header without the checksum placeholder"))?;
+    Ok((8 + pos + needle.len() - 1 - placeholder.len()) as u64)
+}
+
+/// The serializer did something [`save_safetensors`] does not expect (a crate update changed it).
+fn unexpected(path: &Path, what: impl std::fmt::Display) -> TrainError {
+    TrainError::Config(format!(
+        "the safetensors serializer wrote {what} to {}: checkpoint saving needs fixing for this safetensors version",
+        path.display()
+    ))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -411,6 +518,70 @@ mod tests {
         // CRC-32 (IEEE) of the data section, as zlib computes it.
         let crc = format!("{:08x}", crc32fast::hash(&bytes[8 + n..]));
         assert_eq!(header["__metadata__"][CRC_KEY], crc.as_str());
+    }
+
+    #[test]
+    fn every_dtype_is_valid_safetensors_that_the_loader_reads_back() {
+        let dev = Device::Cpu;
+        let base = Tensor::new(&[[1.5f32, -2.0, 0.0], [0.25, 3.0, -7.5]], &dev).expect("t");
+        let mut tensors = BTreeMap::new();
+        for dtype in [
+            DType::F32,
+            DType::F64,
+            DType::BF16,
+            DType::F16,
+            DType::U32,
+            DType::I64,
+            DType::U8,
+        ] {
+            let t = base.abs().expect("abs").to_dtype(dtype).expect("cast");
+            tensors.insert(format!("{dtype:?}.weight"), t);
+        }
+        tensors.insert("scalar".into(), Tensor::new(2.5f32, &dev).expect("t"));
+        tensors.insert(
+            "empty".into(),
+            Tensor::zeros((0, 4), DType::BF16, &dev).expect("t"),
+        );
+        let meta = BTreeMap::from([("step".to_string(), "7".to_string())]);
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("m.safetensors");
+        save_safetensors(&p, &tensors, &meta).expect("save");
+
+        // The crate's own reader accepts the layout and sees our metadata.
+        let bytes = fs::read(&p).expect("read");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        let (n, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+        let meta = header.metadata().as_ref().expect("metadata");
+        assert_eq!(meta["format"], "pt");
+        assert_eq!(meta["step"], "7");
+        let crc = format!("{:08x}", crc32fast::hash(&bytes[8 + n..]));
+        assert_eq!(meta[CRC_KEY], crc);
+        assert_eq!(st.len(), tensors.len());
+
+        let back = load_safetensors(&p, &Device::Cpu).expect("load");
+        for (name, t) in &tensors {
+            let got = &back[name];
+            assert_eq!(got.dtype(), t.dtype(), "{name}");
+            assert_eq!(got.dims(), t.dims(), "{name}");
+            let view = st.tensor(name).expect("in file");
+            assert_eq!(view.data(), tensor_bytes(t).expect("bytes"), "{name}");
+        }
+        // No temporary file is left next to it.
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn unsupported_dtype_is_refused_and_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("m.safetensors");
+        let mut tensors = sample();
+        let odd = Tensor::new(&[1.0f32, 2.0], &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::I16))
+            .expect("i16");
+        tensors.insert("odd".into(), odd);
+        let err = save_safetensors(&p, &tensors, &BTreeMap::new()).expect_err("refused");
+        assert!(err.to_string().contains("convert to f32"), "{err}");
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 0);
     }
 
     #[test]
