@@ -63,7 +63,7 @@ impl RolloutWeights {
     /// `lm_head` is kept at 8 bits under `q4k`: its logits are the log-probabilities the
     /// learner compares the sampler with, and it is one matrix of the 7 x layers.
     pub fn format_for(self, in_features: usize, is_lm_head: bool) -> Option<GgmlDType> {
-        let fits = |d: GgmlDType| in_features > 0 && in_features.is_multiple_of(d.block_size());
+        let fits = |d: GgmlDType| in_features > 0 && in_features % d.block_size() == 0;
         match self {
             Self::F32 => None,
             Self::Bf16 => Some(GgmlDType::BF16),
@@ -203,6 +203,7 @@ impl Qwen2Vl {
         if weights == RolloutWeights::F32 {
             return Ok(copy);
         }
+        let mut todo = Vec::new();
         for (name, lin) in copy.linears_mut() {
             if lin.is_quantized() {
                 return Err(ModelError::Quantize {
@@ -212,15 +213,37 @@ impl Qwen2Vl {
                 });
             }
             let (_, in_features) = lin.dims();
-            let Some(format) = weights.format_for(in_features, name == "lm_head") else {
-                continue;
-            };
-            lin.quantize(format).map_err(|e| ModelError::Quantize {
-                name: name.clone(),
-                weights,
-                reason: e.to_string(),
-            })?;
+            if let Some(format) = weights.format_for(in_features, name == "lm_head") {
+                todo.push((name, lin, format));
+            }
         }
+        // Quantizing is one thread per tensor in candle: the linears go to the cores in turn
+        // (a weight sync of the 2B model took 43 s on one).
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let mut shares: Vec<Vec<_>> = (0..cores).map(|_| Vec::new()).collect();
+        for (i, job) in todo.into_iter().enumerate() {
+            shares[i % cores].push(job);
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|share| {
+                    scope.spawn(move || -> Result<()> {
+                        for (name, lin, format) in share {
+                            lin.quantize(format).map_err(|e| ModelError::Quantize {
+                                name,
+                                weights,
+                                reason: e.to_string(),
+                            })?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
         Ok(copy)
     }
 
@@ -328,7 +351,9 @@ mod tests {
     #[test]
     fn quantized_linear_matches_the_f32_product_within_the_rounding() {
         let dev = Device::Cpu;
-        let row: Vec<f32> = (0..64).map(|i| if i % 2 == 0 { 0.5 } else { -0.25 }).collect();
+        let row: Vec<f32> = (0..64)
+            .map(|i| if i % 2 == 0 { 0.5 } else { -0.25 })
+            .collect();
         let w = Tensor::from_vec([row.clone(), row].concat(), (2, 64), &dev).unwrap();
         let b = Tensor::new(&[1f32, -1.0], &dev).unwrap();
         let x = Tensor::ones((1, 3, 64), candle_core::DType::F32, &dev).unwrap();

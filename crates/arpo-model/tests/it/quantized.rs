@@ -90,8 +90,12 @@ fn compare(
     assert!(quantized > 0, "{what}: nothing was quantized");
     let e = per_linear_error(weights) * (quantized as f64).sqrt();
     let greedy = SamplingParams::greedy(n);
-    let (f, _) = model.generate(std::slice::from_ref(req), &greedy, &[]).unwrap();
-    let (q, _) = rollout.generate(std::slice::from_ref(req), &greedy, &[]).unwrap();
+    let (f, _) = model
+        .generate(std::slice::from_ref(req), &greedy, &[])
+        .unwrap();
+    let (q, _) = rollout
+        .generate(std::slice::from_ref(req), &greedy, &[])
+        .unwrap();
     let (f, q) = (&f[0], &q[0]);
     assert_eq!(f.token_ids.len(), n);
     let mut ids = req.input_ids.clone();
@@ -101,7 +105,9 @@ fn compare(
     let lq = rollout.forward(&ids, pv, &req.grid_thw).unwrap();
     let p0 = req.input_ids.len() - 1;
     // Greedy parts from f32 at its first differing token, and only where f32 was unsure.
-    let parted = (0..n).find(|&t| q.token_ids[t] != f.token_ids[t]).unwrap_or(n);
+    let parted = (0..n)
+        .find(|&t| q.token_ids[t] != f.token_ids[t])
+        .unwrap_or(n);
     let mut seen = Seen {
         tokens_matched: parted,
         ..Seen::default()
@@ -134,7 +140,10 @@ fn compare(
         seen.worst_logit_ratio = seen.worst_logit_ratio.max(worst_dz / max_dz);
         seen.worst_logprob_ratio = seen.worst_logprob_ratio.max(dlp / (2.0 * max_dz));
         let (arg, margin) = top2(&zf);
-        assert_eq!(arg, tok, "{what} step {t}: f32 greedy is the argmax of its logits");
+        assert_eq!(
+            arg, tok,
+            "{what} step {t}: f32 greedy is the argmax of its logits"
+        );
         let clear = margin > 2.0 * max_dz;
         if clear {
             seen.clear_positions += 1;
@@ -205,7 +214,10 @@ fn tiny_base_requests() -> (Qwen2Vl, Vec<(String, GenerationRequest)>) {
             responses: vec![],
         };
         let messages = build_messages(&ctx, &PromptConfig::default());
-        (format!("uitars-tiny-base {instruction:?}"), model.prepare(&messages).unwrap())
+        (
+            format!("uitars-tiny-base {instruction:?}"),
+            model.prepare(&messages).unwrap(),
+        )
     })
     .collect();
     (model.model, reqs)
@@ -219,7 +231,14 @@ fn check_all(
 ) {
     let rollout = model.to_rollout(weights).unwrap();
     for (what, req) in reqs {
-        let seen = compare(model, &rollout, weights, req, n, &format!("{what} {weights}"));
+        let seen = compare(
+            model,
+            &rollout,
+            weights,
+            req,
+            n,
+            &format!("{what} {weights}"),
+        );
         eprintln!(
             "{what} {weights}: greedy equal for {} of {n} tokens, {} clear-margin positions, worst logit error {:.2} of its bound, worst log-prob error {:.2} of its bound, KL(sampler||learner) mean {:.2e} max {:.2e}",
             seen.tokens_matched,
@@ -230,7 +249,10 @@ fn check_all(
             seen.max_kl
         );
         // Not vacuous: every prompt has positions where the argmax is checked.
-        assert!(seen.clear_positions > 0, "{what} {weights}: no position had a clear margin");
+        assert!(
+            seen.clear_positions > 0,
+            "{what} {weights}: no position had a clear margin"
+        );
     }
 }
 
@@ -260,7 +282,10 @@ fn the_rollout_copy_leaves_the_learner_exact_and_refuses_to_be_quantized_twice()
     // tiny-qwen2vl: 112-wide down_proj (2 layers) and the 1176-wide patch embedding stay f32.
     assert_eq!(s.kept, 3, "{s:?}");
     assert!(model.rollout_summary().quantized == 0);
-    assert!(s.linear_bytes * 2 < model.rollout_summary().linear_bytes, "{s:?}");
+    assert!(
+        s.linear_bytes * 2 < model.rollout_summary().linear_bytes,
+        "{s:?}"
+    );
     assert!(matches!(
         rollout.to_rollout(RolloutWeights::Q4K),
         Err(arpo_model::ModelError::Quantize { .. })
@@ -290,7 +315,14 @@ fn q4k_rollouts_match_f32_within_the_rounding_bound_on_a_256_wide_model() {
         pixel_values: None,
         grid_thw: vec![],
     };
-    let seen = compare(&model, &rollout, RolloutWeights::Q4K, &req, 8, "random 256-wide q4k");
+    let seen = compare(
+        &model,
+        &rollout,
+        RolloutWeights::Q4K,
+        &req,
+        8,
+        "random 256-wide q4k",
+    );
     eprintln!("random 256-wide q4k: {seen:?}");
 }
 
@@ -323,7 +355,11 @@ fn a_lora_update_reaches_the_q8_0_copy_without_rebuilding_it() {
             updated += 1;
         }
     }
-    assert!(updated > 0, "no LoRA B found in {:?}", trainable.vars().len());
+    assert!(
+        updated > 0,
+        "no LoRA B found in {:?}",
+        trainable.vars().len()
+    );
     let (want, got) = (logits(&trainable.model), logits(&rollout));
     let e = per_linear_error(RolloutWeights::Q8_0)
         * (rollout.rollout_summary().quantized as f64).sqrt();
@@ -341,7 +377,10 @@ fn a_lora_update_reaches_the_q8_0_copy_without_rebuilding_it() {
             .to_scalar::<f32>()
             .unwrap() as f64
     };
-    assert!(diff(&got, &want) <= bound, "copy vs learner after the update");
+    assert!(
+        diff(&got, &want) <= bound,
+        "copy vs learner after the update"
+    );
     assert!(
         diff(&got, &before) > bound,
         "the copy did not follow the update beyond the rounding"
