@@ -238,10 +238,12 @@ pub fn save_safetensors(
             .write(true)
             .open(&tmp)
             .map_err(io_err("reopening", &tmp))?;
-        let crc_pos = placeholder_position(&mut f, &tmp, &order, PLACEHOLDER)?;
+        // Checks the order the tensors were hashed in against the header's offsets.
+        placeholder_position(&mut f, &tmp, &order, PLACEHOLDER)?;
+        let metadata = sorted_metadata(&mut f, &tmp, &format!("{:08x}", crc.finalize()))?;
         (|| {
-            f.seek(SeekFrom::Start(crc_pos))?;
-            f.write_all(format!("{:08x}", crc.finalize()).as_bytes())?;
+            f.seek(SeekFrom::Start(metadata.0))?;
+            f.write_all(&metadata.1)?;
             f.sync_all()?;
             drop(f);
             fs::rename(&tmp, path)
@@ -254,6 +256,48 @@ pub fn save_safetensors(
     result?;
     sync_parent(path);
     Ok(())
+}
+
+/// The header's `__metadata__` object rewritten with its keys sorted and the checksum filled in,
+/// with its file offset. The serializer writes the metadata in hash-map order, so two saves of
+/// the same weights would differ in their header bytes; sorted, a checkpoint's bytes depend on
+/// its contents only (the crash tests compare final weights byte for byte). Same entries, same
+/// JSON writer: the object keeps its length, and the rest of the file stays where it is.
+fn sorted_metadata(f: &mut File, path: &Path, crc: &str) -> Result<(u64, Vec<u8>)> {
+    f.seek(SeekFrom::Start(0)).map_err(io_err("reading", path))?;
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8).map_err(io_err("reading", path))?;
+    let header_len = usize::try_from(u64::from_le_bytes(len8))
+        .map_err(|_| unexpected(path, "a header length that does not fit in memory"))?;
+    let mut header = vec![0u8; header_len];
+    f.read_exact(&mut header).map_err(io_err("reading", path))?;
+    const KEY: &[u8] = b"\"__metadata__\":";
+    let start = header
+        .windows(KEY.len())
+        .position(|w| w == KEY)
+        .map(|i| i + KEY.len())
+        .ok_or_else(|| unexpected(path, "a header without __metadata__"))?;
+    let mut objects = serde_json::Deserializer::from_slice(&header[start..])
+        .into_iter::<BTreeMap<String, String>>();
+    let mut metadata = match objects.next() {
+        Some(Ok(m)) => m,
+        _ => return Err(unexpected(path, "a __metadata__ that is not an object of strings")),
+    };
+    let end = start + objects.byte_offset();
+    metadata.insert(CRC_KEY.into(), crc.into());
+    let sorted = serde_json::to_vec(&metadata)
+        .map_err(|e| unexpected(path, format!("metadata that does not serialize: {e}")))?;
+    if sorted.len() != end - start {
+        return Err(unexpected(
+            path,
+            format!(
+                "a __metadata__ of {} bytes, rewritten as {} (the serializer's JSON changed)",
+                end - start,
+                sorted.len()
+            ),
+        ));
+    }
+    Ok((8 + start as u64, sorted))
 }
 
 /// The file offset of the checksum placeholder in the header the serializer wrote, after checking
@@ -518,6 +562,32 @@ mod tests {
         // CRC-32 (IEEE) of the data section, as zlib computes it.
         let crc = format!("{:08x}", crc32fast::hash(&bytes[8 + n..]));
         assert_eq!(header["__metadata__"][CRC_KEY], crc.as_str());
+    }
+
+    /// The same weights and metadata give the same file, byte for byte, however the serializer's
+    /// hash map orders the metadata (several keys, many saves, each in a fresh map).
+    #[test]
+    fn the_same_weights_save_to_the_same_bytes() {
+        let dev = Device::Cpu;
+        let tensors = BTreeMap::from([
+            ("a.weight".to_string(), Tensor::new(&[1.0f32, 2.0], &dev).expect("t")),
+            ("b.bias".to_string(), Tensor::new(&[3u32], &dev).expect("t")),
+        ]);
+        let meta: BTreeMap<String, String> =
+            (0..6).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut files = Vec::new();
+        for i in 0..8 {
+            let p = dir.path().join(format!("m{i}.safetensors"));
+            save_safetensors(&p, &tensors, &meta).expect("save");
+            files.push(fs::read(&p).expect("read"));
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]), "saves differ");
+        let (_, header) = safetensors::SafeTensors::read_metadata(&files[0]).expect("header");
+        let m = header.metadata().as_ref().expect("metadata");
+        assert_eq!(m.get("key3").map(String::as_str), Some("value 3"));
+        assert_eq!(m.get(CRC_KEY).map(String::len), Some(8));
+        load_safetensors(&dir.path().join("m0.safetensors"), &dev).expect("the CRC checks");
     }
 
     #[test]
