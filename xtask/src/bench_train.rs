@@ -127,7 +127,10 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     let mut ids: Vec<u32> = (0..text / 2).map(filler).collect();
     ids.push(cfg.vision_start_token_id);
     ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
-    ids.push(cfg.vision_end_token_id.unwrap_or(cfg.vision_start_token_id + 1));
+    ids.push(
+        cfg.vision_end_token_id
+            .unwrap_or(cfg.vision_start_token_id + 1),
+    );
     ids.extend((text / 2..text).map(filler));
     ids.extend((0..bench.assistant_tokens).map(|i| filler(10_000 + i)));
     let mut mask = vec![false; bench.prompt_tokens];

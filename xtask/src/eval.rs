@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use arpo_core::Policy;
+use arpo_trainer::Config;
 use arpo_trainer::eval::{EvalReport, evaluate};
 use arpo_trainer::model::load_policy;
 use arpo_trainer::remote::server_policy;
 use arpo_trainer::rollout::RolloutEvent;
 use arpo_trainer::setup::{Envs, build_envs, load_tasks};
 use arpo_trainer::train::rollout_settings;
-use arpo_trainer::Config;
 
 /// What `eval` and `select-tasks` share: the config, the model, the tasks.
 #[derive(Debug, Clone, clap::Args)]
@@ -117,10 +117,32 @@ pub async fn run_eval(
     };
     let report = match build_envs(config)? {
         Envs::Sim(mut e) => {
-            evaluate(policy, &mut e, &tasks, &settings, common.seed, threshold, label, tasks_spec, &mut observer).await?
+            evaluate(
+                policy,
+                &mut e,
+                &tasks,
+                &settings,
+                common.seed,
+                threshold,
+                label,
+                tasks_spec,
+                &mut observer,
+            )
+            .await?
         }
         Envs::Osworld(mut e) => {
-            evaluate(policy, &mut e, &tasks, &settings, common.seed, threshold, label, tasks_spec, &mut observer).await?
+            evaluate(
+                policy,
+                &mut e,
+                &tasks,
+                &settings,
+                common.seed,
+                threshold,
+                label,
+                tasks_spec,
+                &mut observer,
+            )
+            .await?
         }
     };
     if !quiet {
@@ -142,7 +164,14 @@ pub fn run(args: Args) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let policy = rt.block_on(policy(&config))?;
-    let report = rt.block_on(run_eval(&args.common, &config, policy.as_ref(), &args.tasks, &label, false))?;
+    let report = rt.block_on(run_eval(
+        &args.common,
+        &config,
+        policy.as_ref(),
+        &args.tasks,
+        &label,
+        false,
+    ))?;
     print!("{}", report.table());
     println!(
         "(the interval counts this model's episodes as independent; to compare training runs, \

@@ -36,7 +36,6 @@ pub struct Args {
     min_pixels: u64,
 }
 
-
 pub fn run(args: Args) -> Result<()> {
     let (width, height) = args.screen.pair();
     let coordinates = match args.coords {

@@ -53,7 +53,13 @@ pub fn run(args: Args) -> Result<()> {
         false,
     ))?;
     let tasks = arpo_trainer::setup::load_tasks(&args.from, &config, args.common.max_tasks)?;
-    let index = select(&tasks, &report, args.not_always, args.per_domain, args.first);
+    let index = select(
+        &tasks,
+        &report,
+        args.not_always,
+        args.per_domain,
+        args.first,
+    );
     let kept: usize = index.values().map(Vec::len).sum();
     print!("{}", report.table());
     if let Some(path) = &args.report {
@@ -65,7 +71,8 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&index)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -73,11 +80,17 @@ pub fn run(args: Args) -> Result<()> {
         "selected {kept} of {} tasks (solved at least once in {} attempts{}) -> {}",
         tasks.len(),
         args.common.attempts,
-        if args.not_always { ", not every time" } else { "" },
+        if args.not_always {
+            ", not every time"
+        } else {
+            ""
+        },
         args.out.display()
     );
     if kept == 0 {
-        anyhow::bail!("no task was solved: the base model is too weak for this set, or raise --attempts");
+        anyhow::bail!(
+            "no task was solved: the base model is too weak for this set, or raise --attempts"
+        );
     }
     Ok(())
 }

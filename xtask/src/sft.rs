@@ -107,7 +107,8 @@ pub fn run(args: Args) -> Result<()> {
             let init = args.out.with_extension("init");
             for d in [&staging, &init] {
                 if d.exists() {
-                    std::fs::remove_dir_all(d).with_context(|| format!("clearing {}", d.display()))?;
+                    std::fs::remove_dir_all(d)
+                        .with_context(|| format!("clearing {}", d.display()))?;
                 }
             }
             std::fs::create_dir_all(&staging)?;
@@ -119,8 +120,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             train_tokenizer(&texts, args.vocab, &staging.join("tokenizer.json"))?;
             let model_config = init_model_dir(&staging, &TinyShape::default())?;
-            let model =
-                Qwen2Vl::random_seeded(model_config, DType::F32, &Device::Cpu, args.seed)?;
+            let model = Qwen2Vl::random_seeded(model_config, DType::F32, &Device::Cpu, args.seed)?;
             Trainable::full(model, false)?.save(&init, &staging, None)?;
             std::fs::remove_dir_all(&staging)?;
             init

@@ -22,7 +22,6 @@ pub struct Args {
     task: Option<String>,
 }
 
-
 pub fn run(args: Args) -> Result<()> {
     let (w, h) = args.size.pair();
     let state = GuestState::new(w, h)?;

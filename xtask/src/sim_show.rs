@@ -31,11 +31,14 @@ pub struct Args {
     export_osworld: Option<PathBuf>,
 }
 
-
 pub fn run(args: Args) -> Result<()> {
     let catalogue = Catalogue::default();
     if args.list {
-        for s in catalogue.train_specs().iter().chain(catalogue.heldout_specs()) {
+        for s in catalogue
+            .train_specs()
+            .iter()
+            .chain(catalogue.heldout_specs())
+        {
             println!("{}\t{}", s.id, s.instruction);
         }
         return Ok(());
@@ -49,7 +52,11 @@ pub fn run(args: Args) -> Result<()> {
     let task = catalogue.task(id)?;
     let (w, h) = args.size.pair();
     let mut session = Session::from_task(&task, w, h)?;
-    let actions = if args.solve { session.oracle()? } else { Vec::new() };
+    let actions = if args.solve {
+        session.oracle()?
+    } else {
+        Vec::new()
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut steps = Vec::new();
@@ -77,7 +84,11 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn export(catalogue: &Catalogue, dir: &std::path::Path) -> Result<()> {
-    for s in catalogue.train_specs().iter().chain(catalogue.heldout_specs()) {
+    for s in catalogue
+        .train_specs()
+        .iter()
+        .chain(catalogue.heldout_specs())
+    {
         let folder = dir.join("examples").join(&s.family);
         std::fs::create_dir_all(&folder)
             .with_context(|| format!("cannot create {}", folder.display()))?;

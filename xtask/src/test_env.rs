@@ -186,7 +186,10 @@ impl Printer {
             } => {
                 self.turn = 0;
                 let shot = &observation.screenshot;
-                println!("Reset in {seconds:.2} s; screen {}x{}", shot.width, shot.height);
+                println!(
+                    "Reset in {seconds:.2} s; screen {}x{}",
+                    shot.width, shot.height
+                );
             }
             RolloutEvent::Generating { .. } => {
                 self.turn += 1;
@@ -272,8 +275,8 @@ pub async fn run_episode<E: Environment>(
         tokens: 0,
         error: None,
     };
-    let outcome = env_check::run_episode(env, policy, task, settings, &mut |e| printer.event(e))
-        .await?;
+    let outcome =
+        env_check::run_episode(env, policy, task, settings, &mut |e| printer.event(e)).await?;
     if let Some(e) = printer.error {
         return Err(e);
     }
@@ -281,7 +284,10 @@ pub async fn run_episode<E: Environment>(
         let path = dir.join("episode.json");
         std::fs::write(&path, serde_json::to_string_pretty(&outcome)?)
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("Saved the screenshots and episode.json in {}", dir.display());
+        println!(
+            "Saved the screenshots and episode.json in {}",
+            dir.display()
+        );
     }
     Ok(outcome)
 }
@@ -439,17 +445,21 @@ async fn run_async(args: Args) -> Result<()> {
     println!("Task:        {} ({source})", task.id);
     println!("Instruction: {}", task.instruction);
     let names = (args.evaluator != EvaluatorBackend::Native).then(OsworldNames::bundled);
-    let tasks_dir = examples_dir
-        .map(|d| d.join("examples"))
-        .unwrap_or_default();
+    let tasks_dir = examples_dir.map(|d| d.join("examples")).unwrap_or_default();
     let (runs, _, reasons) = classify(&task, &tasks_dir, names.as_ref());
     match runs {
         Runs::Native => println!("Evaluator:   native"),
         Runs::Osworld => {
             env.check_evaluator().await.with_context(|| {
-                format!("task {} needs OSWorld's own evaluator (--evaluator {})", task.id, args.evaluator)
+                format!(
+                    "task {} needs OSWorld's own evaluator (--evaluator {})",
+                    task.id, args.evaluator
+                )
             })?;
-            println!("Evaluator:   OSWorld's desktop_env, through the worker ({})", args.python);
+            println!(
+                "Evaluator:   OSWorld's desktop_env, through the worker ({})",
+                args.python
+            );
         }
         Runs::NotRunnable => bail!(
             "task {} cannot be scored with --evaluator {}: {} (see `cargo xtask osworld-coverage`)",

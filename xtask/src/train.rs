@@ -135,9 +135,29 @@ async fn train(config: Config, args: Args) -> Result<()> {
             config.worker.rollout.weight_sync
         );
         drop(local);
-        run_envs(config, &remote, envs, learner, train_tasks, val_tasks, resume, quiet).await
+        run_envs(
+            config,
+            &remote,
+            envs,
+            learner,
+            train_tasks,
+            val_tasks,
+            resume,
+            quiet,
+        )
+        .await
     } else {
-        run_envs(config, &local, envs, learner, train_tasks, val_tasks, resume, quiet).await
+        run_envs(
+            config,
+            &local,
+            envs,
+            learner,
+            train_tasks,
+            val_tasks,
+            resume,
+            quiet,
+        )
+        .await
     }
 }
 
@@ -154,10 +174,30 @@ async fn run_envs<P: Policy + ?Sized>(
 ) -> Result<()> {
     match envs {
         Envs::Sim(e) => {
-            run_with(config, policy, e, learner, train_tasks, val_tasks, resume, quiet).await
+            run_with(
+                config,
+                policy,
+                e,
+                learner,
+                train_tasks,
+                val_tasks,
+                resume,
+                quiet,
+            )
+            .await
         }
         Envs::Osworld(e) => {
-            run_with(config, policy, e, learner, train_tasks, val_tasks, resume, quiet).await
+            run_with(
+                config,
+                policy,
+                e,
+                learner,
+                train_tasks,
+                val_tasks,
+                resume,
+                quiet,
+            )
+            .await
         }
     }
 }
@@ -217,10 +257,19 @@ async fn run_with<P: Policy + ?Sized, E: Environment>(
             e.loss
         );
     }
-    println!("metrics:     {}", results.join("training_metrics.json").display());
-    println!("replay:      {}", results.join("replay_buffer_stats.json").display());
+    println!(
+        "metrics:     {}",
+        results.join("training_metrics.json").display()
+    );
+    println!(
+        "replay:      {}",
+        results.join("replay_buffer_stats.json").display()
+    );
     println!("per task:    {}", results.join("task_results").display());
-    println!("curves:      {}", results.join("training_curves.png").display());
+    println!(
+        "curves:      {}",
+        results.join("training_curves.png").display()
+    );
     if let Some(ck) = &summary.last_checkpoint {
         println!("checkpoint:  {}", ck.display());
     }

@@ -105,9 +105,17 @@ mod tests {
 
     #[test]
     fn parses_and_refuses() {
-        assert_eq!("800X450".parse::<ScreenSize>().ok(), ScreenSize::new(800, 450).ok());
-        assert_eq!(" 8 x 4 ".parse::<ScreenSize>().map(ScreenSize::pair), Ok((8, 4)));
-        for bad in ["", "big", "1920", "1920x", "x1080", "0x10", "10x0", "-1x5", "1.5x2"] {
+        assert_eq!(
+            "800X450".parse::<ScreenSize>().ok(),
+            ScreenSize::new(800, 450).ok()
+        );
+        assert_eq!(
+            " 8 x 4 ".parse::<ScreenSize>().map(ScreenSize::pair),
+            Ok((8, 4))
+        );
+        for bad in [
+            "", "big", "1920", "1920x", "x1080", "0x10", "10x0", "-1x5", "1.5x2",
+        ] {
             assert!(bad.parse::<ScreenSize>().is_err(), "{bad:?} was accepted");
         }
         let err = "0x10".parse::<ScreenSize>().unwrap_err().to_string();

@@ -1525,8 +1525,11 @@ mod tests {
             assert_eq!(task.instruction, spec.instruction);
         }
         // Instances past the default catalogue are new tasks, not repeats of its own.
-        let own: std::collections::HashSet<&str> =
-            small.train_specs().iter().map(|s| s.instruction.as_str()).collect();
+        let own: std::collections::HashSet<&str> = small
+            .train_specs()
+            .iter()
+            .map(|s| s.instruction.as_str())
+            .collect();
         let extra = &big.train_specs()[TRAIN_PER_FAMILY..TRAIN_PER_FAMILY + 40];
         assert!(extra.iter().any(|s| !own.contains(s.instruction.as_str())));
     }

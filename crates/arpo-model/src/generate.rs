@@ -47,10 +47,19 @@ pub struct GenerationTimings {
 
 /// `log softmax(logits / temperature)[token]` (temperature 0 is read as 1, as in greedy).
 pub fn logprob_of(logits: &[f32], token: u32, temperature: f64) -> f32 {
-    let t = if temperature <= 0.0 { 1.0 } else { temperature as f32 };
-    let max = logits.iter().map(|l| l / t).fold(f32::NEG_INFINITY, f32::max);
+    let t = if temperature <= 0.0 {
+        1.0
+    } else {
+        temperature as f32
+    };
+    let max = logits
+        .iter()
+        .map(|l| l / t)
+        .fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|l| f64::from((l / t - max).exp())).sum();
-    logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l / t - max - sum.ln() as f32)
+    logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |l| l / t - max - sum.ln() as f32)
 }
 
 /// Picks the next token from `logits` (f32, one row); returns `(token, logprob)`.

@@ -231,7 +231,6 @@ impl TextModel {
     }
 }
 
-
 /// One decoder layer: pre-norm attention and SwiGLU MLP, both residual.
 #[allow(clippy::too_many_arguments)]
 fn layer_forward(

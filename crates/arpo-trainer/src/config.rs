@@ -571,9 +571,8 @@ impl Config {
             return String::new();
         };
         // arpo-replay's own switch; here it is `algorithm.enable_replay`.
-        if let Some(serde_yaml::Value::Mapping(replay)) = tree
-            .get_mut("algorithm")
-            .and_then(|a| a.get_mut("replay"))
+        if let Some(serde_yaml::Value::Mapping(replay)) =
+            tree.get_mut("algorithm").and_then(|a| a.get_mut("replay"))
         {
             replay.remove("enabled");
         }

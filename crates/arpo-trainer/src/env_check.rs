@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use arpo_core::{Action, EpisodeEnd, Environment, Policy, SamplingParams, ScreenSize, Task};
+use arpo_core::{Action, Environment, EpisodeEnd, Policy, SamplingParams, ScreenSize, Task};
 use arpo_env_sim::Catalogue;
 use arpo_env_vmware::task::RawStep;
 use arpo_env_vmware::{GuestClient, GuestConfig, OsworldTask, Vmrun};
@@ -254,7 +254,12 @@ fn http_client() -> Result<reqwest::Client, CheckFailed> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(|e| failed(format!("cannot build an HTTP client: {e}"), "check the TLS setup"))
+        .map_err(|e| {
+            failed(
+                format!("cannot build an HTTP client: {e}"),
+                "check the TLS setup",
+            )
+        })
 }
 
 /// Loads a task into the simulated guest at `url` (`POST /setup/sim`).
@@ -265,7 +270,12 @@ pub async fn load_sim_task(url: &str, parameters: &Value) -> Result<(), CheckFai
         .json(parameters)
         .send()
         .await
-        .map_err(|e| failed(format!("POST {endpoint}: {e}"), "is `cargo xtask sim-guest` running there?"))?;
+        .map_err(|e| {
+            failed(
+                format!("POST {endpoint}: {e}"),
+                "is `cargo xtask sim-guest` running there?",
+            )
+        })?;
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
     if !status.is_success() {
@@ -279,10 +289,7 @@ pub async fn load_sim_task(url: &str, parameters: &Value) -> Result<(), CheckFai
 
 /// Whether the guest is the simulated one (it serves its task as a virtual file).
 pub async fn is_sim_guest(guest: &GuestClient) -> bool {
-    matches!(
-        guest.file(arpo_env_sim::TASK_FILE).await,
-        Ok(Some(_))
-    )
+    matches!(guest.file(arpo_env_sim::TASK_FILE).await, Ok(Some(_)))
 }
 
 /// The guest server at `url`, checked to answer a screenshot; returns it with its screen size.
@@ -293,16 +300,24 @@ pub async fn check_guest(url: &str) -> Result<(GuestClient, ScreenSize), CheckFa
         backoff: Duration::from_millis(500),
         ..GuestConfig::default()
     };
-    let guest = GuestClient::new(url, config)
-        .map_err(|e| failed(format!("--url {url}: {e}"), "give a URL like http://127.0.0.1:5000"))?;
+    let guest = GuestClient::new(url, config).map_err(|e| {
+        failed(
+            format!("--url {url}: {e}"),
+            "give a URL like http://127.0.0.1:5000",
+        )
+    })?;
     let shot = guest.screenshot().await.map_err(|e| {
         failed(
             format!("the guest server at {url} does not answer GET /screenshot ({e})"),
             "is `cargo xtask sim-guest` running there (mind --port), or is the VM's OSWorld server up (port 5000)?",
         )
     })?;
-    let size = ScreenSize::new(shot.width, shot.height)
-        .map_err(|e| failed(format!("the guest at {url} sent a screenshot of {e}"), "check the guest's display"))?;
+    let size = ScreenSize::new(shot.width, shot.height).map_err(|e| {
+        failed(
+            format!("the guest at {url} sent a screenshot of {e}"),
+            "check the guest's display",
+        )
+    })?;
     Ok((guest, size))
 }
 
@@ -433,16 +448,27 @@ pub async fn first_server_model(base: &str, api_key: Option<&str>) -> Result<Str
     if !status.is_success() {
         return Err(failed(
             format!("GET {url} answered {status}: {text}"),
-            format!("is {base} the server's OpenAI base URL (ending in /v1)? or name the model with --server-model"),
+            format!(
+                "is {base} the server's OpenAI base URL (ending in /v1)? or name the model with --server-model"
+            ),
         ));
     }
-    let list: Value = serde_json::from_str(&text)
-        .map_err(|e| failed(format!("GET {url} did not answer a JSON model list: {e}"), "is it an OpenAI-compatible server?"))?;
+    let list: Value = serde_json::from_str(&text).map_err(|e| {
+        failed(
+            format!("GET {url} did not answer a JSON model list: {e}"),
+            "is it an OpenAI-compatible server?",
+        )
+    })?;
     list.get("data")
         .and_then(Value::as_array)
         .and_then(|models| models.first())
         .and_then(|m| m.get("id"))
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(|| failed(format!("GET {url} lists no models"), "name one with --server-model"))
+        .ok_or_else(|| {
+            failed(
+                format!("GET {url} lists no models"),
+                "name one with --server-model",
+            )
+        })
 }

@@ -350,8 +350,16 @@ mod tests {
         assert_eq!(g[0].runs, vec![3.0 / 8.0, 5.0 / 8.0]);
         // mean 0.5, sd sqrt(2 * 0.125^2 / 1) = 0.176777.
         let (mean, sd) = g[0].spread().unwrap();
-        assert!((mean - 0.5).abs() < 1e-12 && (sd - 0.176_777).abs() < 1e-6, "{sd}");
-        let a = g[0].pooled.per_task.iter().find(|t| t.task_id == "a").unwrap();
+        assert!(
+            (mean - 0.5).abs() < 1e-12 && (sd - 0.176_777).abs() < 1e-6,
+            "{sd}"
+        );
+        let a = g[0]
+            .pooled
+            .per_task
+            .iter()
+            .find(|t| t.task_id == "a")
+            .unwrap();
         assert_eq!((a.attempts, a.successes), (8, 4));
         assert_eq!(g[1].runs.len(), 1);
         assert!(g[1].spread().is_none());

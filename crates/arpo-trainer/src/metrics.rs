@@ -63,7 +63,8 @@ impl StepMetrics {
             .flat_map(|g| g.trajectories.iter())
             .collect();
         let n = own.len().max(1) as f64;
-        let share = |f: &dyn Fn(&Trajectory) -> bool| own.iter().filter(|t| f(t)).count() as f64 / n;
+        let share =
+            |f: &dyn Fn(&Trajectory) -> bool| own.iter().filter(|t| f(t)).count() as f64 / n;
         Self {
             step,
             epoch,

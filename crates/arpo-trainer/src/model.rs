@@ -62,10 +62,7 @@ pub fn pixel_bounds(config: &Config) -> Result<(u64, u64), TrainerError> {
 }
 
 /// `processor` with the run's pixel bounds ([`pixel_bounds`]).
-pub fn with_pixel_bounds(
-    mut processor: ImageProcessor,
-    (min, max): (u64, u64),
-) -> ImageProcessor {
+pub fn with_pixel_bounds(mut processor: ImageProcessor, (min, max): (u64, u64)) -> ImageProcessor {
     processor.config.min_pixels = min;
     processor.config.max_pixels = max;
     processor
@@ -138,7 +135,11 @@ pub struct BuiltEpisode {
 }
 
 impl EpisodeBuilder {
-    pub fn from_dir(dir: &Path, prompt: PromptConfig, device: Device) -> Result<Self, TrainerError> {
+    pub fn from_dir(
+        dir: &Path,
+        prompt: PromptConfig,
+        device: Device,
+    ) -> Result<Self, TrainerError> {
         let tokenizer =
             ChatTokenizer::from_dir(dir).map_err(|e| learner_err("loading the tokenizer", e))?;
         let pre = dir.join("preprocessor_config.json");
@@ -324,9 +325,7 @@ pub fn load_local(
     let pixels = pixel_bounds(config)?;
     let spec = m.model_path.to_string_lossy().to_string();
     let uitars = UiTars::load(&spec, dtype, &device).map_err(|e| TrainerError::Preflight {
-        problems: vec![format!(
-            "worker.actor.model.model_path {spec}: {e}"
-        )],
+        problems: vec![format!("worker.actor.model.model_path {spec}: {e}")],
     })?;
     let UiTars {
         model,
@@ -345,7 +344,10 @@ pub fn load_local(
                 dropout: m.lora.dropout,
                 target_modules: m.lora.target_modules.clone(),
                 include_vision: !m.freeze_vision_tower
-                    && m.lora.target_modules.iter().any(|t| t.starts_with("visual")),
+                    && m.lora
+                        .target_modules
+                        .iter()
+                        .any(|t| t.starts_with("visual")),
                 seed: config.data.seed,
             },
         )
@@ -480,7 +482,15 @@ impl Learner for CandleLearner {
         let mut stats = UpdateStats::default();
         let device = self.episodes.device.clone();
         let trainable = &self.trainable;
-        let one = |(sample, b): &(&Sample, &BuiltEpisode)| -> Result<Option<(candle_core::backprop::GradStore, arpo_grpo::LossMetrics, f64, usize)>, TrainerError> {
+        let one = |(sample, b): &(&Sample, &BuiltEpisode)| -> Result<
+            Option<(
+                candle_core::backprop::GradStore,
+                arpo_grpo::LossMetrics,
+                f64,
+                usize,
+            )>,
+            TrainerError,
+        > {
             let n: usize = b.turn_positions.iter().map(Vec::len).sum();
             let old: Option<Vec<f32>> = sample
                 .old_logprobs
@@ -495,9 +505,13 @@ impl Learner for CandleLearner {
                     old.len()
                 )));
             }
-            let weight = loss
-                .loss_agg_mode
-                .micro_batch_weight(BatchCount { sequences: 1, tokens: n }, total);
+            let weight = loss.loss_agg_mode.micro_batch_weight(
+                BatchCount {
+                    sequences: 1,
+                    tokens: n,
+                },
+                total,
+            );
             if n == 0 || weight == 0.0 {
                 return Ok(None);
             }
@@ -525,12 +539,16 @@ impl Learner for CandleLearner {
             )
             .map_err(|e| learner_err("policy loss", e))?;
             let scaled = t(out.loss.affine(weight, 0.0))?;
-            let grads = arpo_model::train::recompute::backward(&scaled).map_err(|e| learner_err("backward", e))?;
+            let grads = arpo_model::train::recompute::backward(&scaled)
+                .map_err(|e| learner_err("backward", e))?;
             Ok(Some((grads, out.metrics, weight, n)))
         };
         let pairs: Vec<(&Sample, &BuiltEpisode)> = minibatch.iter().zip(&built).collect();
         // Accumulated in sample order: the result does not depend on thread timing.
-        for (grads, m, weight, n) in parallel_map(&pairs, self.workers, one)?.into_iter().flatten() {
+        for (grads, m, weight, n) in parallel_map(&pairs, self.workers, one)?
+            .into_iter()
+            .flatten()
+        {
             self.optimizer
                 .accumulate(&grads)
                 .map_err(|e| learner_err("accumulating gradients", e))?;
@@ -661,9 +679,8 @@ fn parallel_map<T: Sync, R: Send>(
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(TrainerError::learner_msg("a scoring thread panicked"))
-                })
+                h.join()
+                    .unwrap_or_else(|_| Err(TrainerError::learner_msg("a scoring thread panicked")))
             })
             .collect()
     });

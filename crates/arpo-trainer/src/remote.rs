@@ -16,18 +16,31 @@ pub const ADAPTER: &str = "arpo-policy";
 pub fn weight_sync(config: &Config, lora: bool) -> Result<WeightSync, TrainerError> {
     let r = &config.worker.rollout;
     let bad = |reason: String| TrainerError::ConfigInvalid {
-        problems: vec![format!("worker.rollout.weight_sync {:?}: {reason}", r.weight_sync)],
+        problems: vec![format!(
+            "worker.rollout.weight_sync {:?}: {reason}",
+            r.weight_sync
+        )],
     };
     let sync = match r.weight_sync.as_str() {
         "auto" if lora => WeightSync::LoraAdapter,
         "auto" => WeightSync::ArpoReload,
-        other => other.parse::<WeightSync>().map_err(|e| bad(e.to_string()))?,
+        other => other
+            .parse::<WeightSync>()
+            .map_err(|e| bad(e.to_string()))?,
     };
     if sync != WeightSync::None && sync.is_adapter() != lora {
         return Err(bad(format!(
             "it sends {} but this run trains {}: use {}",
-            if sync.is_adapter() { "a LoRA adapter" } else { "full weights" },
-            if lora { "a LoRA adapter" } else { "full weights" },
+            if sync.is_adapter() {
+                "a LoRA adapter"
+            } else {
+                "full weights"
+            },
+            if lora {
+                "a LoRA adapter"
+            } else {
+                "full weights"
+            },
             if lora {
                 "lora_adapter"
             } else {
@@ -57,7 +70,10 @@ pub async fn server_policy(config: &Config) -> Result<RemotePolicy, TrainerError
     let tokenizer = config.worker.actor.model.model_path.join("tokenizer.json");
     let mapper = TokenMapper::from_file(&tokenizer).ok();
     let policy = RemotePolicy::new(remote_config, mapper).map_err(|e| preflight(e.to_string()))?;
-    policy.preflight().await.map_err(|e| preflight(e.to_string()))?;
+    policy
+        .preflight()
+        .await
+        .map_err(|e| preflight(e.to_string()))?;
     Ok(policy)
 }
 
@@ -84,34 +100,39 @@ pub async fn remote_policy(
     remote_config.prompt = prompt_config(config);
     // Token ids of servers that do not name them (SGLang) come through the model's vocabulary.
     let mapper = TokenMapper::from_file(&learner.source_dir.join("tokenizer.json")).ok();
-    let mut policy = RemotePolicy::new(remote_config, mapper).map_err(|e| preflight(e.to_string()))?;
-    policy.preflight().await.map_err(|e| preflight(e.to_string()))?;
+    let mut policy =
+        RemotePolicy::new(remote_config, mapper).map_err(|e| preflight(e.to_string()))?;
+    policy
+        .preflight()
+        .await
+        .map_err(|e| preflight(e.to_string()))?;
     let lora = learner.trainable.lora_set().is_some();
     let sync = weight_sync(config, lora)?;
     let push_dir = std::path::absolute(config.checkpoint_dir().join("server_push"))
         .map_err(|e| TrainerError::io(config.checkpoint_dir(), e))?;
     let pusher = policy.clone();
     let source = learner.source_dir.clone();
-    let push = move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), TrainerError> {
-        let what = "pushing weights to the server";
-        if sync == WeightSync::None {
-            return Ok(());
-        }
-        if lora {
-            trainable
-                .save_adapter(&push_dir, &source.to_string_lossy(), None)
-                .map_err(|e| TrainerError::learner(what, e))?;
-        } else {
-            trainable
-                .save(&push_dir, &source, None)
-                .map_err(|e| TrainerError::learner(what, e))?;
-        }
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::block_in_place(|| {
-            handle.block_on(pusher.push_weights(sync, &push_dir, ADAPTER))
-        })
-        .map_err(|e| TrainerError::learner(what, e))
-    };
+    let push =
+        move |trainable: &arpo_model::train::trainable::Trainable| -> Result<(), TrainerError> {
+            let what = "pushing weights to the server";
+            if sync == WeightSync::None {
+                return Ok(());
+            }
+            if lora {
+                trainable
+                    .save_adapter(&push_dir, &source.to_string_lossy(), None)
+                    .map_err(|e| TrainerError::learner(what, e))?;
+            } else {
+                trainable
+                    .save(&push_dir, &source, None)
+                    .map_err(|e| TrainerError::learner(what, e))?;
+            }
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| {
+                handle.block_on(pusher.push_weights(sync, &push_dir, ADAPTER))
+            })
+            .map_err(|e| TrainerError::learner(what, e))
+        };
     push(&learner.trainable)?;
     if sync.is_adapter() {
         policy.set_model(ADAPTER);
@@ -130,11 +151,22 @@ mod tests {
         let c = |sync: &str| {
             Config::from_yaml_str("", &[format!("worker.rollout.weight_sync={sync}")]).unwrap()
         };
-        assert_eq!(weight_sync(&c("auto"), true).unwrap(), WeightSync::LoraAdapter);
-        assert_eq!(weight_sync(&c("auto"), false).unwrap(), WeightSync::ArpoReload);
-        assert_eq!(weight_sync(&c("sglang_disk"), false).unwrap(), WeightSync::SglangDisk);
+        assert_eq!(
+            weight_sync(&c("auto"), true).unwrap(),
+            WeightSync::LoraAdapter
+        );
+        assert_eq!(
+            weight_sync(&c("auto"), false).unwrap(),
+            WeightSync::ArpoReload
+        );
+        assert_eq!(
+            weight_sync(&c("sglang_disk"), false).unwrap(),
+            WeightSync::SglangDisk
+        );
         assert_eq!(weight_sync(&c("none"), true).unwrap(), WeightSync::None);
-        let err = weight_sync(&c("lora_adapter"), false).unwrap_err().to_string();
+        let err = weight_sync(&c("lora_adapter"), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("arpo_reload"), "{err}");
         assert!(weight_sync(&c("rsync"), false).is_err());
     }

@@ -24,8 +24,8 @@ use std::time::Instant;
 
 use arpo_core::protocol::{CoordinateSystem, ParseConfig, parse_response};
 use arpo_core::{
-    Action, AgentContext, Environment, EpisodeEnd, Observation, Policy, Response,
-    SamplingParams, ScreenSize, Task, Trajectory, Turn,
+    Action, AgentContext, Environment, EpisodeEnd, Observation, Policy, Response, SamplingParams,
+    ScreenSize, Task, Trajectory, Turn,
 };
 use serde::{Deserialize, Serialize};
 

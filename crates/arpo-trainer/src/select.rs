@@ -73,10 +73,17 @@ mod tests {
     use super::pick;
 
     fn set() -> Vec<(String, String)> {
-        [("a", "a1"), ("b", "b1"), ("a", "a2"), ("c", "c1"), ("a", "a3"), ("c", "c2")]
-            .iter()
-            .map(|(d, id)| ((*d).to_string(), (*id).to_string()))
-            .collect()
+        [
+            ("a", "a1"),
+            ("b", "b1"),
+            ("a", "a2"),
+            ("c", "c1"),
+            ("a", "a3"),
+            ("c", "c2"),
+        ]
+        .iter()
+        .map(|(d, id)| ((*d).to_string(), (*id).to_string()))
+        .collect()
     }
 
     fn ids(v: Vec<(String, String)>) -> Vec<String> {
@@ -92,7 +99,13 @@ mod tests {
     #[test]
     fn per_domain_takes_rounds_across_domains() {
         assert_eq!(ids(pick(&set(), Some(1), None)), ["a1", "b1", "c1"]);
-        assert_eq!(ids(pick(&set(), Some(2), Some(4))), ["a1", "b1", "c1", "a2"]);
-        assert_eq!(ids(pick(&set(), Some(5), None)), ["a1", "b1", "c1", "a2", "c2", "a3"]);
+        assert_eq!(
+            ids(pick(&set(), Some(2), Some(4))),
+            ["a1", "b1", "c1", "a2"]
+        );
+        assert_eq!(
+            ids(pick(&set(), Some(5), None)),
+            ["a1", "b1", "c1", "a2", "c2", "a3"]
+        );
     }
 }

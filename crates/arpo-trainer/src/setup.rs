@@ -8,9 +8,8 @@ use arpo_core::Task;
 use arpo_env_sim::{Catalogue, SimEnv};
 use arpo_env_vmware::coverage::{Runs, classify};
 use arpo_env_vmware::{
-    EvaluatorBackend, OsworldNames,
-    EnvConfig as OsworldConfig, GuestClient, GuestConfig, HostType, OsworldEnv, OsworldTask,
-    VmwareProvider, Vmrun, VmrunConfig, load_index, remote_pool,
+    EnvConfig as OsworldConfig, EvaluatorBackend, GuestClient, GuestConfig, HostType, OsworldEnv,
+    OsworldNames, OsworldTask, Vmrun, VmrunConfig, VmwareProvider, load_index, remote_pool,
 };
 
 use crate::TrainerError;
@@ -21,7 +20,11 @@ use crate::config::{Config, EnvProvider};
 /// form, or one written by `cargo xtask select-tasks`). For the sim provider an index names
 /// catalogue ids; for VMware and remote providers it names OSWorld task files under
 /// `env.vmware.examples_dir`. At most `max_tasks` tasks (0: all), in the set's order.
-pub fn load_tasks(spec: &str, config: &Config, max_tasks: usize) -> Result<Vec<Task>, TrainerError> {
+pub fn load_tasks(
+    spec: &str,
+    config: &Config,
+    max_tasks: usize,
+) -> Result<Vec<Task>, TrainerError> {
     let err = |reason: String| TrainerError::Tasks {
         spec: spec.to_string(),
         reason,
@@ -53,7 +56,9 @@ pub fn load_tasks(spec: &str, config: &Config, max_tasks: usize) -> Result<Vec<T
                 let text = std::fs::read_to_string(index).map_err(|e| err(e.to_string()))?;
                 let map: std::collections::BTreeMap<String, Vec<String>> =
                     serde_json::from_str(&text).map_err(|e| {
-                        err(format!("an index must be {{\"domain\": [\"task id\", ...]}}: {e}"))
+                        err(format!(
+                            "an index must be {{\"domain\": [\"task id\", ...]}}: {e}"
+                        ))
                     })?;
                 let catalogue = Catalogue::default();
                 map.values()
@@ -248,7 +253,13 @@ pub fn build_envs(config: &Config) -> Result<Envs, TrainerError> {
 /// one. Every problem comes with what to do.
 pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
     let mut problems = Vec::new();
-    let model = config.worker.actor.model.model_path.to_string_lossy().to_string();
+    let model = config
+        .worker
+        .actor
+        .model
+        .model_path
+        .to_string_lossy()
+        .to_string();
     match arpo_model::weights::resolve_model_dir(&model) {
         Ok(dir) => {
             for file in ["config.json", "tokenizer.json"] {
@@ -323,7 +334,10 @@ pub async fn preflight(config: &Config) -> Result<(), TrainerError> {
     {
         let env = OsworldEnv::remote("http://127.0.0.1:1", osworld_config(config));
         if let Err(e) = env.check_evaluator().await {
-            problems.push(format!("env.osworld.evaluator {}: {e}", config.env.osworld.evaluator));
+            problems.push(format!(
+                "env.osworld.evaluator {}: {e}",
+                config.env.osworld.evaluator
+            ));
         }
     }
     if let Err(e) = crate::model::pixel_bounds(config) {
@@ -375,7 +389,11 @@ async fn guest_answers(url: &str) -> Result<(), String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    client.screenshot().await.map(|_| ()).map_err(|e| e.to_string())
+    client
+        .screenshot()
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 async fn http_get_ok(url: &str, api_key: Option<&str>) -> Result<(), String> {

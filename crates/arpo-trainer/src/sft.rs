@@ -16,9 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use arpo_core::protocol::{CoordinateSystem, PointSyntax, PromptConfig, format_response};
-use arpo_core::{
-    Action, Environment, EpisodeEnd, FinishReason, Response, Task, Trajectory, Turn,
-};
+use arpo_core::{Action, Environment, EpisodeEnd, FinishReason, Response, Task, Trajectory, Turn};
 use arpo_env_sim::{Catalogue, SimEnv};
 use arpo_model::train::optim::{AdamW, AdamWConfig};
 use arpo_model::train::score::Episode;
@@ -63,8 +61,12 @@ pub async fn demonstrations(
 ) -> Result<Vec<Trajectory>, TrainerError> {
     let mut out = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let actions = arpo_env_sim::oracle_at(task, arpo_env_sim::DEFAULT_SIZE.0, arpo_env_sim::DEFAULT_SIZE.1)
-            .map_err(|e| err(&format!("oracle of {}", task.id), e))?;
+        let actions = arpo_env_sim::oracle_at(
+            task,
+            arpo_env_sim::DEFAULT_SIZE.0,
+            arpo_env_sim::DEFAULT_SIZE.1,
+        )
+        .map_err(|e| err(&format!("oracle of {}", task.id), e))?;
         let mut env = SimEnv::new().with_max_steps(actions.len() + 1);
         let mut obs = env
             .reset(task)
@@ -137,12 +139,16 @@ pub const SPECIAL_TOKENS: &[&str] = &[
 
 /// Trains a byte-level BPE tokenizer of `vocab_size` tokens (special tokens included) on
 /// `texts` and writes it to `path` (`tokenizer.json`).
-pub fn train_tokenizer(texts: &[String], vocab_size: usize, path: &Path) -> Result<(), TrainerError> {
+pub fn train_tokenizer(
+    texts: &[String],
+    vocab_size: usize,
+    path: &Path,
+) -> Result<(), TrainerError> {
+    use tokenizers::models::TrainerWrapper;
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::pre_tokenizers::digits::Digits;
     use tokenizers::pre_tokenizers::sequence::Sequence;
-    use tokenizers::models::TrainerWrapper;
     use tokenizers::{AddedToken, ModelWrapper, PreTokenizerWrapper, Tokenizer};
 
     let mut tokenizer = Tokenizer::new(ModelWrapper::BPE(BPE::default()));
@@ -459,13 +465,17 @@ pub fn run_sft(
         }
         // Samples are independent: score them on `workers` threads (candle runs small matmuls
         // on one core), then accumulate in sample order so the result does not depend on timing.
-        let per_sample = |episode: &Episode| -> Result<(candle_core::backprop::GradStore, f64, usize), TrainerError> {
+        let per_sample = |episode: &Episode| -> Result<
+            (candle_core::backprop::GradStore, f64, usize),
+            TrainerError,
+        > {
             let score = trainable.score(episode).map_err(|e| err("scoring", e))?;
             let n = score.positions.len();
             let loss = score.mean_nll().map_err(|e| err("loss", e))?;
             let scaled = (loss / batch as f64).map_err(|e| err("loss", e))?;
             let value = scaled.to_scalar::<f32>().map_err(|e| err("loss", e))?;
-            let grads = arpo_model::train::recompute::backward(&scaled).map_err(|e| err("backward", e))?;
+            let grads =
+                arpo_model::train::recompute::backward(&scaled).map_err(|e| err("backward", e))?;
             Ok((grads, f64::from(value) * batch as f64 * n as f64, n))
         };
         let workers = config.workers.clamp(1, batch);
@@ -473,11 +483,16 @@ pub fn run_sft(
         let results: Vec<Result<Vec<_>, TrainerError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = episodes
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(per_sample).collect::<Result<Vec<_>, _>>()))
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(per_sample).collect::<Result<Vec<_>, _>>())
+                })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(err("worker", "a scoring thread panicked"))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(err("worker", "a scoring thread panicked")))
+                })
                 .collect()
         });
         for part in results {

@@ -152,7 +152,10 @@ fn advantage_config(config: &Config) -> AdvantageConfig {
 }
 
 /// The rollout settings from the config (training or validation sampling).
-pub fn rollout_settings(config: &Config, validation: bool) -> Result<RolloutSettings, TrainerError> {
+pub fn rollout_settings(
+    config: &Config,
+    validation: bool,
+) -> Result<RolloutSettings, TrainerError> {
     Ok(RolloutSettings {
         group_size: if validation {
             config.worker.rollout.val_override_config.n
@@ -411,7 +414,8 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             "step done"
         );
         if let Some(tb) = &mut self.tensorboard {
-            let v = serde_json::to_value(&m).map_err(|e| TrainerError::io(&self.paths.results, e))?;
+            let v =
+                serde_json::to_value(&m).map_err(|e| TrainerError::io(&self.paths.results, e))?;
             tb.write_scalars(step, &arpo_dashboard::scalars_from_json("train", &v))?;
         }
         self.state.metrics.steps.push(m);
@@ -467,7 +471,11 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             }
         }
         for d in &report.dropped {
-            self.record(tasks, &d.task_id, Attempt::dropped(d, step, epoch, "training"));
+            self.record(
+                tasks,
+                &d.task_id,
+                Attempt::dropped(d, step, epoch, "training"),
+            );
         }
     }
 
@@ -637,7 +645,8 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         );
         if let Some(tb) = &mut self.tensorboard {
             let last_step = steps.last().map_or(0, |s| s.step);
-            let v = serde_json::to_value(&e).map_err(|err| TrainerError::io(&self.paths.results, err))?;
+            let v = serde_json::to_value(&e)
+                .map_err(|err| TrainerError::io(&self.paths.results, err))?;
             tb.write_scalars(last_step, &arpo_dashboard::scalars_from_json("epoch", &v))?;
         }
         self.state.metrics.epochs.push(e);

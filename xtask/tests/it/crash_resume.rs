@@ -21,7 +21,12 @@ fn workspace() -> PathBuf {
 fn train(out: &Path, fail_points: Option<&str>, resume: bool) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
     c.current_dir(workspace())
-        .args(["train", "--quiet", "--config", "configs/embedded_default.yaml"])
+        .args([
+            "train",
+            "--quiet",
+            "--config",
+            "configs/embedded_default.yaml",
+        ])
         .args(
             [
                 "data.max_tasks=2",
@@ -42,7 +47,10 @@ fn train(out: &Path, fail_points: Option<&str>, resume: bool) -> Command {
         )
         .args([
             "--set",
-            &format!("trainer.save_checkpoint_path={}", out.join("checkpoints").display()),
+            &format!(
+                "trainer.save_checkpoint_path={}",
+                out.join("checkpoints").display()
+            ),
             "--set",
             &format!("trainer.results_path={}", out.join("results").display()),
             "--set",
@@ -139,7 +147,10 @@ fn weights(out: &Path, epoch: usize) -> Vec<u8> {
 #[test]
 fn a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one() {
     let reference = tempfile::tempdir().unwrap();
-    run_to_end(train(reference.path(), None, false), "the uninterrupted run");
+    run_to_end(
+        train(reference.path(), None, false),
+        "the uninterrupted run",
+    );
 
     let crashed = tempfile::tempdir().unwrap();
     let dir = crashed.path();
@@ -161,10 +172,16 @@ fn a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one() {
     let checkpoints = dir.join("checkpoints/crash");
     assert!(checkpoints.join("epoch_0/trainer_state.json").is_file());
     assert!(
-        checkpoints.join(".epoch_1.partial/model.safetensors").is_file(),
+        checkpoints
+            .join(".epoch_1.partial/model.safetensors")
+            .is_file(),
         "the third kill landed mid-write"
     );
-    assert!(!checkpoints.join(".epoch_1.partial/trainer_state.json").exists());
+    assert!(
+        !checkpoints
+            .join(".epoch_1.partial/trainer_state.json")
+            .exists()
+    );
     assert!(!checkpoints.join("epoch_1").exists());
     assert_eq!(
         arpo_trainer::train::latest_checkpoint(&checkpoints).map(|(n, _)| n),

@@ -62,9 +62,15 @@ fn the_live_page_of_a_training_run_shows_its_finished_steps() {
         )
         .args([
             "--set",
-            &format!("trainer.save_checkpoint_path={}", out.path().join("ck").display()),
+            &format!(
+                "trainer.save_checkpoint_path={}",
+                out.path().join("ck").display()
+            ),
             "--set",
-            &format!("trainer.results_path={}", out.path().join("results").display()),
+            &format!(
+                "trainer.results_path={}",
+                out.path().join("results").display()
+            ),
             "--set",
             &format!("trainer.logs_path={}", out.path().join("logs").display()),
         ])
@@ -96,7 +102,12 @@ fn the_live_page_of_a_training_run_shows_its_finished_steps() {
     assert_eq!(finished, 3);
     let profile = tempfile::tempdir().unwrap();
     let page = Command::new(&chromium)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+        ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("--dump-dom")
         .arg(format!("http://{addr}/"))
@@ -106,8 +117,13 @@ fn the_live_page_of_a_training_run_shows_its_finished_steps() {
     child.wait().unwrap();
     let dom = String::from_utf8_lossy(&page.stdout);
     assert!(
-        dom.contains(&format!(r#"data-metric="success_rate" data-points="{finished}""#)),
+        dom.contains(&format!(
+            r#"data-metric="success_rate" data-points="{finished}""#
+        )),
         "no success-rate curve of {finished} points in:\n{dom}"
     );
-    assert!(dom.contains(r#"src="/episodes/"#), "no recorded screenshot in:\n{dom}");
+    assert!(
+        dom.contains(r#"src="/episodes/"#),
+        "no recorded screenshot in:\n{dom}"
+    );
 }

@@ -35,7 +35,9 @@ fn check(name: &str, id: &str, steps: usize, size: (u32, u32)) {
         return;
     }
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let img = image::load_from_memory(&bytes).expect("fixture decodes").to_rgb8();
+    let img = image::load_from_memory(&bytes)
+        .expect("fixture decodes")
+        .to_rgb8();
     assert_eq!((img.width(), img.height()), (w, h), "{name}: size");
     let differing = img
         .as_raw()
@@ -43,7 +45,10 @@ fn check(name: &str, id: &str, steps: usize, size: (u32, u32)) {
         .zip(rgb.chunks_exact(3))
         .filter(|(a, b)| a != b)
         .count();
-    assert_eq!(differing, 0, "{name}: {differing} pixels differ from the snapshot");
+    assert_eq!(
+        differing, 0,
+        "{name}: {differing} pixels differ from the snapshot"
+    );
 }
 
 #[test]
@@ -63,7 +68,12 @@ fn dialog_with_dropdown_open() {
 
 #[test]
 fn desktop_icons_with_context_menu() {
-    check("context_menu.png", "sim-context_delete-train-002", 1, (336, 224));
+    check(
+        "context_menu.png",
+        "sim-context_delete-train-002",
+        1,
+        (336, 224),
+    );
 }
 
 #[test]
@@ -73,5 +83,10 @@ fn scrolled_list() {
 
 #[test]
 fn colour_buttons() {
-    check("colour_buttons.png", "sim-colour_button-heldout-001", 0, (336, 224));
+    check(
+        "colour_buttons.png",
+        "sim-colour_button-heldout-001",
+        0,
+        (336, 224),
+    );
 }

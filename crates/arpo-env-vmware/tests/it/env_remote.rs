@@ -2,19 +2,17 @@
 //! steps), steps, evaluate on OSWorld's own task files; faults (500s, a hang, the server going
 //! down mid-episode) end the episode with a reason and leave the env reusable.
 
-
-
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::{FakeGuest, Script};
 use arpo_core::{Action, EnvError, Environment, Point, Task};
 use arpo_env_vmware::{
     EnvConfig, EvaluatorBackend, GuestClient, GuestConfig, OsworldEnv, OsworldEvaluatorConfig,
     OsworldTask, VmwareError, remote_pool,
 };
 use serde_json::{Value, json};
-use crate::support::{FakeGuest, Script};
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -575,8 +573,8 @@ fn osworld_config(cache: &Path, python: &str) -> EnvConfig {
 }
 
 fn shared_task(rel: &str) -> Option<OsworldTask> {
-    let path = repo_root()
-        .join("../shared/osworld/evaluation_examples/examples")
+    let path = crate::support::osworld_examples()
+        .unwrap_or_else(|| repo_root().join("../shared/osworld/evaluation_examples/examples"))
         .join(rel);
     if path.is_file() {
         return Some(OsworldTask::load(&path).expect("task"));

@@ -3,18 +3,16 @@
 
 #![cfg(unix)]
 
-
-
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{FakeGuest, Script, fake_vmrun, vmrun_calls};
 use arpo_core::{Action, Environment, Point};
 use arpo_env_vmware::{
     EnvConfig, GuestConfig, OsworldEnv, OsworldTask, VmwareProvider, vmware_pool,
 };
 use serde_json::json;
-use crate::support::{FakeGuest, Script, fake_vmrun, vmrun_calls};
 
 fn config(cache: &Path, pause: bool) -> EnvConfig {
     EnvConfig {

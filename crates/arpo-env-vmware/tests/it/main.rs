@@ -3,10 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
-mod support;
 mod env_remote;
 mod env_vmware;
 mod evaluators;
 mod pyautogui_roundtrip;
+mod support;
 mod tasks;
 mod vmrun_fake;

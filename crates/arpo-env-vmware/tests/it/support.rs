@@ -312,3 +312,22 @@ pub fn vmrun_calls(dir: &std::path::Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// OSWorld's published `evaluation_examples/examples` (read, never copied into the repository):
+/// `$ARPO_OSWORLD_EXAMPLES` (an `evaluation_examples` folder), else the one shared next to this
+/// checkout (`../shared/osworld/...`), else this machine's `/work/shared/osworld/...`.
+pub fn osworld_examples() -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidates = [
+        std::env::var_os("ARPO_OSWORLD_EXAMPLES").map(std::path::PathBuf::from),
+        Some(root.join("../shared/osworld/evaluation_examples")),
+        Some(std::path::PathBuf::from(
+            "/work/shared/osworld/evaluation_examples",
+        )),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("examples"))
+        .find(|d| d.is_dir())
+}

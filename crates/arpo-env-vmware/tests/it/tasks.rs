@@ -95,17 +95,13 @@ fn a_non_osworld_task_is_refused_with_the_reason() {
 
 /// OSWorld's published task set, shared on this machine (not copied into the repository).
 fn shared_examples() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/osworld/evaluation_examples/examples");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
+    let dir = crate::support::osworld_examples();
+    if dir.is_none() {
         println!(
-            "skipped: {} is absent (OSWorld's evaluation_examples, shared next to the checkout)",
-            dir.display()
+            "skipped: OSWorld's evaluation_examples is absent (set ARPO_OSWORLD_EXAMPLES, or share it next to the checkout)"
         );
-        None
     }
+    dir
 }
 
 #[test]

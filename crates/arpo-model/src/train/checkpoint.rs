@@ -264,7 +264,8 @@ pub fn save_safetensors(
 /// its contents only (the crash tests compare final weights byte for byte). Same entries, same
 /// JSON writer: the object keeps its length, and the rest of the file stays where it is.
 fn sorted_metadata(f: &mut File, path: &Path, crc: &str) -> Result<(u64, Vec<u8>)> {
-    f.seek(SeekFrom::Start(0)).map_err(io_err("reading", path))?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(io_err("reading", path))?;
     let mut len8 = [0u8; 8];
     f.read_exact(&mut len8).map_err(io_err("reading", path))?;
     let header_len = usize::try_from(u64::from_le_bytes(len8))
@@ -281,7 +282,12 @@ fn sorted_metadata(f: &mut File, path: &Path, crc: &str) -> Result<(u64, Vec<u8>
         .into_iter::<BTreeMap<String, String>>();
     let mut metadata = match objects.next() {
         Some(Ok(m)) => m,
-        _ => return Err(unexpected(path, "a __metadata__ that is not an object of strings")),
+        _ => {
+            return Err(unexpected(
+                path,
+                "a __metadata__ that is not an object of strings",
+            ));
+        }
     };
     let end = start + objects.byte_offset();
     metadata.insert(CRC_KEY.into(), crc.into());
@@ -570,11 +576,15 @@ mod tests {
     fn the_same_weights_save_to_the_same_bytes() {
         let dev = Device::Cpu;
         let tensors = BTreeMap::from([
-            ("a.weight".to_string(), Tensor::new(&[1.0f32, 2.0], &dev).expect("t")),
+            (
+                "a.weight".to_string(),
+                Tensor::new(&[1.0f32, 2.0], &dev).expect("t"),
+            ),
             ("b.bias".to_string(), Tensor::new(&[3u32], &dev).expect("t")),
         ]);
-        let meta: BTreeMap<String, String> =
-            (0..6).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let meta: BTreeMap<String, String> = (0..6)
+            .map(|i| (format!("key{i}"), format!("value {i}")))
+            .collect();
         let dir = tempfile::tempdir().expect("tmp");
         let mut files = Vec::new();
         for i in 0..8 {

@@ -1,12 +1,10 @@
 //! Golden parity with HF transformers on the tiny random-weight Qwen2-VL: position ids,
 //! vision features and logits at every position, for prompts with 0, 1 and 2 images.
 
-
-
+use crate::common::*;
 use arpo_core::SamplingParams;
 use arpo_model::{GenerationRequest, Qwen2Vl};
 use candle_core::{DType, Device, Tensor};
-use crate::common::*;
 
 fn model() -> Qwen2Vl {
     Qwen2Vl::load(&model_dir(), DType::F32, &Device::Cpu).expect("tiny model loads")
@@ -25,10 +23,7 @@ fn forward_matches_transformers_for_0_1_2_images() {
         let rope = model.rope_index(&input_ids, &grid).unwrap();
         let want_pos = t["position_ids"].to_vec2::<i64>().unwrap();
         for (axis, want) in want_pos.iter().enumerate() {
-            assert_eq!(
-                &rope.positions[axis], want,
-                "{case}: positions axis {axis}"
-            );
+            assert_eq!(&rope.positions[axis], want, "{case}: positions axis {axis}");
         }
         let want_delta = t["rope_delta"].to_vec1::<i64>().unwrap()[0];
         assert_eq!(rope.delta, want_delta, "{case}: rope delta");

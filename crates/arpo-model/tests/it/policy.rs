@@ -1,12 +1,10 @@
 //! The local Policy on the tiny fixture model.
 
-
-
+use crate::common::*;
 use arpo_core::protocol::PromptConfig;
 use arpo_core::{AgentContext, FinishReason, Policy, SamplingParams, Screenshot};
 use arpo_model::{LocalPolicy, UiTars};
 use candle_core::{DType, Device};
-use crate::common::*;
 
 fn screenshot(name: &str) -> Screenshot {
     let bytes = std::fs::read(golden_dir().join("images").join(name)).unwrap();

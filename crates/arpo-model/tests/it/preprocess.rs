@@ -1,12 +1,10 @@
 //! The image processor and the chat template/tokenizer against transformers' outputs.
 
-
-
+use crate::common::*;
 use arpo_core::{ChatMessage, ContentPart, Role, Screenshot};
 use arpo_model::processor::decode_image;
 use arpo_model::{ChatTokenizer, ImageProcessor, PreprocessorConfig};
 use candle_core::Device;
-use crate::common::*;
 
 fn image_bytes(name: &str) -> Vec<u8> {
     std::fs::read(golden_dir().join("images").join(name)).expect("fixture image")

@@ -118,7 +118,8 @@ fn full_gradients_match_pytorch(checkpointing: bool) {
         );
     }
 
-    let grads = arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
+    let grads =
+        arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
     let vars: HashMap<&str, _> = trainable
         .vars()
         .iter()

@@ -40,14 +40,21 @@ fn golden_episode(meta: &serde_json::Value, tensors: &HashMap<String, Tensor>) -
 }
 
 fn model() -> Qwen2Vl {
-    Qwen2Vl::load(&root().join("models/tiny-qwen2vl"), DType::F32, &Device::Cpu)
-        .expect("tiny model")
+    Qwen2Vl::load(
+        &root().join("models/tiny-qwen2vl"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("tiny model")
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).expect("f64") - b.to_dtype(DType::F64).expect("f64"))
         .expect("diff");
-    let num = d.sqr().and_then(|t| t.sum_all()).and_then(|t| t.to_scalar::<f64>());
+    let num = d
+        .sqr()
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.to_scalar::<f64>());
     let den = b
         .to_dtype(DType::F64)
         .and_then(|t| t.sqr())
@@ -106,7 +113,12 @@ fn lora_gradients_match_peft(checkpointing: bool) {
     let mut trainable = golden_lora(&meta, &tensors);
     trainable.set_gradient_checkpointing(checkpointing);
     let score = trainable.score(&episode).expect("score");
-    let total = f64::from(score.sum().and_then(|s| Ok(s.to_scalar::<f32>()?)).expect("sum"));
+    let total = f64::from(
+        score
+            .sum()
+            .and_then(|s| Ok(s.to_scalar::<f32>()?))
+            .expect("sum"),
+    );
     let want = meta["lora"]["sum_logprob"].as_f64().expect("golden");
     assert!(
         (total - want).abs() <= 1e-4 * want.abs(),
@@ -116,10 +128,14 @@ fn lora_gradients_match_peft(checkpointing: bool) {
     let golden_lp: Vec<f64> =
         serde_json::from_value(meta["lora"]["token_logprobs"].clone()).expect("lp");
     for (k, &t) in score.positions.iter().enumerate() {
-        assert!((f64::from(lp[k]) - golden_lp[t - 1]).abs() < 1e-4, "logp at {t}");
+        assert!(
+            (f64::from(lp[k]) - golden_lp[t - 1]).abs() < 1e-4,
+            "logp at {t}"
+        );
     }
 
-    let grads = arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
+    let grads =
+        arpo_model::train::recompute::backward(&score.sum().expect("sum")).expect("backward");
     let mut checked = 0;
     for (name, var) in trainable.vars() {
         let g = grads
@@ -130,7 +146,10 @@ fn lora_gradients_match_peft(checkpointing: bool) {
         assert!(e < 1e-4, "gradient of {name}: relative error {e}");
         checked += 1;
     }
-    assert_eq!(checked, 2 * meta["lora"]["modules"].as_array().expect("modules").len());
+    assert_eq!(
+        checked,
+        2 * meta["lora"]["modules"].as_array().expect("modules").len()
+    );
     // The base is frozen: no weight of the model has a GradStore entry.
     for (name, t) in trainable.model.parameters() {
         assert!(grads.get(&t).is_none(), "frozen {name} got a gradient");
@@ -152,7 +171,10 @@ fn saved_adapter_loads_back_and_merges_to_the_same_logits() {
     };
     let unmerged = logits(&trainable.model);
     let base = logits(&model());
-    assert!(rel_err(&unmerged, &base) > 1e-3, "the adapters change the logits");
+    assert!(
+        rel_err(&unmerged, &base) > 1e-3,
+        "the adapters change the logits"
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let adapter = dir.path().join("adapter");
@@ -260,7 +282,10 @@ fn gradient_checkpointing_replays_lora_dropout_masks() {
     let ckpt = run(true, true);
     for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
         let e = rel_err(b, a);
-        assert!(e < 1e-5, "gradient of {name} differs by {e} under checkpointing");
+        assert!(
+            e < 1e-5,
+            "gradient of {name} differs by {e} under checkpointing"
+        );
     }
     // The masks matter: without dropout the gradients are different.
     let no_dropout = run(false, false);

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
-
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use arpo_replay::{ReplacePositions, ReplayBuffer, ReplayConfig, StepReport};
 use crate::common::{Ep, ids};
+use arpo_replay::{ReplacePositions, ReplayBuffer, ReplayConfig, StepReport};
 use proptest::prelude::*;
 
 /// Evaluations that exercise every rule: failures, near-threshold values, partial and full

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
-
-
+use crate::common::{Ep, groups, ids};
 use arpo_core::{EpisodeEnd, Trajectory};
 use arpo_replay::{ReplacePositions, ReplayBuffer, ReplayConfig, ReplayError};
-use crate::common::{Ep, groups, ids};
 
 fn buffer(config: ReplayConfig) -> ReplayBuffer<Ep> {
     ReplayBuffer::new(config, 7).expect("valid config")

@@ -60,7 +60,9 @@ fn the_embedded_default_spells_out_every_key() {
     keys_missing(&defaults, &file, String::new(), &mut missing);
     // Provider sections for other providers are documented in config_uitars_2b_mac.yaml.
     missing.retain(|k| {
-        !k.starts_with("env.vmware") && !k.starts_with("env.remote") && !k.starts_with("env.osworld")
+        !k.starts_with("env.vmware")
+            && !k.starts_with("env.remote")
+            && !k.starts_with("env.osworld")
     });
     assert!(
         missing.is_empty(),
@@ -124,7 +126,10 @@ fn pixel_bounds_reach_every_image_processor() {
     let model = "worker.actor.model.model_path=../../fixtures/models/uitars-tiny-base";
     // The tiny base's preprocessor_config.json: shortest_edge 3136, longest_edge 100352.
     let c = Config::from_yaml_str("", &[model.into(), "env.coordinates=absolute".into()]).unwrap();
-    assert_eq!(arpo_trainer::model::pixel_bounds(&c).unwrap(), (3136, 100_352));
+    assert_eq!(
+        arpo_trainer::model::pixel_bounds(&c).unwrap(),
+        (3136, 100_352)
+    );
     let c = Config::from_yaml_str(
         "",
         &[
@@ -193,7 +198,12 @@ fn screen_size_is_what_the_engine_checks() {
     let s = arpo_trainer::train::rollout_settings(&c, true).unwrap();
     assert_eq!(s.expected_screen.map(|s| s.pair()), Some((1920, 1080)));
     let c = Config::from_yaml_str("", &[]).unwrap();
-    assert_eq!(arpo_trainer::train::rollout_settings(&c, true).unwrap().expected_screen, None);
+    assert_eq!(
+        arpo_trainer::train::rollout_settings(&c, true)
+            .unwrap()
+            .expected_screen,
+        None
+    );
     assert!(Config::from_yaml_str("", &["env.screen_size=[0, 1080]".into()]).is_err());
 }
 
@@ -208,6 +218,9 @@ async fn a_bad_load_checkpoint_path_fails_the_preflight() {
         ],
     )
     .unwrap();
-    let err = arpo_trainer::setup::preflight(&c).await.unwrap_err().to_string();
+    let err = arpo_trainer::setup::preflight(&c)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("trainer.load_checkpoint_path"), "{err}");
 }

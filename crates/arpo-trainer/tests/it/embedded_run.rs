@@ -66,7 +66,10 @@ async fn run(dir: &Path, stop_after: Option<u64>, resume: bool) -> bool {
     .unwrap();
     t.stop_after_steps = stop_after;
     if resume {
-        assert!(t.resume(None).unwrap().is_some(), "a checkpoint to resume from");
+        assert!(
+            t.resume(None).unwrap().is_some(),
+            "a checkpoint to resume from"
+        );
     }
     t.run().await.unwrap().stopped_early
 }
@@ -106,7 +109,9 @@ async fn the_embedded_run_writes_everything_and_resumes_exactly() {
     }
     assert!(results.join("replay_buffer_stats.json").is_file());
     assert_eq!(
-        std::fs::read_dir(results.join("task_results")).unwrap().count(),
+        std::fs::read_dir(results.join("task_results"))
+            .unwrap()
+            .count(),
         2
     );
     assert!(results.join("training_curves.png").is_file());
@@ -128,7 +133,12 @@ async fn the_embedded_run_writes_everything_and_resumes_exactly() {
     assert!(run(killed.path(), Some(1), false).await);
     assert!(!run(killed.path(), None, true).await);
     let a = std::fs::read(ck.join("model.safetensors")).unwrap();
-    let b = std::fs::read(killed.path().join("checkpoints/e2e/epoch_1/model.safetensors")).unwrap();
+    let b = std::fs::read(
+        killed
+            .path()
+            .join("checkpoints/e2e/epoch_1/model.safetensors"),
+    )
+    .unwrap();
     assert!(a == b, "final weights differ after resume");
     for f in ["training_metrics.json", "replay_buffer_stats.json"] {
         assert_eq!(

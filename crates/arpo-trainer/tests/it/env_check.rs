@@ -12,14 +12,16 @@ use arpo_core::protocol::{CoordinateSystem, PointSyntax, format_response};
 use arpo_core::{AgentContext, EpisodeEnd, Policy, PolicyError, Response, SamplingParams};
 use arpo_env_sim::Catalogue;
 use arpo_env_sim::guest::{GuestState, serve};
-use arpo_env_vmware::{EnvConfig, HostType, OsworldEnv, OsworldTask, Vmrun, VmrunConfig, VmwareProvider};
+use arpo_env_vmware::{
+    EnvConfig, HostType, OsworldEnv, OsworldTask, Vmrun, VmrunConfig, VmwareProvider,
+};
+use arpo_trainer::TrainerError;
 use arpo_trainer::env_check::{
     ChosenTask, DEFAULT_TASK, DEFAULT_TASK_DOMAIN, EpisodeSettings, check_guest, check_vmware,
     is_sim_guest, load_sim_task, run_episode, split_sim_steps,
 };
 use arpo_trainer::rollout::{Coordinates, EnvStage, RolloutSettings, run_rollouts};
 use arpo_trainer::testing::{ButtonRow, TabularPolicy, button_task};
-use arpo_trainer::TrainerError;
 
 /// A policy that answers scripted texts in order (then `finished()`).
 #[derive(Debug)]
@@ -159,7 +161,11 @@ async fn oracle_answers_pass_through_the_guest_protocol() -> Result<()> {
             failed.push(outcome.verdict(settings.max_steps));
         }
         assert_eq!(outcome.turns.len(), oracle.len(), "{id}");
-        assert_eq!(turns_seen, oracle.len(), "{id}: the observer saw every turn");
+        assert_eq!(
+            turns_seen,
+            oracle.len(),
+            "{id}: the observer saw every turn"
+        );
     }
     assert!(failed.is_empty(), "{failed:#?}");
     Ok(())
@@ -328,7 +334,11 @@ async fn test_env_and_training_run_the_same_episode() -> Result<()> {
             &mut |_| {},
         )
         .await?;
-        let texts: Vec<&str> = trained.turns.iter().map(|t| t.response.text.as_str()).collect();
+        let texts: Vec<&str> = trained
+            .turns
+            .iter()
+            .map(|t| t.response.text.as_str())
+            .collect();
         let checked_texts: Vec<&str> = checked.turns.iter().map(|t| t.response.as_str()).collect();
         assert_eq!(texts, checked_texts, "seed {seed}");
         assert_eq!(trained.end, checked.end, "seed {seed}");
@@ -348,9 +358,15 @@ async fn an_evaluation_that_raises_breaks_the_chain_with_its_stage() -> Result<(
     let policy = Scripted(Mutex::new(vec![
         "Action: click(start_box='(50,500)')".into(),
     ]));
-    let err = run_episode(&mut ButtonRow::new(), &policy, &task, &settings(), &mut |_| {})
-        .await
-        .expect_err("evaluation raised");
+    let err = run_episode(
+        &mut ButtonRow::new(),
+        &policy,
+        &task,
+        &settings(),
+        &mut |_| {},
+    )
+    .await
+    .expect_err("evaluation raised");
     match &err {
         TrainerError::EpisodeBroken { stage, error, .. } => {
             assert_eq!(*stage, EnvStage::Evaluate);
@@ -383,8 +399,15 @@ async fn eval_agrees_with_training_and_does_not_score_dropped_rollouts() -> Resu
     for seed in [11u64, 12, 13, 14] {
         let policy = TabularPolicy::new(0.1);
         let tasks = [ok.clone(), dead.clone()];
-        let trained = run_rollouts(&policy, &mut [ButtonRow::new()], &tasks, &settings, seed, &mut |_| {})
-            .await?;
+        let trained = run_rollouts(
+            &policy,
+            &mut [ButtonRow::new()],
+            &tasks,
+            &settings,
+            seed,
+            &mut |_| {},
+        )
+        .await?;
         let report = arpo_trainer::eval::evaluate(
             &policy,
             &mut [ButtonRow::new()],
@@ -399,7 +422,10 @@ async fn eval_agrees_with_training_and_does_not_score_dropped_rollouts() -> Resu
         .await?;
         let solved = usize::from(trained.groups[0].trajectories[0].eval_result > 0.1);
         assert_eq!(report.successes, solved, "seed {seed}");
-        assert_eq!(report.episodes, 1, "seed {seed}: the dropped rollout is no episode");
+        assert_eq!(
+            report.episodes, 1,
+            "seed {seed}: the dropped rollout is no episode"
+        );
         assert_eq!(report.dropped, 1, "seed {seed}");
         assert_eq!(report.success_rate, solved as f64, "seed {seed}");
     }

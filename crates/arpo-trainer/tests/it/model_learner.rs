@@ -10,9 +10,9 @@ use arpo_core::{
     AgentContext, Environment, EpisodeEnd, FinishReason, Policy, SamplingParams, Trajectory, Turn,
 };
 use arpo_env_sim::{Catalogue, SimEnv};
+use arpo_trainer::Config;
 use arpo_trainer::learner::{Learner, Sample};
 use arpo_trainer::model::load_local;
-use arpo_trainer::Config;
 
 fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-qwen2vl")
@@ -129,7 +129,12 @@ async fn an_update_moves_the_shared_weights_in_the_advantages_direction() {
     // Ratio 1 at the start: the loss is -A.
     assert!((stats.loss + 1.0).abs() < 1e-5, "{}", stats.loss);
     let after = learner.old_logprobs(&t).unwrap();
-    assert!(sum(&after) > sum(&before), "{} -> {}", sum(&before), sum(&after));
+    assert!(
+        sum(&after) > sum(&before),
+        "{} -> {}",
+        sum(&before),
+        sum(&after)
+    );
     // The policy shares the weights: its greedy answer is scored with the new weights too.
     let context = t.context_at(0);
     let r = policy
@@ -174,7 +179,12 @@ async fn an_on_policy_update_equals_one_with_recomputed_old_logprobs() {
     let old = a.old_logprobs(&t).unwrap();
     let sa = a.update(&[sample(Some(old))], &loss, 0).unwrap();
     let sb = b.update(&[sample(None)], &loss, 0).unwrap();
-    assert!((sa.loss - sb.loss).abs() < 1e-6, "{} vs {}", sa.loss, sb.loss);
+    assert!(
+        (sa.loss - sb.loss).abs() < 1e-6,
+        "{} vs {}",
+        sa.loss,
+        sb.loss
+    );
     assert!((sa.grad_norm - sb.grad_norm).abs() < 1e-6 * sa.grad_norm.max(1.0));
     assert_eq!(sb.ppo_kl, 0.0);
     let (la, lb) = (a.old_logprobs(&t).unwrap(), b.old_logprobs(&t).unwrap());
@@ -269,7 +279,11 @@ async fn loading_a_checkpoint_pushes_the_restored_weights() {
     let loss = arpo_grpo::PolicyLossConfig::default();
     let first_weight = |tr: &arpo_model::train::trainable::Trainable| -> Vec<f32> {
         let (_, var) = &tr.vars()[0];
-        var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        var.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     let pushed: Arc<Mutex<Vec<Vec<f32>>>> = Arc::default();
     let sink = pushed.clone();
@@ -297,5 +311,9 @@ async fn loading_a_checkpoint_pushes_the_restored_weights() {
     learner.load(dir.path()).unwrap();
     let pushes = pushed.lock().unwrap();
     assert_eq!(pushes.len(), before + 1, "loading pushed once");
-    assert_eq!(pushes.last().unwrap(), &saved, "the pushed weights are the restored ones");
+    assert_eq!(
+        pushes.last().unwrap(),
+        &saved,
+        "the pushed weights are the restored ones"
+    );
 }

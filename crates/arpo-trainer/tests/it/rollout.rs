@@ -283,14 +283,24 @@ async fn an_evaluation_that_raises_restarts_the_rollout_and_is_never_scored_zero
     .unwrap();
     let once = &report.groups[0].trajectories;
     assert_eq!(once.len(), 1);
-    assert_eq!(once[0].eval_result, 1.0, "scored by the evaluation that worked");
-    assert!(report.groups[1].trajectories.is_empty(), "no 0 was recorded");
+    assert_eq!(
+        once[0].eval_result, 1.0,
+        "scored by the evaluation that worked"
+    );
+    assert!(
+        report.groups[1].trajectories.is_empty(),
+        "no 0 was recorded"
+    );
     assert_eq!(report.dropped.len(), 1);
     let d = &report.dropped[0];
     assert_eq!(d.task_id, "always");
     assert_eq!(d.stage, EnvStage::Evaluate);
     assert_eq!(d.failures, 3);
-    assert!(d.error.contains("injected evaluator failure"), "{}", d.error);
+    assert!(
+        d.error.contains("injected evaluator failure"),
+        "{}",
+        d.error
+    );
     // 1 (once) + 3 (always), the last one not retried.
     assert_eq!(
         failures,
@@ -308,15 +318,32 @@ async fn a_screen_of_the_wrong_size_stops_the_run_with_the_key_to_change() {
     let policy = Scripted::new(solve);
     let mut s = settings(1);
     s.expected_screen = Some(arpo_core::ScreenSize::new(1920, 1080).unwrap());
-    let err = run_rollouts(&policy, &mut envs(1), &[button_task("a", 0, 2)], &s, 1, &mut |_| {})
-        .await
-        .unwrap_err();
+    let err = run_rollouts(
+        &policy,
+        &mut envs(1),
+        &[button_task("a", 0, 2)],
+        &s,
+        1,
+        &mut |_| {},
+    )
+    .await
+    .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("1000x100") && msg.contains("env.screen_size is 1920x1080"), "{msg}");
+    assert!(
+        msg.contains("1000x100") && msg.contains("env.screen_size is 1920x1080"),
+        "{msg}"
+    );
     // The right size passes.
     s.expected_screen = Some(arpo_core::ScreenSize::new(1000, 100).unwrap());
-    let report = run_rollouts(&policy, &mut envs(1), &[button_task("a", 0, 2)], &s, 1, &mut |_| {})
-        .await
-        .unwrap();
+    let report = run_rollouts(
+        &policy,
+        &mut envs(1),
+        &[button_task("a", 0, 2)],
+        &s,
+        1,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(report.groups[0].trajectories.len(), 1);
 }

@@ -26,7 +26,11 @@ async fn a_whole_demonstration_scores_each_turn_as_its_own_step_prompt_does() {
     // Multi-step families: form filling, typing then submitting, a dialog.
     let tasks: Vec<_> = sft_tasks(1)
         .into_iter()
-        .filter(|t| ["fill_form", "type_submit", "dialog"].iter().any(|f| t.id.contains(f)))
+        .filter(|t| {
+            ["fill_form", "type_submit", "dialog"]
+                .iter()
+                .any(|f| t.id.contains(f))
+        })
         .collect();
     assert_eq!(tasks.len(), 3);
     let prompt_limit = prompt.limit_images;
@@ -67,8 +71,16 @@ async fn a_whole_demonstration_scores_each_turn_as_its_own_step_prompt_does() {
                 built.episode.input_ids[..cb.episode.input_ids.len()]
             );
             for (&p_cut, &p_whole) in last.iter().zip(positions) {
-                let a = clp[cs.positions.iter().position(|&q| q == p_cut).expect("scored")];
-                let b = lp[score.positions.iter().position(|&q| q == p_whole).expect("scored")];
+                let a = clp[cs
+                    .positions
+                    .iter()
+                    .position(|&q| q == p_cut)
+                    .expect("scored")];
+                let b = lp[score
+                    .positions
+                    .iter()
+                    .position(|&q| q == p_whole)
+                    .expect("scored")];
                 assert!(
                     (a - b).abs() <= 1e-4 * a.abs().max(1.0),
                     "turn {k} of {}: log-prob {a} in its step prompt, {b} in the whole sequence",

@@ -8,14 +8,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use std::path::PathBuf;
 
+use arpo_trainer::Config;
 use arpo_trainer::eval::evaluate;
 use arpo_trainer::model::load_local;
 use arpo_trainer::setup::{Envs, build_envs, load_tasks};
 use arpo_trainer::train::rollout_settings;
-use arpo_trainer::Config;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

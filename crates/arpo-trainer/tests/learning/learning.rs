@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use std::path::{Path, PathBuf};
 
 use arpo_trainer::eval::{EvalReport, evaluate};
