@@ -146,6 +146,9 @@ fn weights(out: &Path, epoch: usize) -> Vec<u8> {
 
 #[test]
 fn a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one() {
+    let _one = crate::ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let reference = tempfile::tempdir().unwrap();
     run_to_end(
         train(reference.path(), None, false),

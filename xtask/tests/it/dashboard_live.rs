@@ -26,6 +26,9 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 
 #[test]
 fn the_live_page_of_a_training_run_shows_its_finished_steps() {
+    let _one = crate::ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let chromium = std::env::var("ARPO_CHROMIUM").unwrap_or_else(|_| "chromium".to_string());
     if Command::new(&chromium).arg("--version").output().is_err() {
         assert!(
