@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     vmx: Option<PathBuf>,
     /// A running OSWorld guest server instead of a VM: `cargo xtask sim-guest`
-    /// (http://127.0.0.1:5000), or a VM's server (http://<ip>:5000). Nothing is reverted.
+    /// (http://127.0.0.1:5000), or a VM's server (`http://<ip>:5000`). Nothing is reverted.
     #[arg(long)]
     url: Option<String>,
     /// The snapshot reverted to before the task (with --vmx).

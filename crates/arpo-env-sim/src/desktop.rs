@@ -2,7 +2,7 @@
 //!
 //! Everything is laid out in *logical* pixels on a 336x224 design canvas; the screen shows it
 //! scaled by an integer factor (1 at 336x224, 4 at 1920x1080), so a task looks the same at every
-//! size. Input arrives in screen pixels and is mapped back with [`Desktop::to_logical`].
+//! size. Input arrives in screen pixels and is mapped back to logical pixels by the session.
 
 use serde::{Deserialize, Serialize};
 
