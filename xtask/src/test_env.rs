@@ -20,8 +20,8 @@ use arpo_env_vmware::{
 };
 use arpo_model::{DTypeSpec, DeviceSpec};
 use arpo_trainer::env_check::{
-    self, ChosenTask, EpisodeSettings, Outcome, check_guest, check_vmware, first_server_model,
-    is_sim_guest, load_sim_task, split_sim_steps,
+    self, ChosenTask, EpisodeSettings, Outcome, check_guest, check_vmware, is_sim_guest,
+    load_sim_task, split_sim_steps,
 };
 use arpo_trainer::rollout::{Coordinates, RolloutEvent};
 
@@ -294,16 +294,19 @@ pub async fn run_episode<E: Environment>(
 
 async fn make_policy(args: &Args, prompt: PromptConfig) -> Result<Box<dyn Policy>> {
     if let Some(base) = &args.server {
-        let model = match &args.server_model {
-            Some(m) => m.clone(),
-            None => first_server_model(base, args.api_key.as_deref()).await?,
-        };
+        // An unnamed model is the first one the server lists (GET /v1/models).
+        let model = args.server_model.clone().unwrap_or_default();
         let mut config = arpo_serve::RemotePolicyConfig::new(base.clone(), model);
         config.api_key = args.api_key.clone();
         config.prompt = prompt;
         let policy = arpo_serve::RemotePolicy::new(config, None)
             .with_context(|| format!("--server {base}"))?;
-        println!("Model:       {}", policy.describe());
+        let model = policy.preflight().await.with_context(|| {
+            format!(
+                "the model server at {base}: is it running? start one with `cargo xtask serve --model <dir>` (or vLLM), and pass its OpenAI base URL, e.g. http://localhost:9000/v1"
+            )
+        })?;
+        println!("Model:       {} ({model})", policy.describe());
         return Ok(Box::new(policy));
     }
     let Some(model) = &args.model else {

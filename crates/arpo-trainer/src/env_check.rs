@@ -1,6 +1,6 @@
 //! One episode of one task with a transcript: what `cargo xtask test-env` runs (the seed's
 //! `test_osworld_uitars.sh`), and the pre-flight checks around it (the guest answers, the VM
-//! and its snapshot exist, the task is supported, the model server lists a model).
+//! and its snapshot exist, the task is supported).
 //!
 //! The episode goes through the one engine, [`run_rollouts`], exactly as in training and
 //! evaluation: same prompt, parsing, stepping, evaluation and failure handling. A
@@ -428,47 +428,4 @@ impl ChosenTask {
             source: "built-in (OSWorld os/bedcedc4)".to_owned(),
         })
     }
-}
-
-/// The server's first model, from `GET <base>/models`.
-pub async fn first_server_model(base: &str, api_key: Option<&str>) -> Result<String, CheckFailed> {
-    let url = format!("{}/models", base.trim_end_matches('/'));
-    let mut request = http_client()?.get(&url);
-    if let Some(key) = api_key {
-        request = request.bearer_auth(key);
-    }
-    let response = request.send().await.map_err(|e| {
-        failed(
-            format!("cannot reach the model server at {base} (GET {url}): {e}"),
-            "is it running? start one with `cargo xtask serve --model <dir>` (or vLLM), and pass its OpenAI base URL, e.g. http://localhost:9000/v1",
-        )
-    })?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        return Err(failed(
-            format!("GET {url} answered {status}: {text}"),
-            format!(
-                "is {base} the server's OpenAI base URL (ending in /v1)? or name the model with --server-model"
-            ),
-        ));
-    }
-    let list: Value = serde_json::from_str(&text).map_err(|e| {
-        failed(
-            format!("GET {url} did not answer a JSON model list: {e}"),
-            "is it an OpenAI-compatible server?",
-        )
-    })?;
-    list.get("data")
-        .and_then(Value::as_array)
-        .and_then(|models| models.first())
-        .and_then(|m| m.get("id"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            failed(
-                format!("GET {url} lists no models"),
-                "name one with --server-model",
-            )
-        })
 }

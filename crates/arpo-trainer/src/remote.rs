@@ -1,6 +1,8 @@
 //! Rollouts through OpenAI-compatible servers (arpo-serve, vLLM, SGLang) and the weight sync
 //! that keeps them on the weights being trained (`worker.rollout.use_external_server`).
 
+use std::path::Path;
+
 use arpo_serve::{RemotePolicy, RemotePolicyConfig, TokenMapper, WeightSync};
 
 use crate::TrainerError;
@@ -56,6 +58,12 @@ pub fn weight_sync(config: &Config, lora: bool) -> Result<WeightSync, TrainerErr
 /// (`server_api_key`, else `ARPO_SERVER_API_KEY`), the model's tokenizer as the fallback token
 /// mapper; checked to answer before it is returned.
 pub async fn server_policy(config: &Config) -> Result<RemotePolicy, TrainerError> {
+    checked_policy(config, &config.worker.actor.model.model_path).await
+}
+
+/// The policy of `worker.rollout`'s server(s), the tokenizer of `model_dir` as the fallback
+/// token mapper, checked to answer (its model resolved when unnamed).
+async fn checked_policy(config: &Config, model_dir: &Path) -> Result<RemotePolicy, TrainerError> {
     let r = &config.worker.rollout;
     let preflight = |e: String| TrainerError::Preflight {
         problems: vec![format!("worker.rollout.server_url {}: {e}", r.server_url)],
@@ -67,8 +75,8 @@ pub async fn server_policy(config: &Config) -> Result<RemotePolicy, TrainerError
         remote_config.api_key = Some(key);
     }
     remote_config.prompt = prompt_config(config);
-    let tokenizer = config.worker.actor.model.model_path.join("tokenizer.json");
-    let mapper = TokenMapper::from_file(&tokenizer).ok();
+    // Token ids of servers that do not name them (SGLang) come through the model's vocabulary.
+    let mapper = TokenMapper::from_file(&model_dir.join("tokenizer.json")).ok();
     let policy = RemotePolicy::new(remote_config, mapper).map_err(|e| preflight(e.to_string()))?;
     policy
         .preflight()
@@ -87,25 +95,7 @@ pub async fn remote_policy(
     config: &Config,
     mut learner: CandleLearner,
 ) -> Result<(RemotePolicy, CandleLearner), TrainerError> {
-    let r = &config.worker.rollout;
-    let preflight = |e: String| TrainerError::Preflight {
-        problems: vec![format!("worker.rollout.server_url {}: {e}", r.server_url)],
-    };
-    let mut remote_config =
-        RemotePolicyConfig::new(r.server_url.trim_end_matches('/'), &r.server_model)
-            .with_more_urls(&r.server_urls);
-    if let Some(key) = r.server_api_key.clone().filter(|k| !k.is_empty()) {
-        remote_config.api_key = Some(key);
-    }
-    remote_config.prompt = prompt_config(config);
-    // Token ids of servers that do not name them (SGLang) come through the model's vocabulary.
-    let mapper = TokenMapper::from_file(&learner.source_dir.join("tokenizer.json")).ok();
-    let mut policy =
-        RemotePolicy::new(remote_config, mapper).map_err(|e| preflight(e.to_string()))?;
-    policy
-        .preflight()
-        .await
-        .map_err(|e| preflight(e.to_string()))?;
+    let mut policy = checked_policy(config, &learner.source_dir).await?;
     let lora = learner.trainable.lora_set().is_some();
     let sync = weight_sync(config, lora)?;
     let push_dir = std::path::absolute(config.checkpoint_dir().join("server_push"))

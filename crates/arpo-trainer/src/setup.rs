@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use arpo_core::Task;
 use arpo_env_sim::{Catalogue, SimEnv};
-use arpo_env_vmware::coverage::{Runs, classify};
+use arpo_env_vmware::coverage::{Runs, classify, examples_dir};
 use arpo_env_vmware::{
     EnvConfig as OsworldConfig, EvaluatorBackend, GuestClient, GuestConfig, HostType, OsworldEnv,
     OsworldNames, OsworldTask, Vmrun, VmrunConfig, VmwareProvider, load_index, remote_pool,
@@ -72,11 +72,7 @@ pub fn load_tasks(
             }
             EnvProvider::Vmware | EnvProvider::Remote => {
                 // OSWorld's `evaluation_examples` holds the task files under `examples/`.
-                let mut examples = config.env.vmware.examples_dir.clone();
-                if examples.join("examples").is_dir() {
-                    examples = examples.join("examples");
-                }
-                let examples = &examples;
+                let examples = &examples_dir(&config.env.vmware.examples_dir);
                 let entries = load_index(index, examples).map_err(|e| err(e.to_string()))?;
                 let mut tasks = Vec::with_capacity(entries.len());
                 let names = (config.env.osworld.evaluator != EvaluatorBackend::Native)
@@ -159,17 +155,6 @@ pub fn vmrun(config: &Config) -> Result<Vmrun, TrainerError> {
         vc.binary = PathBuf::from(&v.vmrun);
     }
     Ok(Vmrun::new(vc))
-}
-
-/// The examples folder of `env.vmware.examples_dir` (OSWorld's `evaluation_examples`, or its
-/// `examples/` inside).
-pub fn examples_dir(config: &Config) -> PathBuf {
-    let dir = &config.env.vmware.examples_dir;
-    if dir.join("examples").is_dir() {
-        dir.join("examples")
-    } else {
-        dir.clone()
-    }
 }
 
 /// arpo-env-vmware's settings for every environment of the run (one cache folder each is

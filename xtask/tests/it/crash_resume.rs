@@ -9,57 +9,21 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Child, Command};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `cargo xtask train` on a small embedded run writing under `out`.
+/// The small run of this test, writing under `out`.
 fn train(out: &Path, fail_points: Option<&str>, resume: bool) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    c.current_dir(workspace())
-        .args([
-            "train",
-            "--quiet",
-            "--config",
-            "configs/embedded_default.yaml",
-        ])
-        .args(
-            [
-                "data.max_tasks=2",
-                "data.rollout_batch_size=2",
-                "worker.actor.global_batch_size=1", // 2 optimizer steps per training step
-                "worker.rollout.n=4",
-                "env.num_envs=4",
-                "env.max_steps=3",
-                "worker.rollout.limit_images=3",
-                "trainer.total_episodes=3",
-                "trainer.save_freq=1",
-                "trainer.save_limit=-1",
-                "trainer.logger=[console, jsonl]",
-                "trainer.experiment_name=crash",
-            ]
-            .iter()
-            .flat_map(|s| ["--set".to_string(), s.to_string()]),
-        )
-        .args([
-            "--set",
-            &format!(
-                "trainer.save_checkpoint_path={}",
-                out.join("checkpoints").display()
-            ),
-            "--set",
-            &format!("trainer.results_path={}", out.join("results").display()),
-            "--set",
-            &format!("trainer.logs_path={}", out.join("logs").display()),
-        ])
-        .env("RAYON_NUM_THREADS", "1")
-        .env_remove("FAILPOINTS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut c = crate::small_train(
+        out,
+        "crash",
+        &[
+            "trainer.total_episodes=3",
+            "trainer.save_freq=1",
+            "trainer.save_limit=-1",
+            "trainer.logger=[console, jsonl]",
+        ],
+    );
     if resume {
         c.arg("--resume");
     }
@@ -69,56 +33,20 @@ fn train(out: &Path, fail_points: Option<&str>, resume: bool) -> Command {
     c
 }
 
-/// User + system CPU ticks of a process.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5), counted after the command name: 12 and 13 here (0-based 11, 12).
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-/// Waits until `child` sits still (no CPU for 1.5 s: asleep at its fault point), then kills it
-/// with SIGKILL. Panics if it exits first or never stops.
-fn kill_when_parked(mut child: Child, what: &str) {
-    let pid = child.id();
-    let started = Instant::now();
-    let mut last = None;
-    let mut still_since = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!("{what}: the run exited ({status}) before reaching its fault point:\n{err}");
-        }
-        let now = cpu_ticks(pid);
-        if now != last {
-            last = now;
-            still_since = Instant::now();
-        } else if still_since.elapsed() > Duration::from_millis(1500) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "{what}: never reached its fault point"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SIGKILL: nothing of the process runs after this (no destructors, no flushes).
+/// Waits until `child` is parked at its fault point, then kills it with SIGKILL: nothing of the
+/// process runs after this (no destructors, no flushes).
+fn kill_when_parked(mut child: Child, out: &Path, what: &str) {
+    crate::wait_until_parked(&mut child, out, what);
     child.kill().unwrap();
     child.wait().unwrap();
 }
 
-fn run_to_end(mut c: Command, what: &str) {
-    let out = c.output().unwrap();
+fn run_to_end(mut c: Command, out: &Path, what: &str) {
+    let status = c.status().unwrap();
     assert!(
-        out.status.success(),
-        "{what}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.success(),
+        "{what}: {status}\n{}",
+        crate::stderr_of(out)
     );
 }
 
@@ -152,6 +80,7 @@ fn a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one() {
     let reference = tempfile::tempdir().unwrap();
     run_to_end(
         train(reference.path(), None, false),
+        reference.path(),
         "the uninterrupted run",
     );
 
@@ -161,17 +90,17 @@ fn a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one() {
     let child = train(dir, Some("train::rollout=2*off->sleep(600000)"), false)
         .spawn()
         .unwrap();
-    kill_when_parked(child, "kill 1 (mid-rollout)");
+    kill_when_parked(child, dir, "kill 1 (mid-rollout)");
     // 2. Mid-update, at the 4th optimizer step (the second of epoch 1; epoch_0 is saved by then).
     let child = train(dir, Some("train::update=3*off->sleep(600000)"), true)
         .spawn()
         .unwrap();
-    kill_when_parked(child, "kill 2 (mid-update)");
+    kill_when_parked(child, dir, "kill 2 (mid-update)");
     // 3. Mid-checkpoint write of epoch 1: epoch_0 is complete, epoch_1 only half written.
     let child = train(dir, Some("train::checkpoint=sleep(600000)"), true)
         .spawn()
         .unwrap();
-    kill_when_parked(child, "kill 3 (mid-checkpoint)");
+    kill_when_parked(child, dir, "kill 3 (mid-checkpoint)");
     let checkpoints = dir.join("checkpoints/crash");
     assert!(checkpoints.join("epoch_0/trainer_state.json").is_file());
     assert!(
@@ -192,7 +121,7 @@ fn a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one() {
         "the half-written checkpoint is never picked up"
     );
     // 4. Resume to the end.
-    run_to_end(train(dir, None, true), "the resumed run");
+    run_to_end(train(dir, None, true), dir, "the resumed run");
 
     assert_eq!(metrics(dir), metrics(reference.path()));
     assert_eq!(metrics(dir)["steps"].as_array().map(Vec::len), Some(3));

@@ -10,19 +10,7 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
+use std::process::Command;
 
 #[test]
 fn the_live_page_of_a_training_run_shows_its_finished_steps() {
@@ -45,58 +33,12 @@ fn the_live_page_of_a_training_run_shows_its_finished_steps() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    cmd.current_dir(workspace())
-        .args(["train", "--quiet", "--dashboard", &addr])
-        .args(
-            [
-                "data.max_tasks=2",
-                "data.rollout_batch_size=2",
-                "worker.actor.global_batch_size=1", // 2 optimizer steps per training step
-                "worker.rollout.n=4",
-                "env.num_envs=4",
-                "env.max_steps=3",
-                "worker.rollout.limit_images=3",
-                "trainer.total_episodes=6",
-                "trainer.experiment_name=live",
-            ]
-            .iter()
-            .flat_map(|s| ["--set".to_string(), s.to_string()]),
-        )
-        .args([
-            "--set",
-            &format!(
-                "trainer.save_checkpoint_path={}",
-                out.path().join("ck").display()
-            ),
-            "--set",
-            &format!(
-                "trainer.results_path={}",
-                out.path().join("results").display()
-            ),
-            "--set",
-            &format!("trainer.logs_path={}", out.path().join("logs").display()),
-        ])
-        .env("RAYON_NUM_THREADS", "1")
+    let mut cmd = crate::small_train(out.path(), "live", &["trainer.total_episodes=6"]);
+    cmd.args(["--dashboard", &addr])
         // Held at the 8th optimizer step: the second update of step 3, steps 0-2 finished.
-        .env("FAILPOINTS", "train::update=7*off->sleep(600000)")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .env("FAILPOINTS", "train::update=7*off->sleep(600000)");
     let mut child = cmd.spawn().unwrap();
-    let pid = child.id();
-    let started = Instant::now();
-    let (mut last, mut still_since) = (None, Instant::now());
-    loop {
-        assert!(child.try_wait().unwrap().is_none(), "the run exited early");
-        let now = cpu_ticks(pid);
-        if now != last {
-            (last, still_since) = (now, Instant::now());
-        } else if still_since.elapsed() > Duration::from_millis(1500) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "never held");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::wait_until_parked(&mut child, out.path(), "the dashboard run");
     let metrics: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.path().join("results/live/training_metrics.json")).unwrap(),
     )
