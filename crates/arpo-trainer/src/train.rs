@@ -105,6 +105,9 @@ pub struct Trainer<'a, P: Policy + ?Sized, E: Environment, L: Learner> {
     /// lets tests kill a run at a chosen point.
     pub stop_after_steps: Option<u64>,
     state: TrainerState,
+    /// The rollout settings of training and of validation, made once from the config (the
+    /// absolute-coordinate bounds read the model's preprocessor config).
+    rollouts: (RolloutSettings, RolloutSettings),
     tensorboard: Option<arpo_dashboard::TensorBoardWriter>,
 }
 
@@ -222,6 +225,10 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
                 problems: vec![format!("algorithm.replay: {e}")],
             })?;
         let paths = OutputPaths::from_config(&config);
+        let rollouts = (
+            rollout_settings(&config, false)?,
+            rollout_settings(&config, true)?,
+        );
         let state = TrainerState {
             epoch: 0,
             step: 0,
@@ -244,6 +251,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             progress,
             stop_after_steps: None,
             state,
+            rollouts,
             tensorboard: None,
         })
     }
@@ -426,14 +434,14 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
 
     /// Rolls the step's tasks out; fails only when every rollout was dropped.
     async fn collect(&mut self, step: u64, tasks: &[Task]) -> Result<RolloutReport, TrainerError> {
-        let settings = rollout_settings(&self.config, false)?;
+        let settings = &self.rollouts.0;
         let seed = mix_seed(self.config.data.seed, 1_000_003 + step);
         let progress = &self.progress;
         let report = run_rollouts(
             self.policy,
             &mut self.envs,
             tasks,
-            &settings,
+            settings,
             seed,
             &mut |ev: RolloutEvent<'_>| {
                 if let RolloutEvent::Stepped { .. } = ev {
@@ -659,7 +667,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
 
     /// Rolls out the held-out tasks at validation settings; returns the success rate.
     async fn validate(&mut self, epoch: usize) -> Result<f64, TrainerError> {
-        let settings = rollout_settings(&self.config, true)?;
+        let settings = &self.rollouts.1;
         let threshold = self.config.algorithm.replay.success_threshold;
         let seed = mix_seed(self.config.data.seed, 2_000_003 + epoch as u64);
         let tasks = self.val_tasks.clone();
@@ -668,7 +676,7 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             self.policy,
             &mut self.envs,
             &tasks,
-            &settings,
+            settings,
             seed,
             &mut |ev: RolloutEvent<'_>| progress.rollout_event(&ev),
         )
