@@ -11,8 +11,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
 use crate::model::Qwen2Vl;
+use crate::prefix_cache::{BLOCK_TOKENS, Key, block_keys, image_key};
 use crate::rope::mrope_cos_sin;
-use crate::text::KvCache;
+use crate::text::{KeyMask, KvCache};
 
 /// One prompt to continue.
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct Generation {
     /// `log_softmax(logits)` when greedy), before any top-k/top-p cut.
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
+    /// Prompt tokens whose keys and values came from the prefix cache (not computed again).
+    pub cached_tokens: usize,
 }
 
 /// Timings of one `generate` call, in seconds.
@@ -119,9 +122,111 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
     (last as u32, logprob(last))
 }
 
+/// What one request brings to a batch: its images, what the prefix cache already holds of it.
+struct Prepared {
+    /// Image tokens of each image.
+    tokens_per_image: Vec<usize>,
+    /// Pixel rows `(first, count)` of each image in the request's `pixel_values`.
+    pixel_rows: Vec<(usize, usize)>,
+    /// The image (index) of each prompt token, `None` for text.
+    image_of_token: Vec<Option<usize>>,
+    /// Content keys of the images (empty when caching is off).
+    image_keys: Vec<Key>,
+    /// Cached blocks of the prompt's prefix, `[layers, 2, kv_heads, BLOCK_TOKENS, head_dim]`.
+    past_blocks: Vec<Tensor>,
+}
+
+impl Prepared {
+    fn past(&self) -> usize {
+        self.past_blocks.len() * BLOCK_TOKENS
+    }
+}
+
 impl Qwen2Vl {
+    fn prepare_request(&self, r: &GenerationRequest, caching: bool) -> Result<Prepared> {
+        let merge = self.config.vision.spatial_merge_size.pow(2);
+        let grids: &[[usize; 3]] = if r.pixel_values.is_some() {
+            &r.grid_thw
+        } else {
+            &[]
+        };
+        let mut pixel_rows = Vec::with_capacity(grids.len());
+        let mut tokens_per_image = Vec::with_capacity(grids.len());
+        let mut row = 0usize;
+        for g in grids {
+            let patches = g[0]
+                .checked_mul(g[1])
+                .and_then(|p| p.checked_mul(g[2]))
+                .ok_or_else(|| ModelError::Input(format!("image grid {g:?} is too large")))?;
+            pixel_rows.push((row, patches));
+            tokens_per_image.push(patches / merge);
+            row = row.saturating_add(patches);
+        }
+        if let Some(pv) = &r.pixel_values {
+            if !grids.is_empty() && pv.dim(0)? != row {
+                return Err(ModelError::Input(format!(
+                    "the image grids {grids:?} give {row} patches but pixel_values has {}",
+                    pv.dim(0)?
+                )));
+            }
+        }
+        let image_token = self.config.image_token_id;
+        let n_image = r.input_ids.iter().filter(|&&t| t == image_token).count();
+        let n_feat: usize = tokens_per_image.iter().sum();
+        if n_image != n_feat {
+            return Err(ModelError::Input(format!(
+                "the prompt has {n_image} image tokens but the images give {n_feat} features"
+            )));
+        }
+        let mut image_of_token = Vec::with_capacity(r.input_ids.len());
+        let (mut image, mut seen) = (0, 0);
+        for &t in &r.input_ids {
+            if t == image_token {
+                while seen == tokens_per_image[image] {
+                    image += 1;
+                    seen = 0;
+                }
+                image_of_token.push(Some(image));
+                seen += 1;
+            } else {
+                image_of_token.push(None);
+            }
+        }
+        let mut prepared = Prepared {
+            tokens_per_image,
+            pixel_rows,
+            image_of_token,
+            image_keys: Vec::new(),
+            past_blocks: Vec::new(),
+        };
+        if caching {
+            if let Some(pv) = &r.pixel_values {
+                for (&(first, count), g) in prepared.pixel_rows.iter().zip(grids) {
+                    prepared
+                        .image_keys
+                        .push(image_key(&pv.narrow(0, first, count)?, *g)?);
+                }
+            }
+            // At least the last prompt token is computed: its logits start the answer.
+            let max_blocks = (r.input_ids.len() - 1) / BLOCK_TOKENS;
+            let keys = block_keys(
+                &r.input_ids,
+                &prepared.image_of_token,
+                &prepared.image_keys,
+                max_blocks,
+            );
+            prepared.past_blocks = self.prefix_cache.lookup_blocks(&keys, r.input_ids.len());
+        }
+        Ok(prepared)
+    }
+
     /// Continues every request (batched); stops each at a token of `stop_ids` or after
     /// `params.max_tokens`.
+    ///
+    /// With the model's prefix cache on ([`Qwen2Vl::set_prefix_cache_budget`]), the keys and
+    /// values of a cached prompt prefix and the features of cached images are reused, and the
+    /// prompt and answer blocks of every request are cached for the next call
+    /// ([`Generation::cached_tokens`] says how many prompt tokens were reused).
     pub fn generate(
         &self,
         requests: &[GenerationRequest],
@@ -138,45 +243,122 @@ impl Qwen2Vl {
         let device = self.device().clone();
         let dtype = self.dtype();
         let start = std::time::Instant::now();
-        // All images of all requests go through the vision tower at once (attention never
-        // crosses images), then are split back per request.
-        let mut all_pv = Vec::new();
-        let mut all_grid = Vec::new();
-        for r in requests {
-            if let Some(pv) = &r.pixel_values {
-                if !r.grid_thw.is_empty() {
-                    all_pv.push(pv.clone());
-                    all_grid.extend_from_slice(&r.grid_thw);
+        let caching = self.prefix_cache.enabled();
+        let prepared = requests
+            .iter()
+            .map(|r| self.prepare_request(r, caching))
+            .collect::<Result<Vec<_>>>()?;
+
+        // The images whose tokens are past the cached prefix need features: from the cache,
+        // or all at once through the vision tower (attention never crosses images; one image
+        // sent twice in the batch is encoded once).
+        let mut features: Vec<Vec<Option<Tensor>>> = prepared
+            .iter()
+            .map(|p| vec![None; p.tokens_per_image.len()])
+            .collect();
+        let mut todo: Vec<(usize, usize)> = Vec::new();
+        let mut todo_by_key: std::collections::HashMap<Key, usize> =
+            std::collections::HashMap::new();
+        let mut same_as: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, p) in prepared.iter().enumerate() {
+            let first_needed = p.image_of_token[p.past()..].iter().flatten().next();
+            let Some(&first_needed) = first_needed else {
+                continue;
+            };
+            for m in first_needed..p.tokens_per_image.len() {
+                match p.image_keys.get(m) {
+                    Some(key) => {
+                        if let Some(f) = self.prefix_cache.image(key) {
+                            features[i][m] = Some(f);
+                        } else if let Some(&t) = todo_by_key.get(key) {
+                            same_as.push((i, m, t));
+                        } else {
+                            todo_by_key.insert(*key, todo.len());
+                            todo.push((i, m));
+                        }
+                    }
+                    None => todo.push((i, m)),
                 }
             }
         }
-        let features = if all_grid.is_empty() {
-            None
-        } else {
-            let pv = Tensor::cat(&all_pv, 0)?;
-            Some(self.vision.forward(&pv, &all_grid, true)?)
-        };
+        if !todo.is_empty() {
+            let mut pixels = Vec::with_capacity(todo.len());
+            let mut grids = Vec::with_capacity(todo.len());
+            for &(i, m) in &todo {
+                let (first, count) = prepared[i].pixel_rows[m];
+                let pv = requests[i]
+                    .pixel_values
+                    .as_ref()
+                    .ok_or_else(|| ModelError::Input("an image has no pixel values".into()))?;
+                pixels.push(pv.narrow(0, first, count)?);
+                grids.push(requests[i].grid_thw[m]);
+            }
+            let pv = if pixels.len() == 1 {
+                pixels.remove(0)
+            } else {
+                Tensor::cat(&pixels, 0)?
+            };
+            let all = self.vision.forward(&pv, &grids, true)?;
+            let mut row = 0;
+            let mut computed = Vec::with_capacity(todo.len());
+            for &(i, m) in &todo {
+                let n = prepared[i].tokens_per_image[m];
+                let f = all.narrow(0, row, n)?;
+                row += n;
+                if let Some(key) = prepared[i].image_keys.get(m) {
+                    // Its own storage: a view would keep the whole batch's features alive.
+                    let f = f.contiguous()?.copy()?;
+                    self.prefix_cache.insert_image(*key, f.clone());
+                    features[i][m] = Some(f.clone());
+                    computed.push(f);
+                } else {
+                    features[i][m] = Some(f.clone());
+                    computed.push(f);
+                }
+            }
+            for (i, m, t) in same_as {
+                features[i][m] = Some(computed[t].clone());
+            }
+        }
         timings.vision_s = start.elapsed().as_secs_f64();
-        let merge = self.config.vision.spatial_merge_size.pow(2);
+
+        // Embeddings and M-RoPE positions of the tokens past each cached prefix, left-padded
+        // to a common length.
         let b = requests.len();
         let lens: Vec<usize> = requests.iter().map(|r| r.input_ids.len()).collect();
-        let max_len = lens.iter().copied().max().unwrap_or(0);
+        let pasts: Vec<usize> = prepared.iter().map(Prepared::past).collect();
+        let news: Vec<usize> = lens.iter().zip(&pasts).map(|(l, p)| l - p).collect();
+        let new_len = news.iter().copied().max().unwrap_or(0);
+        let past_len = pasts.iter().copied().max().unwrap_or(0);
         let mut embeds = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
         let mut deltas = Vec::with_capacity(b);
-        let mut offset = 0;
-        for r in requests {
-            let n: usize = r.grid_thw.iter().map(|g| g[0] * g[1] * g[2] / merge).sum();
-            let f = match (&features, n) {
-                (Some(f), n) if n > 0 && r.pixel_values.is_some() => Some(f.narrow(0, offset, n)?),
-                _ => None,
+        for (i, (r, p)) in requests.iter().zip(&prepared).enumerate() {
+            let (past, new) = (pasts[i], news[i]);
+            let f = match p.image_of_token[past..].iter().flatten().next() {
+                Some(&m0) => {
+                    let parts = features[i][m0..]
+                        .iter()
+                        .map(|f| {
+                            f.clone().ok_or_else(|| {
+                                ModelError::Input("an image's features are missing".into())
+                            })
+                        })
+                        .collect::<Result<Vec<Tensor>>>()?;
+                    let all = Tensor::cat(&parts, 0)?;
+                    // Image m0's tokens before the cut are cached already.
+                    let before: usize = p.image_of_token[..past]
+                        .iter()
+                        .filter(|t| **t == Some(m0))
+                        .count();
+                    let count = p.image_of_token[past..].iter().flatten().count();
+                    Some(all.narrow(0, before, count)?)
+                }
+                None => None,
             };
-            if r.pixel_values.is_some() {
-                offset += n;
-            }
-            let e = self.merge_embeddings(&r.input_ids, f.as_ref())?;
+            let e = self.merge_embeddings(&r.input_ids[past..], f.as_ref())?;
             let rope = self.rope_index(&r.input_ids, &r.grid_thw)?;
-            let pad = max_len - r.input_ids.len();
+            let pad = new_len - new;
             let e = if pad > 0 {
                 let h = e.dim(1)?;
                 Tensor::cat(&[&Tensor::zeros((pad, h), dtype, &device)?, &e], 0)?
@@ -184,44 +366,76 @@ impl Qwen2Vl {
                 e
             };
             embeds.push(e);
-            let mut p = rope.positions;
-            for axis in &mut p {
+            let mut pos = rope.positions;
+            for axis in &mut pos {
                 let mut v = vec![0i64; pad];
-                v.extend_from_slice(axis);
+                v.extend_from_slice(&axis[past..]);
                 *axis = v;
             }
-            positions.push(p);
+            positions.push(pos);
             deltas.push(rope.delta);
         }
+        drop(features);
         let x = Tensor::stack(&embeds, 0)?;
+        drop(embeds);
         let (cos, sin) = mrope_cos_sin(
             &positions,
             &self.inv_freq,
             &self.config.text.mrope_section,
             &device,
         )?;
-        let pads: Vec<usize> = lens.iter().map(|l| max_len - l).collect();
-        let mut mask = Vec::with_capacity(b * max_len * max_len);
-        for &pad in &pads {
-            for i in 0..max_len {
-                for j in 0..max_len {
-                    let ok = (j >= pad && j <= i) || j == i;
-                    mask.push(if ok { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        let mask =
-            Tensor::from_vec(mask, (b, 1, max_len, max_len), &device)?.to_dtype(DType::F32)?;
+        // Keys are [cached prefix, left-padded to past_len][new tokens, left-padded to new_len].
         let mut cache = KvCache::new(self.text.layers.len());
-        let hidden =
-            self.text
-                .forward_hidden(&x, &cos, &sin, Some(&mask), Some(&mut cache), true)?;
+        let mask = if past_len > 0 {
+            self.fill_past(&mut cache, &prepared, past_len)?;
+            KeyMask {
+                hidden: pasts
+                    .iter()
+                    .zip(&news)
+                    .map(|(&past, &new)| {
+                        vec![0..past_len - past, past_len..past_len + new_len - new]
+                    })
+                    .collect(),
+            }
+        } else {
+            KeyMask::left_padded(&news.iter().map(|n| new_len - n).collect::<Vec<_>>())
+        };
+        let hidden = self
+            .text
+            .forward_hidden(&x, &cos, &sin, &mask, Some(&mut cache), true)?;
         let mut logits = self
             .text
-            .logits(&hidden.narrow(1, max_len - 1, 1)?)?
+            .logits(&hidden.narrow(1, new_len - 1, 1)?)?
             .squeeze(1)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
+        drop(hidden);
+        // Decoding wants each row's keys contiguous: [left padding][prompt].
+        let total = lens.iter().copied().max().unwrap_or(0);
+        if past_len > 0 {
+            for layer in &mut cache.layers {
+                for t in [&mut layer.k, &mut layer.v].into_iter().flatten() {
+                    let mut rows = Vec::with_capacity(b);
+                    for i in 0..b {
+                        let row = t.narrow(0, i, 1)?;
+                        let mut parts = Vec::with_capacity(3);
+                        if total > lens[i] {
+                            let (_, kvh, _, hd) = row.dims4()?;
+                            parts.push(Tensor::zeros(
+                                (1, kvh, total - lens[i], hd),
+                                dtype,
+                                &device,
+                            )?);
+                        }
+                        parts.push(row.narrow(2, past_len - pasts[i], pasts[i])?);
+                        parts.push(row.narrow(2, past_len + new_len - news[i], news[i])?);
+                        rows.push(Tensor::cat(&parts, 2)?);
+                    }
+                    *t = Tensor::cat(&rows, 0)?;
+                }
+            }
+        }
+        let pads: Vec<usize> = lens.iter().map(|l| total - l).collect();
         timings.prefill_s = start.elapsed().as_secs_f64();
 
         let mut rng = match params.seed {
@@ -229,10 +443,11 @@ impl Qwen2Vl {
             None => ChaCha8Rng::from_os_rng(),
         };
         let mut out: Vec<Generation> = (0..b)
-            .map(|_| Generation {
+            .map(|i| Generation {
                 token_ids: Vec::new(),
                 logprobs: Vec::new(),
                 finish_reason: FinishReason::Length,
+                cached_tokens: pasts[i],
             })
             .collect();
         let mut done = vec![params.max_tokens == 0; b];
@@ -247,6 +462,7 @@ impl Qwen2Vl {
         .flatten()
         .map(|t| t as usize)
         .collect();
+        let decode_mask = KeyMask::left_padded(&pads);
         let decode_start = std::time::Instant::now();
         loop {
             let mut next = Vec::with_capacity(b);
@@ -296,21 +512,9 @@ impl Qwen2Vl {
                 &self.config.text.mrope_section,
                 &device,
             )?;
-            let t = cache.len() + 1;
-            let mask = if pads.iter().any(|&p| p > 0) {
-                let m: Vec<f32> = pads
-                    .iter()
-                    .flat_map(|&pad| {
-                        (0..t).map(move |j| if j >= pad { 0.0 } else { f32::NEG_INFINITY })
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, (b, 1, 1, t), &device)?)
-            } else {
-                None
-            };
             let hidden =
                 self.text
-                    .forward_hidden(&x, &cos, &sin, mask.as_ref(), Some(&mut cache), true)?;
+                    .forward_hidden(&x, &cos, &sin, &decode_mask, Some(&mut cache), true)?;
             logits = self
                 .text
                 .logits(&hidden)?
@@ -320,7 +524,94 @@ impl Qwen2Vl {
             timings.decode_steps += 1;
         }
         timings.decode_s = decode_start.elapsed().as_secs_f64();
+        if caching {
+            self.cache_blocks(requests, &prepared, &out, &cache, &pads)?;
+        }
         Ok((out, timings))
+    }
+
+    /// Puts each row's cached prefix into `cache` as keys `[rows, kv_heads, past_len, hd]`,
+    /// left-padded with zeros.
+    fn fill_past(&self, cache: &mut KvCache, prepared: &[Prepared], past_len: usize) -> Result<()> {
+        let device = self.device();
+        let dtype = self.dtype();
+        let tc = &self.config.text;
+        let (kvh, hd) = (tc.num_key_value_heads, tc.head_dim());
+        let joined: Vec<Option<Tensor>> = prepared
+            .iter()
+            .map(|p| match p.past_blocks.len() {
+                0 => Ok(None),
+                1 => Ok(Some(p.past_blocks[0].clone())),
+                _ => Tensor::cat(&p.past_blocks, 3).map(Some),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            for (kv, slot) in [&mut layer.k, &mut layer.v].into_iter().enumerate() {
+                let mut rows = Vec::with_capacity(prepared.len());
+                for (p, j) in prepared.iter().zip(&joined) {
+                    let past = p.past();
+                    let mut parts = Vec::with_capacity(2);
+                    if past < past_len {
+                        parts.push(Tensor::zeros((kvh, past_len - past, hd), dtype, device)?);
+                    }
+                    if let Some(j) = j {
+                        parts.push(j.get(l)?.get(kv)?);
+                    }
+                    rows.push(Tensor::cat(&parts, 1)?.unsqueeze(0)?);
+                }
+                *slot = Some(Tensor::cat(&rows, 0)?.contiguous()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Caches the full blocks of each row's prompt and answer (the answer's last token has no
+    /// keys yet) that the cache does not hold.
+    fn cache_blocks(
+        &self,
+        requests: &[GenerationRequest],
+        prepared: &[Prepared],
+        out: &[Generation],
+        cache: &KvCache,
+        pads: &[usize],
+    ) -> Result<()> {
+        for (i, (r, p)) in requests.iter().zip(prepared).enumerate() {
+            let mut ids = r.input_ids.clone();
+            let answered = out[i].token_ids.len().saturating_sub(1);
+            ids.extend_from_slice(&out[i].token_ids[..answered]);
+            let mut image_of_token = p.image_of_token.clone();
+            image_of_token.resize(ids.len(), None);
+            let keys = block_keys(&ids, &image_of_token, &p.image_keys, usize::MAX);
+            let first_new = keys
+                .iter()
+                .position(|k| !self.prefix_cache.has_block(k))
+                .unwrap_or(keys.len());
+            if first_new == keys.len() {
+                continue;
+            }
+            let from = first_new * BLOCK_TOKENS;
+            let len = (keys.len() - first_new) * BLOCK_TOKENS;
+            // [layers, 2, kv_heads, len, hd] of this row, then one block at a time.
+            let mut layers = Vec::with_capacity(cache.layers.len());
+            for layer in &cache.layers {
+                let (Some(k), Some(v)) = (&layer.k, &layer.v) else {
+                    return Ok(());
+                };
+                let at = |t: &Tensor| -> candle_core::Result<Tensor> {
+                    t.get(i)?.narrow(1, pads[i] + from, len)
+                };
+                layers.push(Tensor::stack(&[at(k)?, at(v)?], 0)?);
+            }
+            let all = Tensor::stack(&layers, 0)?;
+            drop(layers);
+            for (n, key) in keys[first_new..].iter().enumerate() {
+                let block = all
+                    .narrow(3, n * BLOCK_TOKENS, BLOCK_TOKENS)?
+                    .contiguous()?;
+                self.prefix_cache.insert_block(*key, block);
+            }
+        }
+        Ok(())
     }
 }
 

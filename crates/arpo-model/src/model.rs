@@ -7,8 +7,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Qwen2VlConfig, VisionArch};
 use crate::error::{ModelError, Result};
+use crate::prefix_cache::PrefixCache;
 use crate::rope::{RopeIndex, get_rope_index, inv_freq, mrope_cos_sin};
-use crate::text::{TextModel, causal_mask};
+use crate::text::{KeyMask, TextModel};
 use crate::vision::VisionTower;
 use crate::weights::{CONFIG_FILE, Weights};
 
@@ -20,6 +21,10 @@ pub struct Qwen2Vl {
     pub vision: VisionTower,
     pub text: TextModel,
     pub(crate) inv_freq: Vec<f32>,
+    /// Keys/values of prompt blocks and vision features kept between [`Qwen2Vl::generate`]
+    /// calls ([`crate::prefix_cache`]); off (a budget of 0) until
+    /// [`Qwen2Vl::set_prefix_cache_budget`]. Clones share it, as they share the weights.
+    pub prefix_cache: std::sync::Arc<PrefixCache>,
 }
 
 impl Qwen2Vl {
@@ -44,7 +49,14 @@ impl Qwen2Vl {
             vision,
             text,
             inv_freq,
+            prefix_cache: std::sync::Arc::new(PrefixCache::new(0)),
         })
+    }
+
+    /// Sets the prefix cache's byte budget (0 turns caching off; entries beyond it are
+    /// evicted).
+    pub fn set_prefix_cache_budget(&self, bytes: usize) {
+        self.prefix_cache.set_budget(bytes);
     }
 
     /// A model of shape `config` with N(0, 0.02) weights (unit norms): for benchmarks.
@@ -216,10 +228,9 @@ impl Qwen2Vl {
             &self.config.text.mrope_section,
             self.device(),
         )?;
-        let mask = causal_mask(input_ids.len(), DType::F32, self.device())?;
         Ok(self
             .text
-            .forward_hidden(&x, &cos, &sin, Some(&mask), None, fused)?)
+            .forward_hidden(&x, &cos, &sin, &KeyMask::causal(), None, fused)?)
     }
 }
 

@@ -55,6 +55,74 @@ impl KvCache {
     }
 }
 
+/// Which keys each query of a decoder forward attends to.
+///
+/// Attention is causal: the `l` queries of a forward are the last `l` of its `t` keys (query
+/// `i` sits at key position `t - l + i`, after a cached prefix of `t - l` keys) and see the
+/// keys at or before their own position, except the key ranges `hidden[row]` of their batch
+/// row (left padding, or the gap between a row's cached prefix and its new tokens). A query
+/// always sees its own key, so no row is left without keys (a padding row then reads its own
+/// value, which nothing reads back).
+///
+/// The mask is never materialised whole: attention builds it one block of query rows at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyMask {
+    /// Per batch row, the key position ranges no query of that row sees (empty: none).
+    pub hidden: Vec<Vec<std::ops::Range<usize>>>,
+}
+
+impl KeyMask {
+    /// Plain causal attention (no padding).
+    pub fn causal() -> Self {
+        Self::default()
+    }
+
+    /// Causal attention with `pads[row]` keys of left padding per batch row.
+    pub fn left_padded(pads: &[usize]) -> Self {
+        Self {
+            hidden: pads
+                .iter()
+                .map(|&p| if p > 0 { vec![0..p] } else { Vec::new() })
+                .collect(),
+        }
+    }
+
+    /// Whether no row hides any key (only the causal rule applies).
+    pub fn is_causal_only(&self) -> bool {
+        self.hidden.iter().all(|h| h.iter().all(|r| r.is_empty()))
+    }
+
+    /// The additive mask `[batch, 1, rows, keys]` (0 or -inf, f32) of query rows
+    /// `first_row..first_row + rows` of `l` queries over the first `keys` of `t` keys.
+    pub fn block(
+        &self,
+        batch: usize,
+        (l, t): (usize, usize),
+        first_row: usize,
+        rows: usize,
+        keys: usize,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let mut m = Vec::with_capacity(batch * rows * keys);
+        for b in 0..batch {
+            let hidden = self.hidden.get(b).map_or(&[][..], Vec::as_slice);
+            for r in 0..rows {
+                let p = t - l + first_row + r;
+                for j in 0..keys {
+                    let visible = j == p || (j <= p && !hidden.iter().any(|h| h.contains(&j)));
+                    m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        Tensor::from_vec(m, (batch, 1, rows, keys), device)
+    }
+}
+
+/// Query rows scored at once on the inference path: a 27k-token prefill (ten 1920x1080
+/// screenshots) would otherwise hold a `[heads, 27k, 27k]` f32 score tensor (35 GB for 12
+/// heads); 512 rows of it hold 0.7 GB.
+pub const QUERY_BLOCK: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct TextModel {
     pub config: TextConfig,
@@ -192,15 +260,15 @@ impl TextModel {
 
     /// Runs the decoder over `x` `[batch, len, hidden]`; returns the final-normed hidden states.
     ///
-    /// `cos`/`sin` are `[batch, 1, len, head_dim]`; `mask` (added to the scores) is
-    /// `[batch, 1, len, cached + len]`, or `None` for no masking. With `cache` the new keys
-    /// and values are appended to it.
+    /// `cos`/`sin` are `[batch, 1, len, head_dim]`; `mask` says which keys each query sees
+    /// (causal over the cached keys and the new ones). With `cache` the new keys and values
+    /// are appended to it.
     pub fn forward_hidden(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &KeyMask,
         mut cache: Option<&mut KvCache>,
         fused: bool,
     ) -> Result<Tensor> {
@@ -209,11 +277,11 @@ impl TextModel {
         for (i, layer) in self.layers.iter().enumerate() {
             if recompute {
                 let (cfg, layer_c) = (self.config.clone(), layer.clone());
-                let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.cloned());
+                let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
                 let block = crate::train::recompute::block(
                     layer.linears().into_iter().filter_map(|l| l.lora.as_ref()),
                     move |x: &Tensor| {
-                        layer_forward(&cfg, &layer_c, x, &cos, &sin, mask.as_ref(), None, false)
+                        layer_forward(&cfg, &layer_c, x, &cos, &sin, &mask, None, false)
                     },
                 );
                 x = crate::train::recompute::checkpoint(&x, layer.trainable_tensors(), block)?;
@@ -239,7 +307,7 @@ fn layer_forward(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    mask: Option<&Tensor>,
+    mask: &KeyMask,
     cache: Option<&mut LayerCache>,
     fused: bool,
 ) -> Result<Tensor> {
@@ -269,7 +337,7 @@ fn attention(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    mask: Option<&Tensor>,
+    mask: &KeyMask,
     cache: Option<&mut LayerCache>,
     fused: bool,
 ) -> Result<Tensor> {
@@ -318,32 +386,56 @@ fn attention(
     };
     let t = k.dim(2)?;
     let rep = nh / nkv;
-    // GQA without copying keys: query heads of one KV head are stacked along the rows.
-    let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, l, t))?;
-    // Masks come in f32 or the model's dtype: add them to f32 scores (a no-op cast in f32).
-    let scores = scores.to_dtype(DType::F32)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
-        None => scores,
+    let device = x.device();
+    // GQA without copying keys: query heads of one KV head are stacked along the rows.
+    let attend = |q: &Tensor, keys: usize, mask: Option<Tensor>| -> Result<Tensor> {
+        let rows = q.dim(2)?;
+        let q = q.contiguous()?.reshape((b, nkv, rep * rows, hd))?;
+        let (k, v) = if keys == t {
+            (k.clone(), v.clone())
+        } else {
+            (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?)
+        };
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, rows, keys))?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m)?,
+            None => scores,
+        };
+        let probs = softmax(&scores, fused)?.to_dtype(dtype)?;
+        probs
+            .reshape((b, nkv, rep * rows, keys))?
+            .matmul(&v.contiguous()?)?
+            .reshape((b, nh, rows, hd))
     };
-    let probs = softmax(&scores, fused)?.to_dtype(dtype)?;
-    let out = probs
-        .reshape((b, nkv, rep * l, t))?
-        .matmul(&v)?
-        .reshape((b, nh, l, hd))?
-        .transpose(1, 2)?
-        .reshape((b, l, nh * hd))?;
+    let needs_mask = |rows: usize| l > 1 || rows > 1 || !mask.is_causal_only();
+    let out = if !fused {
+        // The differentiable path: one product over all rows.
+        let m = needs_mask(l)
+            .then(|| mask.block(b, (l, t), 0, l, t, device))
+            .transpose()?;
+        attend(&q, t, m)?
+    } else {
+        // Inference: blocks of query rows, each over the keys up to its last row (the later
+        // ones are masked anyway), so memory grows linearly with the length.
+        let mut blocks = Vec::with_capacity(l.div_ceil(QUERY_BLOCK));
+        for first in (0..l).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(l - first);
+            let keys = t - l + first + rows;
+            let m = needs_mask(rows)
+                .then(|| mask.block(b, (l, t), first, rows, keys, device))
+                .transpose()?;
+            blocks.push(attend(&q.narrow(2, first, rows)?, keys, m)?);
+        }
+        if blocks.len() == 1 {
+            blocks.remove(0)
+        } else {
+            Tensor::cat(&blocks, 2)?
+        }
+    };
+    let out = out.transpose(1, 2)?.reshape((b, l, nh * hd))?;
     layer.o_proj.forward(&out)
-}
-
-/// The additive causal mask `[1, 1, len, len]` (0 on and below the diagonal, -inf above).
-pub fn causal_mask(len: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(v, (1, 1, len, len), device)?.to_dtype(dtype)
 }
 
 /// Picks the rows of `hidden` `[batch, len, h]` at `D::Minus2` index `pos`.

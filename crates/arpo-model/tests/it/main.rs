@@ -6,6 +6,7 @@
 mod common;
 mod parity;
 mod policy;
+mod prefix_cache;
 mod preprocess;
 mod properties;
 mod quantized;
