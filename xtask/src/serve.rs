@@ -60,6 +60,11 @@ pub struct Args {
     /// cpu, cuda or cuda:N (cuda needs a build with candle's cuda feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Automatic prefix caching: MiB of prompt keys/values and screenshot features kept for
+    /// later requests that start the same (a multi-turn episode resends its history each
+    /// turn), per loaded set of weights; 0 turns it off.
+    #[arg(long, default_value_t = 4096)]
+    prefix_cache_mib: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -83,7 +88,8 @@ pub fn run(args: Args) -> Result<()> {
         args.model, args.dtype, args.device
     );
     let started = std::time::Instant::now();
-    let engine = ModelEngine::load_named(&args.model, &args.dtype, &args.device)?;
+    let engine = ModelEngine::load_named(&args.model, &args.dtype, &args.device)?
+        .with_prefix_cache(args.prefix_cache_mib.saturating_mul(1 << 20));
     let info = engine.info();
     println!(
         "✓ Model loaded on {} in {:.1} s (context {} tokens)",

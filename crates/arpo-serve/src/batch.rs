@@ -48,6 +48,8 @@ pub(crate) enum Event {
         choice: usize,
         delta: String,
         reason: &'static str,
+        /// Prompt tokens the engine had cached.
+        cached_tokens: usize,
     },
     Failed {
         error: EngineError,
@@ -184,6 +186,8 @@ struct SeqState {
     choice: usize,
     text: TextAssembler,
     done: bool,
+    /// Ended by a stop string (its `Finished` event is sent after the engine returns).
+    stopped: bool,
 }
 
 fn run_batch<E: Engine>(engine: &E, jobs: &[Job<E::Prompt>]) {
@@ -202,6 +206,7 @@ fn run_batch<E: Engine>(engine: &E, jobs: &[Job<E::Prompt>]) {
                 choice: c,
                 text: TextAssembler::new(job.stops.clone()),
                 done: false,
+                stopped: false,
             });
         }
     }
@@ -225,12 +230,9 @@ fn run_batch<E: Engine>(engine: &E, jobs: &[Job<E::Prompt>]) {
                 token: token.clone(),
             });
             if pushed.stop_hit {
+                // Finished below, once the engine says how much of the prompt it had cached.
                 seq.done = true;
-                let _ = events.send(Event::Finished {
-                    choice: seq.choice,
-                    delta: String::new(),
-                    reason: "stop",
-                });
+                seq.stopped = true;
                 Flow::Stop
             } else {
                 Flow::Continue
@@ -247,7 +249,7 @@ fn run_batch<E: Engine>(engine: &E, jobs: &[Job<E::Prompt>]) {
         ],
     };
     for (i, seq) in seqs.iter_mut().enumerate() {
-        if seq.done {
+        if seq.done && !seq.stopped {
             continue;
         }
         let events = &jobs[seq.job].events;
@@ -257,13 +259,21 @@ fn run_batch<E: Engine>(engine: &E, jobs: &[Job<E::Prompt>]) {
             ))
         });
         let event = match result {
+            // A stop string ended it: what the engine did after does not matter.
+            _ if seq.stopped => Event::Finished {
+                choice: seq.choice,
+                delta: String::new(),
+                reason: "stop",
+                cached_tokens: result.map_or(0, |f| f.cached_prompt_tokens),
+            },
             Ok(finish) => Event::Finished {
                 choice: seq.choice,
                 delta: seq.text.finish(),
-                reason: match finish {
+                reason: match finish.reason {
                     EngineFinish::Length => "length",
                     EngineFinish::EndOfTurn | EngineFinish::Stopped => "stop",
                 },
+                cached_tokens: finish.cached_prompt_tokens,
             },
             Err(error) => Event::Failed { error },
         };

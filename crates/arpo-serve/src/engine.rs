@@ -102,6 +102,24 @@ pub enum EngineFinish {
     Stopped,
 }
 
+/// How an engine finished a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub reason: EngineFinish,
+    /// Prompt tokens served from the engine's prefix cache (`usage.prompt_tokens_details
+    /// .cached_tokens`); 0 for an engine without one.
+    pub cached_prompt_tokens: usize,
+}
+
+impl From<EngineFinish> for Finished {
+    fn from(reason: EngineFinish) -> Self {
+        Self {
+            reason,
+            cached_prompt_tokens: 0,
+        }
+    }
+}
+
 /// A model the server can serve.
 ///
 /// `generate` is blocking (it computes) and is called from one dedicated thread; the other
@@ -125,12 +143,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Generates every sequence of the batch, calling `on_token(index_in_batch, token)` for each
     /// token as it is produced (the end-of-turn token included). Returns, per sequence, why it
-    /// stopped.
+    /// stopped and how much of its prompt the engine had cached.
     fn generate(
         &self,
         batch: &[SequenceRequest<'_, Self::Prompt>],
         on_token: &mut dyn FnMut(usize, &GeneratedToken) -> Flow,
-    ) -> Vec<Result<EngineFinish, EngineError>>;
+    ) -> Vec<Result<Finished, EngineError>>;
 
     /// How token `id` reads.
     fn token_piece(&self, id: u32) -> TokenPiece;

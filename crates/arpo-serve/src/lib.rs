@@ -48,7 +48,7 @@ mod text;
 
 pub use check::{ServerCheck, check_server};
 pub use engine::{
-    Engine, EngineError, EngineFinish, EngineInfo, Flow, GeneratedToken, SequenceRequest,
+    Engine, EngineError, EngineFinish, EngineInfo, Finished, Flow, GeneratedToken, SequenceRequest,
     TokenPiece,
 };
 pub use error::{ApiError, ServeError};

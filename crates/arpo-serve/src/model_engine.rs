@@ -13,7 +13,7 @@ use arpo_model::{ModelError, Qwen2Vl};
 use candle_core::{DType, Device};
 
 use crate::engine::{
-    Engine, EngineError, EngineFinish, EngineInfo, Flow, GeneratedToken, SequenceRequest,
+    Engine, EngineError, EngineFinish, EngineInfo, Finished, Flow, GeneratedToken, SequenceRequest,
     TokenPiece,
 };
 use crate::remote::byte_level_bytes;
@@ -41,6 +41,8 @@ pub struct ModelEngine {
     added: HashMap<u32, (String, bool)>,
     /// Bytes of one copy of the weights (what a merged adapter takes).
     model_bytes: u64,
+    /// The prefix cache budget of each loaded set of weights (base, each merged adapter).
+    prefix_cache_bytes: std::sync::atomic::AtomicUsize,
 }
 
 fn model_bytes(model: &Qwen2Vl) -> u64 {
@@ -190,7 +192,27 @@ impl ModelEngine {
             source,
             max_context,
             added,
+            prefix_cache_bytes: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Turns on automatic prefix caching ([`arpo_model::prefix_cache`]) with `bytes` per
+    /// loaded set of weights (the base and each merged adapter); 0 turns it off.
+    pub fn with_prefix_cache(self, bytes: usize) -> Self {
+        self.prefix_cache_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.base().model.set_prefix_cache_budget(bytes);
+        self
+    }
+
+    /// The base weights' prefix cache statistics.
+    pub fn prefix_cache_stats(&self) -> arpo_model::PrefixCacheStats {
+        self.base().model.prefix_cache.stats()
+    }
+
+    fn cache_budget(&self) -> usize {
+        self.prefix_cache_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn base(&self) -> std::sync::RwLockReadGuard<'_, UiTars> {
@@ -252,8 +274,8 @@ impl Engine for ModelEngine {
         &self,
         batch: &[SequenceRequest<'_, GenerationRequest>],
         on_token: &mut dyn FnMut(usize, &GeneratedToken) -> Flow,
-    ) -> Vec<Result<EngineFinish, EngineError>> {
-        let mut results: Vec<Option<Result<EngineFinish, EngineError>>> = vec![None; batch.len()];
+    ) -> Vec<Result<Finished, EngineError>> {
+        let mut results: Vec<Option<Result<Finished, EngineError>>> = vec![None; batch.len()];
         // The model samples a whole batch with one set of settings: group the sequences by
         // settings and adapter, one `generate` per group.
         let mut groups: Vec<(SamplingParams, Option<&str>, Vec<usize>)> = Vec::new();
@@ -316,7 +338,10 @@ impl Engine for ModelEngine {
                                 break;
                             }
                         }
-                        results[i] = Some(Ok(finish));
+                        results[i] = Some(Ok(Finished {
+                            reason: finish,
+                            cached_prompt_tokens: generation.cached_tokens,
+                        }));
                     }
                 }
                 Err(e) => {
@@ -394,6 +419,7 @@ impl Engine for ModelEngine {
         }
         let model = Qwen2Vl::from_weights(base.model.config.clone(), Weights::from_map(weights))
             .map_err(|e| load_error(e.to_string()))?;
+        model.set_prefix_cache_budget(self.cache_budget());
         drop(base);
         self.adapter_map_mut()
             .insert(name.to_string(), Arc::new(model));
@@ -424,6 +450,8 @@ impl Engine for ModelEngine {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
+        // New weights, new cache: nothing computed with the old ones is reused.
+        model.set_prefix_cache_budget(self.cache_budget());
         let mut base = self
             .base
             .write()

@@ -13,7 +13,7 @@ use std::time::Duration;
 use arpo_core::{ChatMessage, ContentPart};
 
 use crate::engine::{
-    Engine, EngineError, EngineFinish, EngineInfo, Flow, GeneratedToken, SequenceRequest,
+    Engine, EngineError, EngineFinish, EngineInfo, Finished, Flow, GeneratedToken, SequenceRequest,
     TokenPiece,
 };
 
@@ -211,7 +211,7 @@ impl Engine for ScriptedEngine {
         &self,
         batch: &[SequenceRequest<'_, ScriptedPrompt>],
         on_token: &mut dyn FnMut(usize, &GeneratedToken) -> Flow,
-    ) -> Vec<Result<EngineFinish, EngineError>> {
+    ) -> Vec<Result<Finished, EngineError>> {
         let version = {
             let mut state = self.lock();
             state.batch_sizes.push(batch.len());
@@ -279,7 +279,7 @@ impl Engine for ScriptedEngine {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or(Ok(EngineFinish::EndOfTurn)))
+            .map(|r| r.unwrap_or(Ok(EngineFinish::EndOfTurn)).map(Finished::from))
             .collect()
     }
 

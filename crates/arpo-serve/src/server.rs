@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 use crate::api::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChoiceLogprobs, ChunkChoice, Delta, LoadLoraRequest, MessageContent, ModelCard, ModelList,
-    ReloadWeightsRequest, RequestPart, TokenLogprob, TopLogprob, UnloadLoraRequest, Usage,
+    PromptTokensDetails, ReloadWeightsRequest, RequestPart, TokenLogprob, TopLogprob,
+    UnloadLoraRequest, Usage,
 };
 use crate::batch::{ChoiceSpec, Event, Job, Queue, spawn_engine_thread};
 use crate::engine::{Engine, EngineError, GeneratedToken};
@@ -728,6 +729,7 @@ async fn collect_answer<E: Engine>(
     let mut tokens: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut counts = vec![0u64; n];
     let mut reasons: Vec<Option<&'static str>> = vec![None; n];
+    let mut cached_tokens = 0u64;
     while reasons.iter().any(Option::is_none) {
         let Some(event) = rx.recv().await else {
             return Err(ApiError::new(
@@ -752,9 +754,11 @@ async fn collect_answer<E: Engine>(
                 choice,
                 delta,
                 reason,
+                cached_tokens: cached,
             } if choice < n => {
                 texts[choice].push_str(&delta);
                 reasons[choice] = Some(reason);
+                cached_tokens = cached_tokens.max(cached as u64);
             }
             Event::Failed { error, .. } => return Err(engine_failure(error)),
             _ => {}
@@ -786,6 +790,7 @@ async fn collect_answer<E: Engine>(
             prompt_tokens: meta.prompt_tokens,
             completion_tokens,
             total_tokens: meta.prompt_tokens + completion_tokens,
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
         },
     })
 }
@@ -804,6 +809,7 @@ fn stream_answer<E: Engine>(
         pending: std::collections::VecDeque<SseEvent>,
         finished: Vec<bool>,
         completion_tokens: u64,
+        cached_tokens: u64,
         include_usage: bool,
         done: bool,
     }
@@ -827,6 +833,7 @@ fn stream_answer<E: Engine>(
         pending: std::collections::VecDeque::new(),
         finished: vec![false; n],
         completion_tokens: 0,
+        cached_tokens: 0,
         include_usage,
         done: false,
     };
@@ -859,6 +866,9 @@ fn stream_answer<E: Engine>(
                         prompt_tokens: s.meta.prompt_tokens,
                         completion_tokens: s.completion_tokens,
                         total_tokens: s.meta.prompt_tokens + s.completion_tokens,
+                        prompt_tokens_details: Some(PromptTokensDetails {
+                            cached_tokens: s.cached_tokens,
+                        }),
                     };
                     let chunk = s.chunk(vec![], Some(usage));
                     s.pending.push_back(chunk);
@@ -911,7 +921,9 @@ fn stream_answer<E: Engine>(
                     choice,
                     delta,
                     reason,
+                    cached_tokens,
                 }) => {
+                    s.cached_tokens = s.cached_tokens.max(cached_tokens as u64);
                     if let Some(f) = s.finished.get_mut(choice) {
                         *f = true;
                     }

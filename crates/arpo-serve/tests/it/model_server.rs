@@ -653,3 +653,95 @@ fn an_adapter_costs_one_copy_of_the_checkpoints_weights() -> TestResult {
     assert_eq!(engine.adapter_bytes(), tensor_bytes);
     Ok(())
 }
+
+/// Automatic prefix caching through the server: a second turn that resends the first turn's
+/// conversation reports the reused prompt tokens in `usage.prompt_tokens_details
+/// .cached_tokens` (OpenAI's and vLLM's field), and answers exactly as a server without the
+/// cache does, in a plain and a streamed answer.
+#[tokio::test]
+async fn prefix_cache_reports_cached_tokens_and_changes_no_answer() -> TestResult {
+    let cached = Arc::new(
+        ModelEngine::new(load_uitars()?, model_dir().display().to_string())
+            .with_prefix_cache(64 << 20),
+    );
+    let plain = Arc::new(ModelEngine::new(
+        load_uitars()?,
+        model_dir().display().to_string(),
+    ));
+    let with = Server::start(
+        cached.clone(),
+        ServeConfig::default(),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let without = Server::start(plain, ServeConfig::default(), "127.0.0.1:0".parse()?).await?;
+    let url = |s: &Server| format!("{}/chat/completions", s.base_url());
+    let model = "ui-tars";
+
+    let first = conversation(2)?;
+    let mut second = first.clone();
+    second.push(ChatMessage::text(
+        Role::Assistant,
+        "Thought: open it\nAction: click(start_box='(10,20)')",
+    ));
+    second.push(ChatMessage {
+        role: Role::User,
+        content: vec![ContentPart::Image {
+            image: golden_image("c_101x75.png")?,
+        }],
+    });
+    let mut answers = Vec::new();
+    for server in [&with, &without] {
+        let mut turns = Vec::new();
+        for messages in [&first, &second] {
+            let r: ChatCompletion = post(&url(server), &body(messages, model, MAX_TOKENS))
+                .await?
+                .json()
+                .await?;
+            turns.push(r);
+        }
+        answers.push(turns);
+    }
+    let cached_of = |r: &ChatCompletion| r.usage.prompt_tokens_details.map(|d| d.cached_tokens);
+    assert_eq!(cached_of(&answers[0][0]), Some(0), "nothing cached yet");
+    let reused = cached_of(&answers[0][1]).ok_or("no prompt_tokens_details")?;
+    // The whole first prompt but its last partial block.
+    let first_prompt = answers[0][0].usage.prompt_tokens;
+    assert!(
+        reused >= first_prompt / 16 * 16 && reused < answers[0][1].usage.prompt_tokens,
+        "{reused} cached of a {first_prompt}-token first prompt"
+    );
+    assert_eq!(
+        cached_of(&answers[1][1]),
+        Some(0),
+        "the cache-less server reuses nothing"
+    );
+    for (a, b) in answers[0].iter().zip(&answers[1]) {
+        assert_eq!(a.choices[0].message.content, b.choices[0].message.content);
+        let ids = |r: &ChatCompletion| -> Vec<String> {
+            r.choices[0]
+                .logprobs
+                .as_ref()
+                .map(|l| l.content.iter().map(|t| t.token.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(ids(a), ids(b));
+    }
+    // Streamed, with usage: the same count in the final chunk.
+    let mut streamed = body(&second, model, MAX_TOKENS);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let text = post(&url(&with), &streamed).await?.text().await?;
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
+        .ok_or("no usage chunk")?;
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"].as_u64() >= Some(reused),
+        "{usage}"
+    );
+    assert!(cached.prefix_cache_stats().cached_tokens > 0);
+    Ok(())
+}
