@@ -36,6 +36,7 @@
 //! # }
 //! ```
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 mod device;

@@ -87,6 +87,26 @@ impl KeyMask {
         }
     }
 
+    /// The left padding of each of `batch` rows when that is all the mask hides (one range
+    /// from key 0, or none, per row), else `None`.
+    pub fn left_pads(&self, batch: usize) -> Option<Vec<usize>> {
+        (0..batch)
+            .map(|r| {
+                let mut live = self
+                    .hidden
+                    .get(r)
+                    .into_iter()
+                    .flatten()
+                    .filter(|h| !h.is_empty());
+                match (live.next(), live.next()) {
+                    (None, _) => Some(0),
+                    (Some(h), None) if h.start == 0 => Some(h.end),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// Whether no row hides any key (only the causal rule applies).
     pub fn is_causal_only(&self) -> bool {
         self.hidden.iter().all(|h| h.iter().all(|r| r.is_empty()))
@@ -368,6 +388,7 @@ fn attention(
     let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?
         .to_dtype(dtype)?
         .contiguous()?;
+    let cached = cache.is_some();
     let (k, v) = match cache {
         Some(c) => {
             let k = match &c.k {
@@ -410,8 +431,13 @@ fn attention(
             .reshape((b, nh, rows, hd))
     };
     let needs_mask = |rows: usize| l > 1 || rows > 1 || !mask.is_causal_only();
-    let out = if !fused {
-        // The differentiable path: one product over all rows.
+    let pads = (!fused && !cached).then(|| mask.left_pads(b)).flatten();
+    let out = if let Some(pads) = pads {
+        // The differentiable path, memory-linear (no [l, t] scores; see crate::attention).
+        crate::attention::causal_attention(&q, &k, &v, &pads, scale)?
+    } else if !fused {
+        // The differentiable path over a cache or a mask other than left padding: one
+        // product over all rows.
         let m = needs_mask(l)
             .then(|| mask.block(b, (l, t), 0, l, t, device))
             .transpose()?;

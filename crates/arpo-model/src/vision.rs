@@ -543,8 +543,9 @@ fn attention(
 const QUERY_BLOCK: usize = 1024;
 
 /// Softmax attention of `q`/`k`/`v` `[heads, n, head_dim]` within consecutive chunks of the
-/// sequence (`chunks` sum to `n`), queries taken `query_block` rows at a time (each row's softmax
-/// is its own, so the result does not depend on the block size).
+/// sequence (`chunks` sum to `n`). Inference (`fused`) takes the queries `query_block` rows at
+/// a time (each row's softmax is its own, so the result does not depend on the block size); the
+/// differentiable path is [`crate::attention::chunked_attention`].
 fn attend_chunks(
     q: &Tensor,
     k: &Tensor,
@@ -556,6 +557,10 @@ fn attend_chunks(
     let (h, _, d) = q.dims3()?;
     let dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();
+    if !fused {
+        // Differentiable: memory-linear, keeps no block's probabilities for the backward pass.
+        return crate::attention::chunked_attention(q, k, v, chunks, scale);
+    }
     // Consecutive chunks of equal length (the full windows of Qwen2.5-VL, the frames of an
     // image) go through one batched product each.
     let mut outs = Vec::with_capacity(chunks.len());
@@ -615,8 +620,9 @@ mod tests {
         // Windows of 4, 4, 2, 2, 2, 1 merged-token units (x4 patches), then the rest.
         let chunks = [4, 4, 2, 2, 2, 1, 8];
         let whole = attend_chunks(&q, &k, &v, &chunks, false, usize::MAX)?;
-        for block in [1, 3, 4] {
-            let blocked = attend_chunks(&q, &k, &v, &chunks, false, block)?;
+        // The inference path in blocks of rows equals the differentiable one.
+        for block in [1, 3, 4, usize::MAX] {
+            let blocked = attend_chunks(&q, &k, &v, &chunks, true, block)?;
             let diff = (&whole - &blocked)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "query block {block}: {diff}");
         }

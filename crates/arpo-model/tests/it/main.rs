@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
+mod attention;
 mod common;
 mod parity;
 mod policy;
