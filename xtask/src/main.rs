@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 arpo_alloc::global_allocator!();
 
+mod bench_episode;
 mod bench_model;
 mod bench_serve;
 mod bench_train;
@@ -62,6 +63,8 @@ enum Command {
     Predict(predict::Args),
     /// Benchmark the model (prefill, decode, training step); prints JSON.
     BenchModel(bench_model::Args),
+    /// Benchmark a whole multi-turn episode (history resent each step, prefix cache on/off); prints JSON.
+    BenchEpisode(bench_episode::Args),
     /// Benchmark the HTTP server's throughput (concurrent clients, with and without dynamic batching).
     BenchServe(bench_serve::Args),
     /// Serve the OSWorld guest HTTP protocol over the simulated desktop.
@@ -91,6 +94,7 @@ fn main() -> Result<()> {
         Command::ParseResponse(a) => parse_response::run(a),
         Command::Predict(a) => predict::run(a),
         Command::BenchModel(a) => bench_model::run(a),
+        Command::BenchEpisode(a) => bench_episode::run(a),
         Command::BenchServe(a) => bench_serve::run(a),
         Command::SimGuest(a) => sim_guest::run(a),
         Command::SimShow(a) => sim_show::run(a),
