@@ -265,11 +265,11 @@ impl Qwen2Vl {
             let Some(&first_needed) = first_needed else {
                 continue;
             };
-            for m in first_needed..p.tokens_per_image.len() {
+            for (m, slot) in features[i].iter_mut().enumerate().skip(first_needed) {
                 match p.image_keys.get(m) {
                     Some(key) => {
                         if let Some(f) = self.prefix_cache.image(key) {
-                            features[i][m] = Some(f);
+                            *slot = Some(f);
                         } else if let Some(&t) = todo_by_key.get(key) {
                             same_as.push((i, m, t));
                         } else {

@@ -285,6 +285,7 @@ pub fn block_keys(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use super::*;
     use candle_core::Device;

@@ -82,7 +82,7 @@ impl KeyMask {
         Self {
             hidden: pads
                 .iter()
-                .map(|&p| if p > 0 { vec![0..p] } else { Vec::new() })
+                .map(|&p| std::iter::once(0..p).filter(|r| !r.is_empty()).collect())
                 .collect(),
         }
     }
