@@ -25,7 +25,9 @@ pub struct Args {
     /// No progress bar; log lines on stderr instead.
     #[arg(long)]
     pub quiet: bool,
-    /// Run the pre-flight checks, print the resolved config, and stop.
+    /// Run the pre-flight checks, print the resolved config, time two model calls at the
+    /// run's screenshot size and print how long a rollout, a step and an epoch will take on
+    /// this machine (with the settings that would shorten it), and stop.
     #[arg(long)]
     pub check: bool,
     /// Serve the live dashboard of this run (default 127.0.0.1:8265, loopback).
@@ -106,6 +108,16 @@ async fn train(config: Config, args: Args) -> Result<()> {
     if args.check {
         println!("{}", config.to_yaml());
         eprintln!("pre-flight checks passed");
+        if config.worker.rollout.use_external_server {
+            eprintln!("rollouts run on a server: no time estimate (it measures the local model)");
+        } else {
+            eprintln!("timing two model calls at the run's screenshot size ...");
+            let plan = RunPlan::new(&config)?;
+            let policy = arpo_trainer::model::load_policy(&config)?;
+            let measured = arpo_trainer::estimate::measure(&config, &policy).await?;
+            let shape = arpo_trainer::estimate::RunShape::of(&config, plan.steps_per_epoch);
+            print!("{}", arpo_trainer::estimate::report(&measured, &shape));
+        }
         return Ok(());
     }
     let RunPlan {

@@ -31,6 +31,7 @@ pub mod compare;
 pub mod config;
 pub mod curves;
 pub mod env_check;
+pub mod estimate;
 mod error;
 pub mod eval;
 pub mod learner;
