@@ -132,12 +132,12 @@ pub fn run(args: Args) -> Result<()> {
         let first_kept = (step + 1).saturating_sub(args.limit_images.max(1));
         let mut ids = prefix.clone();
         let mut pixels = Vec::new();
-        for k in 0..=step {
+        for (k, shot) in screenshots.iter().enumerate().take(step + 1) {
             if k >= first_kept {
                 ids.push(cfg.vision_start_token_id);
                 ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
                 ids.push(vision_end);
-                pixels.push(screenshots[k].clone());
+                pixels.push(shot.clone());
             }
             if let Some(answer) = answers.get(k) {
                 ids.push(IM_START);
