@@ -74,7 +74,7 @@ pub struct KlPenalty {
 }
 
 /// The clipped policy loss. [`Default`] is the reference: clip to [1 − 0.2, 1 + 0.3], dual clip
-/// 3, seq-mean-token-mean, no KL.
+/// 3, seq-mean-token-mean, no KL, no rollout importance weight.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyLossConfig {
@@ -87,6 +87,13 @@ pub struct PolicyLossConfig {
     pub loss_agg_mode: LossAggMode,
     /// Off by default (the reference runs with `disable_kl: true`).
     pub kl: Option<KlPenalty>,
+    /// Truncated importance sampling for a sampler that differs from the learner (verl's
+    /// `tis_imp_ratio_cap`: a quantized in-process model, vLLM, SGLang): each token's clipped
+    /// policy-gradient term is multiplied by the constant `min(exp(old_logp − rollout_logp), cap)`,
+    /// `old_logp` the learner's log-prob and `rollout_logp` the sampler's. `None` (the default,
+    /// the reference) multiplies by 1; when set it must be a finite number > 0 and the loss needs
+    /// the sampler's log-probs.
+    pub rollout_is_cap: Option<f64>,
 }
 
 impl Default for PolicyLossConfig {
@@ -97,13 +104,14 @@ impl Default for PolicyLossConfig {
             clip_ratio_dual: 3.0,
             loss_agg_mode: LossAggMode::SeqMeanTokenMean,
             kl: None,
+            rollout_is_cap: None,
         }
     }
 }
 
 impl PolicyLossConfig {
     /// Checks the ranges: `0 ≤ clip_ratio_low < 1`, `clip_ratio_high ≥ 0`,
-    /// `clip_ratio_dual > 1`, a finite `coef ≥ 0`.
+    /// `clip_ratio_dual > 1`, a finite `coef ≥ 0`, a finite `rollout_is_cap > 0`.
     pub fn validate(&self) -> Result<(), GrpoError> {
         let bad = |field, reason: String| Err(GrpoError::InvalidConfig { field, reason });
         if !(self.clip_ratio_low >= 0.0 && self.clip_ratio_low < 1.0) {
@@ -135,6 +143,16 @@ impl PolicyLossConfig {
                 );
             }
         }
+        if let Some(cap) = self.rollout_is_cap {
+            if !(cap > 0.0 && cap.is_finite()) {
+                return bad(
+                    "rollout_is_cap",
+                    format!(
+                        "must be a finite number > 0 (2 is usual; leave it unset to turn the importance weight off), got {cap}"
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -154,7 +172,8 @@ impl PolicyLossConfig {
 pub struct LossMetrics {
     /// `pg_loss + coef · kl_loss`: the value of the returned loss.
     pub loss: f64,
-    /// The clipped policy-gradient loss.
+    /// The clipped policy-gradient loss (each token's term times its rollout importance weight
+    /// when [`PolicyLossConfig::rollout_is_cap`] is set).
     pub pg_loss: f64,
     /// The aggregated KL estimate to the reference policy, when a penalty is configured.
     pub kl_loss: Option<f64>,
@@ -168,6 +187,10 @@ pub struct LossMetrics {
     pub ppo_kl: f64,
     /// Mean of `exp(logp − old_logp)`.
     pub ratio_mean: f64,
+    /// Mean of the truncated importance weight `min(exp(old_logp − rollout_logp), cap)`, when
+    /// [`PolicyLossConfig::rollout_is_cap`] is set.
+    #[serde(default)]
+    pub rollout_is_weight: Option<f64>,
     /// Mean of the given per-token entropies.
     pub entropy: Option<f64>,
     /// `−logp` of the sampled tokens: a one-sample entropy estimate, verl's `entropy_loss`.
@@ -192,6 +215,7 @@ mod tests {
         );
         assert_eq!(c.loss_agg_mode, LossAggMode::SeqMeanTokenMean);
         assert!(c.kl.is_none());
+        assert!(c.rollout_is_cap.is_none());
         let (lo, hi) = c.log_ratio_bounds();
         assert!((lo - 0.8f64.ln()).abs() < 1e-15 && (hi - 1.3f64.ln()).abs() < 1e-15);
     }
@@ -211,6 +235,8 @@ mod tests {
             })
         );
         assert_eq!(c.clip_ratio_high, 0.3);
+        let c: PolicyLossConfig = serde_json::from_str(r#"{"rollout_is_cap": 2.0}"#).unwrap();
+        assert_eq!(c.rollout_is_cap, Some(2.0));
     }
 
     #[test]
@@ -235,9 +261,32 @@ mod tests {
                 }),
                 ..Default::default()
             },
+            PolicyLossConfig {
+                rollout_is_cap: Some(0.0),
+                ..Default::default()
+            },
+            PolicyLossConfig {
+                rollout_is_cap: Some(-1.0),
+                ..Default::default()
+            },
+            PolicyLossConfig {
+                rollout_is_cap: Some(f64::INFINITY),
+                ..Default::default()
+            },
         ] {
             assert!(c.validate().is_err(), "{c:?}");
         }
+        let err = PolicyLossConfig {
+            rollout_is_cap: Some(-2.0),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("rollout_is_cap") && err.contains("-2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,6 +17,12 @@ pub enum GrpoError {
         expected: usize,
         hint: &'static str,
     },
+    /// An input the configuration needs was not given.
+    #[error("{name} is missing: {hint}")]
+    MissingInput {
+        name: &'static str,
+        hint: &'static str,
+    },
     /// A tensor has the wrong shape.
     #[error("{name} has shape {got:?}: {expected}")]
     BadShape {

@@ -12,7 +12,9 @@
 //!    `r = exp(logp − old_logp)`, `max(−A·r, −A·clip(r, 1 − 0.2, 1 + 0.3))`, and for `A < 0`
 //!    the dual clip `min(·, −3·A)`; aggregated as `seq-mean-token-mean` (the reference) or
 //!    `token-mean` ([`LossAggMode`]); an optional KL penalty to a reference policy
-//!    (`kl`, `low_var_kl`); metrics as verl logs them ([`LossMetrics`]).
+//!    (`kl`, `low_var_kl`); optional truncated importance sampling for a sampler that differs
+//!    from the learner (`rollout_is_cap`, verl's `tis_imp_ratio_cap`: each token's term times
+//!    [`rollout_is_weight`]); metrics as verl logs them ([`LossMetrics`]).
 //!
 //! Defaults ([`AdvantageConfig::default`], [`PolicyLossConfig::default`]) are the reference's;
 //! both configs deserialize from YAML/JSON sections with every field optional.
@@ -37,7 +39,7 @@
 //! let mask = Tensor::new(&[1u8, 1, 1], &dev)?;
 //! let inputs = PolicyLossInputs {
 //!     logp: logp.as_tensor(), old_logp: &old, advantages: &a, mask: &mask,
-//!     ref_logp: None, entropy: None,
+//!     ref_logp: None, entropy: None, rollout_logp: None,
 //! };
 //! let out = policy_loss(&inputs, &PolicyLossConfig::default())?;
 //! // Inside the clip range the loss is −A·r.
@@ -64,8 +66,8 @@ pub use advantage::{
 pub use config::{BatchCount, KlEstimator, KlPenalty, LossAggMode, LossMetrics, PolicyLossConfig};
 pub use error::GrpoError;
 pub use slices::{
-    MASKED_MEAN_EPS, SequenceInput, SliceLoss, TokenLoss, policy_loss_slices, token_kl,
-    token_policy_loss,
+    MASKED_MEAN_EPS, SequenceInput, SliceLoss, TokenLoss, policy_loss_slices, rollout_is_weight,
+    token_kl, token_policy_loss,
 };
 #[cfg(feature = "candle")]
 pub use tensor::{PolicyLoss, PolicyLossInputs, policy_loss};

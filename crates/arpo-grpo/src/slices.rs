@@ -107,6 +107,22 @@ pub fn token_kl(estimator: KlEstimator, logp: f64, ref_logp: f64) -> (f64, f64) 
     }
 }
 
+/// The truncated importance weight of one token (verl's TIS, `tis_imp_ratio_cap`):
+/// `min(exp(old_logp − rollout_logp), cap)`, with `old_logp` the learner's log-prob of the token
+/// and `rollout_logp` the sampler's. It multiplies the token's clipped policy-gradient loss as a
+/// constant (no gradient flows through it).
+///
+/// ```
+/// use arpo_grpo::rollout_is_weight;
+///
+/// // The learner gives the token twice the sampler's probability: weight 2, unless capped.
+/// assert!((rollout_is_weight(2f64.ln(), 0.0, 5.0) - 2.0).abs() < 1e-12);
+/// assert_eq!(rollout_is_weight(3f64.ln(), 0.0, 2.0), 2.0);
+/// ```
+pub fn rollout_is_weight(old_logp: f64, rollout_logp: f64, cap: f64) -> f64 {
+    (old_logp - rollout_logp).exp().min(cap)
+}
+
 /// One sequence of the slice form. Every slice has the sequence's length; tokens with
 /// `mask[t] == false` (prompt, screenshots, padding) are ignored whatever their values.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +140,9 @@ pub struct SequenceInput<'a> {
     pub ref_logp: Option<&'a [f64]>,
     /// Per-token entropies of the policy, for the `entropy` metric.
     pub entropy: Option<&'a [f64]>,
+    /// Log-probs under the sampler that produced the tokens, when it differs from the learner
+    /// (needed when [`PolicyLossConfig::rollout_is_cap`] is set, ignored otherwise).
+    pub rollout_logp: Option<&'a [f64]>,
 }
 
 /// The loss of a batch, its metrics, and `∂loss/∂logp` for every token.
@@ -145,7 +164,7 @@ pub struct SliceLoss {
 /// let seq = SequenceInput {
 ///     logp: &[-1.0, -2.0, -0.5], old_logp: &[-1.0, -2.0, -0.9],
 ///     advantages: &[0.5; 3], mask: &[true, true, false],
-///     ref_logp: None, entropy: None,
+///     ref_logp: None, entropy: None, rollout_logp: None,
 /// };
 /// let out = policy_loss_slices(&[seq], &PolicyLossConfig::default())?;
 /// assert!((out.loss + 0.5).abs() < 1e-8);
@@ -183,6 +202,15 @@ pub fn policy_loss_slices(
         if let Some(e) = seq.entropy {
             check("entropy", e.len())?;
         }
+        if let Some(r) = seq.rollout_logp {
+            check("rollout_logp", r.len())?;
+        }
+        if config.rollout_is_cap.is_some() && seq.rollout_logp.is_none() {
+            return Err(GrpoError::MissingInput {
+                name: "rollout_logp",
+                hint: "rollout_is_cap is set: pass the sampler's log-probs of the tokens",
+            });
+        }
         if config.kl.is_some() && seq.ref_logp.is_none() {
             return Err(GrpoError::LengthMismatch {
                 name: "ref_logp",
@@ -210,6 +238,7 @@ pub fn policy_loss_slices(
         ratio: f64,
         entropy: f64,
         neg_logp: f64,
+        is_weight: f64,
     }
     let mut acc = Acc::default();
     let mut grad_logp = Vec::with_capacity(sequences.len());
@@ -225,8 +254,13 @@ pub fn policy_loss_slices(
                 continue;
             }
             let tok = token_policy_loss(seq.logp[t], seq.old_logp[t], seq.advantages[t], config);
-            let mut d = tok.dloss_dlogp;
-            acc.pg += weight * tok.loss;
+            let is_weight = match (config.rollout_is_cap, seq.rollout_logp) {
+                (Some(cap), Some(r)) => rollout_is_weight(seq.old_logp[t], r[t], cap),
+                _ => 1.0,
+            };
+            let mut d = is_weight * tok.dloss_dlogp;
+            acc.pg += weight * is_weight * tok.loss;
+            acc.is_weight += weight * is_weight;
             if let (Some(kl), Some(r)) = (config.kl, seq.ref_logp) {
                 let (k, dk) = token_kl(kl.estimator, seq.logp[t], r[t]);
                 acc.kl += weight * k;
@@ -256,6 +290,7 @@ pub fn policy_loss_slices(
             pg_clipfrac_lower: acc.clip_lo,
             ppo_kl: acc.ppo_kl,
             ratio_mean: acc.ratio,
+            rollout_is_weight: config.rollout_is_cap.map(|_| acc.is_weight),
             entropy: with_entropy.then_some(acc.entropy),
             entropy_estimate: acc.neg_logp,
             sequences: sequences.len(),

@@ -6,8 +6,8 @@ use candle_core::{D, DType, Tensor};
 use crate::slices::MASKED_MEAN_EPS;
 use crate::{GrpoError, KlEstimator, LossAggMode, LossMetrics, PolicyLossConfig};
 
-/// The inputs of [`policy_loss`]. `logp`, `old_logp`, `mask`, and when given `ref_logp` and
-/// `entropy` share one shape: `[batch, tokens]`, or `[tokens]` for a single sequence.
+/// The inputs of [`policy_loss`]. `logp`, `old_logp`, `mask`, and when given `ref_logp`,
+/// `entropy` and `rollout_logp` share one shape: `[batch, tokens]`, or `[tokens]` for a single sequence.
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyLossInputs<'a> {
     /// Log-probs of the sampled tokens under the policy being trained: the tensor the gradient
@@ -24,6 +24,10 @@ pub struct PolicyLossInputs<'a> {
     pub ref_logp: Option<&'a Tensor>,
     /// Per-token entropies, for the `entropy` metric only.
     pub entropy: Option<&'a Tensor>,
+    /// Log-probs under the sampler that produced the tokens, when it differs from the learner
+    /// (a quantized model, a vLLM/SGLang server). Required when
+    /// [`PolicyLossConfig::rollout_is_cap`] is set, ignored otherwise. Treated as constants.
+    pub rollout_logp: Option<&'a Tensor>,
 }
 
 /// The loss to call `backward` on, and its metrics.
@@ -36,7 +40,9 @@ pub struct PolicyLoss {
 
 /// The reference's clipped policy loss on tensors (see [`token_policy_loss`] for the per-token
 /// formula), aggregated with `config.loss_agg_mode`, plus `coef · aggregate(kl)` when a KL
-/// penalty is configured.
+/// penalty is configured. With `config.rollout_is_cap` set, each token's clipped term is first
+/// multiplied by its truncated importance weight (see [`rollout_is_weight`]; a constant, and not
+/// applied to the KL term).
 ///
 /// Masked tokens contribute nothing, not even NaN: their log-ratio and advantage are replaced
 /// by 0 (with `where_cond`, which passes no gradient to the masked side) before any arithmetic.
@@ -44,6 +50,7 @@ pub struct PolicyLoss {
 /// [`LossAggMode::micro_batch_weight`].
 ///
 /// [`token_policy_loss`]: crate::token_policy_loss
+/// [`rollout_is_weight`]: crate::rollout_is_weight
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -58,7 +65,7 @@ pub struct PolicyLoss {
 /// let out = policy_loss(
 ///     &PolicyLossInputs {
 ///         logp: logp.as_tensor(), old_logp: &old, advantages: &adv, mask: &mask,
-///         ref_logp: None, entropy: None,
+///         ref_logp: None, entropy: None, rollout_logp: None,
 ///     },
 ///     &PolicyLossConfig::default(),
 /// )?;
@@ -136,6 +143,27 @@ pub fn policy_loss(
     let per_token = negative.where_cond(&lower, &higher)?;
 
     let mode = config.loss_agg_mode;
+    // Truncated importance sampling: min(exp(old − rollout), cap), 1 on masked tokens.
+    let is_weight = match config.rollout_is_cap {
+        None => None,
+        Some(cap) => {
+            let Some(rollout) = inputs.rollout_logp else {
+                return Err(GrpoError::MissingInput {
+                    name: "rollout_logp",
+                    hint: "rollout_is_cap is set: pass the sampler's log-probs of the tokens",
+                });
+            };
+            let rollout = same_shape("rollout_logp", rollout)?
+                .detach()
+                .to_dtype(dtype)?;
+            let y = mask.where_cond(&(&old - &rollout)?, &zeros)?;
+            Some(y.exp()?.clamp(0.0, cap)?)
+        }
+    };
+    let per_token = match &is_weight {
+        Some(w) => (&per_token * w)?,
+        None => per_token,
+    };
     let pg_loss = aggregate(&per_token, &maskf, mode)?;
     let mut loss = pg_loss.clone();
     let mut kl_loss = None;
@@ -173,6 +201,10 @@ pub fn policy_loss(
     let pg_clipfrac_lower = scalar(&aggregate(&dual, &maskf, mode)?)?;
     let ppo_kl = scalar(&aggregate(&xd.neg()?, &maskf, mode)?)?;
     let ratio_mean = scalar(&aggregate(&ratio.detach(), &maskf, mode)?)?;
+    let rollout_is_weight = match &is_weight {
+        Some(w) => Some(scalar(&aggregate(w, &maskf, mode)?)?),
+        None => None,
+    };
     let masked_logp = mask.where_cond(&logp.detach(), &zeros)?;
     let entropy_estimate = scalar(&aggregate(&masked_logp.neg()?, &maskf, mode)?)?;
     let entropy = match inputs.entropy {
@@ -192,6 +224,7 @@ pub fn policy_loss(
         pg_clipfrac_lower,
         ppo_kl,
         ratio_mean,
+        rollout_is_weight,
         entropy,
         entropy_estimate,
         sequences: batch,

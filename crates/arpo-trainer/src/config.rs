@@ -118,7 +118,7 @@ impl Default for DataConfig {
     }
 }
 
-/// `algorithm`: advantages, KL, replay.
+/// `algorithm`: advantages, KL, replay, the rollout importance weight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlgorithmConfig {
@@ -133,6 +133,11 @@ pub struct AlgorithmConfig {
     /// The replay buffer's knobs (arpo-replay's own config; the seed's names `fail_std`,
     /// `fail_mean`, `inject_per_group` are accepted). Its switch is `enable_replay`.
     pub replay: arpo_replay::ReplayConfig,
+    /// Truncated importance sampling for a sampler that differs from the learner (8-bit/4-bit
+    /// rollout weights, vLLM, SGLang; verl's `tis_imp_ratio_cap`): each trained token's
+    /// policy-gradient term is multiplied by `min(exp(learner_old_logp − sampler_logp), cap)`.
+    /// `None` (the default, ARPO's setting) is off; when set, a finite number > 0 (2 is usual).
+    pub rollout_is_cap: Option<f64>,
 }
 
 impl Default for AlgorithmConfig {
@@ -144,6 +149,7 @@ impl Default for AlgorithmConfig {
             kl_penalty: KlPenalty::LowVarKl,
             kl_coef: 0.0,
             replay: arpo_replay::ReplayConfig::default(),
+            rollout_is_cap: None,
         }
     }
 }
@@ -625,6 +631,14 @@ impl Config {
             a.disable_kl,
             "algorithm.disable_kl: false needs a reference model, which the candle learner does not keep: set algorithm.disable_kl: true (ARPO's setting)".into(),
         );
+        if let Some(cap) = a.rollout_is_cap {
+            check(
+                cap > 0.0 && cap.is_finite(),
+                format!(
+                    "algorithm.rollout_is_cap must be a finite number > 0 (2 is usual), or null to turn truncated importance sampling off (got {cap})"
+                ),
+            );
+        }
         let r = &a.replay;
         check(
             r.capacity >= 1,
@@ -1003,6 +1017,36 @@ mod tests {
                 assert!(problems[0].starts_with("worker.rollout.n"));
             }
             other => panic!("expected ConfigInvalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn rollout_is_cap_is_off_by_default_accepted_when_positive_and_refused_otherwise() {
+        let c = Config::from_yaml_str("", &[]).unwrap();
+        assert_eq!(c.algorithm.rollout_is_cap, None);
+        assert_eq!(crate::train::loss_config(&c).rollout_is_cap, None);
+        let c = Config::from_yaml_str("algorithm:\n  rollout_is_cap: 2.0\n", &[]).unwrap();
+        assert_eq!(c.algorithm.rollout_is_cap, Some(2.0));
+        assert_eq!(crate::train::loss_config(&c).rollout_is_cap, Some(2.0));
+        let c = Config::from_yaml_str(
+            "algorithm:\n  rollout_is_cap: 2.0\n",
+            &["algorithm.rollout_is_cap=null".into()],
+        )
+        .unwrap();
+        assert_eq!(c.algorithm.rollout_is_cap, None);
+        for bad in ["-1", "0", ".inf", ".nan"] {
+            let err = Config::from_yaml_str("", &[format!("algorithm.rollout_is_cap={bad}")])
+                .unwrap_err();
+            match &err {
+                TrainerError::ConfigInvalid { problems } => {
+                    assert_eq!(problems.len(), 1, "{problems:?}");
+                    assert!(
+                        problems[0].starts_with("algorithm.rollout_is_cap must be"),
+                        "{problems:?}"
+                    );
+                }
+                other => panic!("{bad}: expected ConfigInvalid, got {other}"),
+            }
         }
     }
 

@@ -45,6 +45,11 @@ pub struct UpdateStats {
     pub tokens: usize,
     /// The step was skipped (non-finite gradient norm).
     pub skipped: bool,
+    /// The sampler/learner gap over the mini-batch's trained tokens
+    /// ([`crate::rollout_gap::rollout_logp_tensor`] or [`crate::rollout_gap::sampler_logprobs`]
+    /// computes it beside the loss's inputs).
+    #[serde(default)]
+    pub rollout_gap: crate::rollout_gap::RolloutGap,
 }
 
 /// The model being trained.

@@ -9,6 +9,8 @@
 //! - [`train`]: the loop: rollouts → replay (`arpo-replay`) → GRPO advantages and the clipped
 //!   loss (`arpo-grpo`) → update; metrics, per-task results, curves, checkpoints, `--resume`.
 //! - [`model`]: the candle UI-TARS model as the rollout policy and the learner, sharing weights.
+//! - [`rollout_gap`]: how far the sampler's log-probs are from the learner's (metrics), and the
+//!   truncated importance weight that corrects for it (`algorithm.rollout_is_cap`).
 //! - [`setup`]: task sets, environments and the pre-flight check from a config.
 //! - [`plan`]: what a run will do (task sets, steps, optimizer steps, where it resumes).
 //! - [`sft`]: supervised fine-tuning on the embedded desktop's oracle solutions (the base policy).
@@ -41,6 +43,7 @@ pub mod plan;
 pub mod progress;
 pub mod remote;
 pub mod rollout;
+pub mod rollout_gap;
 pub mod select;
 pub mod setup;
 pub mod sft;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::TrainerError;
 use crate::learner::UpdateStats;
 use crate::rollout::{DroppedRollout, RolloutReport};
+use crate::rollout_gap::RolloutGap;
 
 /// One training step.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -51,6 +52,27 @@ pub struct StepMetrics {
     pub env_steps: usize,
     pub rollout_seconds: f64,
     pub update_seconds: f64,
+    /// The sampler/learner gap over the step's trained tokens that have a sampler log-prob
+    /// (`rollout_kl_tokens` of them; turns without log-probs and replayed episodes are left
+    /// out): the mean of `sampler_logp − learner_old_logp`, the k1 estimate of
+    /// KL(sampler ‖ learner). Near 0 when the rollout model is the learner's weights; grows with
+    /// quantized rollout weights or a server's different kernels. `None` without such tokens.
+    #[serde(default)]
+    pub rollout_kl: Option<f64>,
+    /// The mean of `r − 1 − ln r`, `r = exp(learner_old_logp − sampler_logp)`: the k3 estimate
+    /// of the same KL, never negative.
+    #[serde(default)]
+    pub rollout_kl_k3: Option<f64>,
+    /// The largest `r` of those tokens.
+    #[serde(default)]
+    pub rollout_ratio_max: Option<f64>,
+    /// Tokens that entered the three above.
+    #[serde(default)]
+    pub rollout_kl_tokens: usize,
+    /// The mean truncated importance weight `min(r, algorithm.rollout_is_cap)` of those tokens,
+    /// when the cap is set.
+    #[serde(default)]
+    pub rollout_is_weight: Option<f64>,
 }
 
 impl StepMetrics {
@@ -96,6 +118,15 @@ impl StepMetrics {
         self.lr = stats.last().map_or(0.0, |s| s.lr);
         self.tokens = stats.iter().map(|s| s.tokens).sum();
     }
+
+    /// The sampler/learner gap of the step's batch; `capped`: `algorithm.rollout_is_cap` is set.
+    pub fn absorb_rollout_gap(&mut self, gap: &RolloutGap, capped: bool) {
+        self.rollout_kl = gap.kl();
+        self.rollout_kl_k3 = gap.kl_k3();
+        self.rollout_ratio_max = gap.ratio_max();
+        self.rollout_kl_tokens = gap.tokens;
+        self.rollout_is_weight = if capped { gap.is_weight_mean() } else { None };
+    }
 }
 
 /// One epoch: the means of its steps (sums for counts), and validation when it ran.
@@ -124,6 +155,27 @@ pub struct EpochMetrics {
     pub env_steps: usize,
     pub rollout_seconds: f64,
     pub update_seconds: f64,
+    /// The sampler/learner gap over the epoch's trained tokens that have a sampler log-prob
+    /// (`rollout_kl_tokens` of them; turns without log-probs and replayed episodes are left
+    /// out): the mean of `sampler_logp − learner_old_logp`, the k1 estimate of
+    /// KL(sampler ‖ learner). Near 0 when the rollout model is the learner's weights; grows with
+    /// quantized rollout weights or a server's different kernels. `None` without such tokens.
+    #[serde(default)]
+    pub rollout_kl: Option<f64>,
+    /// The mean of `r − 1 − ln r`, `r = exp(learner_old_logp − sampler_logp)`: the k3 estimate
+    /// of the same KL, never negative.
+    #[serde(default)]
+    pub rollout_kl_k3: Option<f64>,
+    /// The largest `r` of those tokens in the epoch.
+    #[serde(default)]
+    pub rollout_ratio_max: Option<f64>,
+    /// Tokens that entered the three above.
+    #[serde(default)]
+    pub rollout_kl_tokens: usize,
+    /// The mean truncated importance weight `min(r, algorithm.rollout_is_cap)` of those tokens,
+    /// when the cap is set.
+    #[serde(default)]
+    pub rollout_is_weight: Option<f64>,
     /// Success rate on the held-out tasks at validation temperature, when validated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_success_rate: Option<f64>,
@@ -142,6 +194,17 @@ impl EpochMetrics {
             }
         };
         let mean = |f: fn(&StepMetrics) -> f64| steps.iter().map(f).sum::<f64>() / n;
+        // The gap's means weighted by the steps' tokens that entered them.
+        let gap_tokens: usize = steps.iter().map(|s| s.rollout_kl_tokens).sum();
+        let gap_mean = |f: fn(&StepMetrics) -> Option<f64>| {
+            let with: Vec<(f64, usize)> = steps
+                .iter()
+                .filter_map(|s| f(s).map(|v| (v, s.rollout_kl_tokens)))
+                .collect();
+            let tokens: usize = with.iter().map(|(_, t)| t).sum();
+            (tokens > 0)
+                .then(|| with.iter().map(|(v, t)| v * *t as f64).sum::<f64>() / tokens as f64)
+        };
         let last = steps.last();
         Self {
             epoch,
@@ -167,6 +230,14 @@ impl EpochMetrics {
             env_steps: steps.iter().map(|s| s.env_steps).sum(),
             rollout_seconds: steps.iter().map(|s| s.rollout_seconds).sum(),
             update_seconds: steps.iter().map(|s| s.update_seconds).sum(),
+            rollout_kl: gap_mean(|s| s.rollout_kl),
+            rollout_kl_k3: gap_mean(|s| s.rollout_kl_k3),
+            rollout_ratio_max: steps
+                .iter()
+                .filter_map(|s| s.rollout_ratio_max)
+                .reduce(f64::max),
+            rollout_kl_tokens: gap_tokens,
+            rollout_is_weight: gap_mean(|s| s.rollout_is_weight),
             val_success_rate: None,
         }
     }
@@ -338,6 +409,48 @@ mod tests {
         assert_eq!(e.loss, 2.0);
         assert_eq!(e.replay_size, 4, "the buffer size at the end of the epoch");
         assert_eq!(e.rollouts, 8);
+    }
+
+    #[test]
+    fn step_and_epoch_metrics_carry_the_sampler_learner_gap() {
+        // Step 1: two tokens, (sampler, learner) = (−1, −1) and (ln 0.2, ln 0.6):
+        // rollout_kl = (0 − ln 3)/2, k3 = (0 + 2 − ln 3)/2, ratio_max 3, weights (1 + 2)/2.
+        let mut gap = RolloutGap::default();
+        gap.add_token(-1.0, -1.0, Some(2.0));
+        gap.add_token(0.2f64.ln(), 0.6f64.ln(), Some(2.0));
+        let mut a = StepMetrics::default();
+        a.absorb_rollout_gap(&gap, true);
+        let l3 = 3f64.ln();
+        assert!((a.rollout_kl.unwrap() + l3 / 2.0).abs() < 1e-12);
+        assert!((a.rollout_kl_k3.unwrap() - (2.0 - l3) / 2.0).abs() < 1e-12);
+        assert!((a.rollout_ratio_max.unwrap() - 3.0).abs() < 1e-12);
+        assert_eq!(a.rollout_kl_tokens, 2);
+        assert!((a.rollout_is_weight.unwrap() - 1.5).abs() < 1e-12);
+        // Without a cap there is no weight to report.
+        let mut no_cap = StepMetrics::default();
+        no_cap.absorb_rollout_gap(&gap, false);
+        assert_eq!(no_cap.rollout_is_weight, None);
+        // Step 2: no sampler log-probs at all: nothing, not a perfect 0.
+        let mut b = StepMetrics::default();
+        b.absorb_rollout_gap(&RolloutGap::default(), true);
+        assert_eq!((b.rollout_kl, b.rollout_ratio_max), (None, None));
+        // Step 3: one token, (ln 0.5, ln 0.25): kl ln 2, ratio 0.5.
+        let mut gap = RolloutGap::default();
+        gap.add_token(0.5f64.ln(), 0.25f64.ln(), Some(2.0));
+        let mut c = StepMetrics::default();
+        c.absorb_rollout_gap(&gap, true);
+        // The epoch: token-weighted means over steps 1 and 3, the max ratio, 3 tokens.
+        let e = EpochMetrics::from_steps(0, &[a, b, c]);
+        assert_eq!(e.rollout_kl_tokens, 3);
+        assert!((e.rollout_kl.unwrap() - (2f64.ln() - l3) / 3.0).abs() < 1e-12);
+        assert!((e.rollout_ratio_max.unwrap() - 3.0).abs() < 1e-12);
+        assert!((e.rollout_is_weight.unwrap() - 3.5 / 3.0).abs() < 1e-12);
+        // Metrics written before these fields existed still load (resume).
+        let old: StepMetrics = serde_json::from_str(r#"{"step": 3, "epoch": 0, "avg_reward": 0.5, "success_rate": 0.5, "format_error_rate": 0.0, "rollouts": 2, "dropped_rollouts": 0, "replay_size": 0, "replay_tasks": 0, "injected_groups": 0, "all_failed_groups": 0, "invalid_groups": 0, "loss": 0.1, "pg_clipfrac_higher": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": 0.0, "entropy": 1.0, "grad_norm": 0.5, "lr": 1e-6, "optimizer_steps": 1, "skipped_optimizer_steps": 0, "tokens": 10, "generated_tokens": 10, "env_steps": 2, "rollout_seconds": 1.0, "update_seconds": 1.0}"#).unwrap();
+        assert_eq!(
+            (old.step, old.rollout_kl, old.rollout_kl_tokens),
+            (3, None, 0)
+        );
     }
 
     #[test]

@@ -482,12 +482,14 @@ impl Learner for CandleLearner {
         let mut stats = UpdateStats::default();
         let device = self.episodes.device.clone();
         let trainable = &self.trainable;
+        #[allow(clippy::type_complexity)] // the tuple is one sample's share of the update
         let one = |(sample, b): &(&Sample, &BuiltEpisode)| -> Result<
             Option<(
                 candle_core::backprop::GradStore,
                 arpo_grpo::LossMetrics,
                 f64,
                 usize,
+                crate::rollout_gap::RolloutGap,
             )>,
             TrainerError,
         > {
@@ -523,6 +525,7 @@ impl Learner for CandleLearner {
                 Some(old) => t(Tensor::from_vec(old, n, &device))?,
                 None => score.log_probs.detach(),
             };
+            let (rollout, gap) = crate::rollout_gap::rollout_logp_tensor(sample, &old, loss)?;
             let adv = t(Tensor::new(sample.advantage as f32, &device))?;
             let mask = t(Tensor::ones(n, DType::U8, &device))?;
             let entropy = t(Tensor::from_vec(score.entropy.clone(), n, &device))?;
@@ -534,6 +537,7 @@ impl Learner for CandleLearner {
                     mask: &mask,
                     ref_logp: None,
                     entropy: Some(&entropy),
+                    rollout_logp: rollout.as_ref(),
                 },
                 loss,
             )
@@ -541,11 +545,11 @@ impl Learner for CandleLearner {
             let scaled = t(out.loss.affine(weight, 0.0))?;
             let grads = arpo_model::train::recompute::backward(&scaled)
                 .map_err(|e| learner_err("backward", e))?;
-            Ok(Some((grads, out.metrics, weight, n)))
+            Ok(Some((grads, out.metrics, weight, n, gap)))
         };
         let pairs: Vec<(&Sample, &BuiltEpisode)> = minibatch.iter().zip(&built).collect();
         // Accumulated in sample order: the result does not depend on thread timing.
-        for (grads, m, weight, n) in parallel_map(&pairs, self.workers, one)?
+        for (grads, m, weight, n, gap) in parallel_map(&pairs, self.workers, one)?
             .into_iter()
             .flatten()
         {
@@ -558,6 +562,7 @@ impl Learner for CandleLearner {
             stats.ppo_kl += weight * m.ppo_kl;
             stats.entropy += weight * m.entropy.unwrap_or(m.entropy_estimate);
             stats.tokens += n;
+            stats.rollout_gap.merge(&gap);
         }
         self.trainable.set_training(false);
         let report = self

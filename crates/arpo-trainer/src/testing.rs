@@ -326,6 +326,8 @@ impl Learner for TabularPolicy {
         let mut old = Vec::new();
         let mut adv = Vec::new();
         let mut mask = Vec::new();
+        let mut rollout = Vec::new();
+        let mut rollout_gap = crate::rollout_gap::RolloutGap::default();
         for s in minibatch {
             let (mut l, mut o, mut a, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (i, turn) in s.trajectory.turns.iter().enumerate() {
@@ -346,6 +348,12 @@ impl Learner for TabularPolicy {
                 a.extend([s.advantage; 2]);
                 m.extend([true, true]);
             }
+            // The sampler's log-probs where it reported them (the learner's elsewhere).
+            let learner_old: Vec<f32> = o.iter().map(|&x| x as f32).collect();
+            let (r, gap) =
+                crate::rollout_gap::sampler_logprobs(s, &learner_old, loss.rollout_is_cap)?;
+            rollout_gap.merge(&gap);
+            rollout.push(r.into_iter().map(f64::from).collect::<Vec<f64>>());
             logp.push(l);
             old.push(o);
             adv.push(a);
@@ -359,6 +367,7 @@ impl Learner for TabularPolicy {
                 mask: &mask[k],
                 ref_logp: None,
                 entropy: None,
+                rollout_logp: Some(&rollout[k]),
             })
             .collect();
         let out = arpo_grpo::policy_loss_slices(&seqs, loss)
@@ -412,6 +421,7 @@ impl Learner for TabularPolicy {
             lr: self.lr,
             tokens: out.metrics.tokens,
             skipped,
+            rollout_gap,
         })
     }
 

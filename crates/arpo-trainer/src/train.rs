@@ -23,6 +23,7 @@ use crate::progress::Progress;
 use crate::rollout::{
     Coordinates, Group, RolloutEvent, RolloutReport, RolloutSettings, mix_seed, run_rollouts,
 };
+use crate::rollout_gap::RolloutGap;
 use crate::{TrainerError, curves};
 
 /// The (group, position) of each replayed episode in a step's groups.
@@ -144,6 +145,7 @@ pub fn loss_config(config: &Config) -> PolicyLossConfig {
             estimator: config.algorithm.kl_penalty,
             coef: config.algorithm.kl_coef,
         }),
+        rollout_is_cap: config.algorithm.rollout_is_cap,
     }
 }
 
@@ -405,8 +407,9 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
         let update_started = Instant::now();
         let batches = self.batches(groups, &injected, &mut m)?;
         self.record_episodes(step, &batches)?;
-        let stats = self.update(&batches)?;
+        let (stats, gap) = self.update(&batches)?;
         m.absorb_updates(&stats);
+        m.absorb_rollout_gap(&gap, self.config.algorithm.rollout_is_cap.is_some());
         m.update_seconds = update_started.elapsed().as_secs_f64();
         tracing::info!(
             step,
@@ -419,6 +422,8 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
             dropped_rollouts = m.dropped_rollouts,
             loss = m.loss,
             grad_norm = m.grad_norm,
+            rollout_kl = m.rollout_kl,
+            rollout_ratio_max = m.rollout_ratio_max,
             "step done"
         );
         if let Some(tb) = &mut self.tensorboard {
@@ -591,24 +596,33 @@ impl<'a, P: Policy + ?Sized, E: Environment, L: Learner> Trainer<'a, P, E, L> {
     }
 
     /// Mini-batches of `global_batch_size` groups, one optimizer step each, `ppo_epochs` times.
-    fn update(&mut self, batches: &[Vec<Sample>]) -> Result<Vec<UpdateStats>, TrainerError> {
+    /// Returns each optimizer step's statistics and the sampler/learner gap of the batch's
+    /// tokens (from the first pass: later passes see the same tokens and old log-probs).
+    fn update(
+        &mut self,
+        batches: &[Vec<Sample>],
+    ) -> Result<(Vec<UpdateStats>, RolloutGap), TrainerError> {
         let loss = loss_config(&self.config);
         let mut stats = Vec::new();
-        for _ in 0..self.config.worker.actor.ppo_epochs {
+        let mut gap = RolloutGap::default();
+        for pass in 0..self.config.worker.actor.ppo_epochs {
             for mb in batches.chunks(self.config.worker.actor.global_batch_size) {
                 let minibatch: Vec<Sample> = mb.iter().flatten().cloned().collect();
                 if minibatch.is_empty() {
                     continue;
                 }
                 fail::fail_point!("train::update");
-                stats.push(
-                    self.learner
-                        .update(&minibatch, &loss, self.state.optimizer_steps)?,
-                );
+                let s = self
+                    .learner
+                    .update(&minibatch, &loss, self.state.optimizer_steps)?;
+                if pass == 0 {
+                    gap.merge(&s.rollout_gap);
+                }
+                stats.push(s);
                 self.state.optimizer_steps += 1;
             }
         }
-        Ok(stats)
+        Ok((stats, gap))
     }
 
     fn record(&mut self, tasks: &[Task], task_id: &str, attempt: Attempt) {

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
 use arpo_grpo::{
-    KlEstimator, KlPenalty, LossAggMode, PolicyLossConfig, PolicyLossInputs, SequenceInput,
-    policy_loss, policy_loss_slices, token_kl, token_policy_loss,
+    GrpoError, KlEstimator, KlPenalty, LossAggMode, PolicyLossConfig, PolicyLossInputs,
+    SequenceInput, policy_loss, policy_loss_slices, token_kl, token_policy_loss,
 };
 use candle_core::{Device, Tensor, Var};
 
@@ -112,6 +112,7 @@ fn slice_inputs(b: &Batch) -> Vec<SequenceInput<'_>> {
             mask: &b.mask[i],
             ref_logp: Some(&b.reference[i]),
             entropy: None,
+            rollout_logp: None,
         })
         .collect()
 }
@@ -177,6 +178,7 @@ fn seq_mean_token_mean_of_the_reference_batch() {
             mask: &mask,
             ref_logp: None,
             entropy: None,
+            rollout_logp: None,
         },
         &config,
     )
@@ -234,6 +236,7 @@ fn token_mean_of_the_reference_batch_with_a_kl_penalty() {
             mask: &mask,
             ref_logp: Some(&reference),
             entropy: None,
+            rollout_logp: None,
         },
         &config,
     )
@@ -276,6 +279,7 @@ fn low_var_kl_penalty_on_one_token() {
             mask: &mask,
             ref_logp: Some(&reference),
             entropy: Some(&Tensor::new(&[2.5f64], &dev).unwrap()),
+            rollout_logp: None,
         },
         &config,
     )
@@ -287,4 +291,257 @@ fn low_var_kl_penalty_on_one_token() {
     let g = out.loss.backward().unwrap();
     let g = g.get(&logp).unwrap().to_vec1::<f64>().unwrap();
     close(g[0], -1.5, 1e-7);
+}
+
+/// Two sequences of three tokens for the rollout importance weight (TIS, cap 2): the learner's
+/// old log-probs, the new ones and the sampler's, chosen so that the ratios are round numbers.
+struct TisBatch {
+    logp: [[f64; 3]; 2],
+    old: [[f64; 3]; 2],
+    rollout: [[f64; 3]; 2],
+    adv: [f64; 2],
+    mask: [[bool; 3]; 2],
+}
+
+fn tis_batch() -> TisBatch {
+    let ln = f64::ln;
+    TisBatch {
+        // r = exp(logp − old): seq 1: 1, 1.1, 1.5; seq 2: 0.9, 1.2, (masked).
+        logp: [
+            [-1.0, -2.0 + ln(1.1), -0.5 + ln(1.5)],
+            [-0.3 + ln(0.9), -1.2 + ln(1.2), f64::NAN],
+        ],
+        old: [[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]],
+        // exp(old − rollout): seq 1: 1.5, 3 (capped to 2), 0.5; seq 2: 1, 4 (capped to 2).
+        rollout: [
+            [-1.0 - ln(1.5), -2.0 - ln(3.0), -0.5 + ln(2.0)],
+            [-0.3, -1.2 - ln(4.0), f64::NAN],
+        ],
+        adv: [1.0, -0.5],
+        mask: [[true, true, true], [true, true, false]],
+    }
+}
+
+/// `(loss, metrics, ∂loss/∂logp)` of the TIS batch through the slice form and the tensor form.
+fn tis_both_forms(
+    b: &TisBatch,
+    config: &PolicyLossConfig,
+    with_rollout: bool,
+    reference: Option<[[f64; 3]; 2]>,
+) -> [(f64, arpo_grpo::LossMetrics, Vec<f64>); 2] {
+    let advs = [[b.adv[0]; 3], [b.adv[1]; 3]];
+    let seqs: Vec<SequenceInput<'_>> = (0..2)
+        .map(|i| SequenceInput {
+            logp: &b.logp[i],
+            old_logp: &b.old[i],
+            advantages: &advs[i],
+            mask: &b.mask[i],
+            ref_logp: reference.as_ref().map(|r| &r[i][..]),
+            entropy: None,
+            rollout_logp: with_rollout.then_some(&b.rollout[i][..]),
+        })
+        .collect();
+    let s = policy_loss_slices(&seqs, config).unwrap();
+
+    let dev = Device::Cpu;
+    let rows = |x: &[[f64; 3]; 2]| Tensor::new(x, &dev).unwrap();
+    let logp = Var::from_tensor(&rows(&b.logp)).unwrap();
+    let (old, rollout) = (rows(&b.old), rows(&b.rollout));
+    let reference = reference.map(|r| rows(&r));
+    let adv = Tensor::new(&b.adv, &dev).unwrap();
+    let mask = Tensor::new(&b.mask.map(|m| m.map(u8::from)), &dev).unwrap();
+    let t = policy_loss(
+        &PolicyLossInputs {
+            logp: logp.as_tensor(),
+            old_logp: &old,
+            advantages: &adv,
+            mask: &mask,
+            ref_logp: reference.as_ref(),
+            entropy: None,
+            rollout_logp: with_rollout.then_some(&rollout),
+        },
+        config,
+    )
+    .unwrap();
+    let grads = t.loss.backward().unwrap();
+    let tg = grads
+        .get(&logp)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    [
+        (s.loss, s.metrics, s.grad_logp.concat()),
+        (t.loss.to_scalar::<f64>().unwrap(), t.metrics, tg),
+    ]
+}
+
+#[test]
+fn truncated_importance_sampling_on_a_hand_computed_batch() {
+    // cap 2, seq-mean-token-mean; w = min(exp(old − rollout), 2) multiplies each clipped term.
+    // seq 1 (A = 1):
+    //   token 1: r = 1 inside the clip: pg = −1; w = 1.5: −1.5; ∂ = −A·r·w = −1.5
+    //   token 2: r = 1.1: pg = −1.1; sampler ratio 3 > cap: w = 2: −2.2; ∂ = −2.2
+    //   token 3: r = 1.5 > 1.3: pg = −1.3 (clipped, no gradient); w = 0.5: −0.65; ∂ = 0
+    //   mean (−1.5 − 2.2 − 0.65)/3 = −4.35/3 = −1.45
+    // seq 2 (A = −0.5):
+    //   token 1: r = 0.9: pg = 0.45 (below the dual clip −3·A = 1.5); w = 1: 0.45; ∂ = 0.45
+    //   token 2: r = 1.2: pg = 0.6; sampler ratio 4 > cap: w = 2: 1.2; ∂ = 1.2
+    //   token 3: masked (NaN log-probs): nothing
+    //   mean (0.45 + 1.2)/2 = 0.825
+    // loss = (−1.45 + 0.825)/2 = −0.3125
+    // ∂loss/∂logp = ∂/(n_seq·B): seq 1: −1.5/6 = −0.25, −2.2/6, 0; seq 2: 0.45/4 = 0.1125, 1.2/4 = 0.3, 0
+    // mean weight: ((1.5 + 2 + 0.5)/3 + (1 + 2)/2)/2 = (4/3 + 3/2)/2 = 17/12
+    // The ratio clip is decided on r alone: clipfrac_higher (1/3 + 0)/2 = 1/6, as without TIS.
+    let b = tis_batch();
+    let config = PolicyLossConfig {
+        rollout_is_cap: Some(2.0),
+        ..reference()
+    };
+    let want_grad = [-0.25, -2.2 / 6.0, 0.0, 0.1125, 0.3, 0.0];
+    for (form, (loss, m, grad)) in ["slices", "tensor"]
+        .into_iter()
+        .zip(tis_both_forms(&b, &config, true, None))
+    {
+        close(loss, -0.3125, 1e-7);
+        close(m.pg_loss, -0.3125, 1e-7);
+        close(m.rollout_is_weight.unwrap(), 17.0 / 12.0, 1e-7);
+        close(m.pg_clipfrac_higher, 1.0 / 6.0, 1e-7);
+        assert_eq!((m.sequences, m.tokens), (2, 5), "{form}");
+        for (k, (&got, want)) in grad.iter().zip(want_grad).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-7,
+                "{form}: ∂loss/∂logp[{k}] = {got}, want {want}"
+            );
+        }
+        assert_eq!(grad[5], 0.0, "{form}: a masked token gets no gradient");
+    }
+
+    // Without a cap the loss is the plain one, bit for bit, whether or not the sampler's
+    // log-probs are given: seq 1 (−1 − 1.1 − 1.3)/3, seq 2 (0.45 + 0.6)/2, loss −0.3041667.
+    let plain = reference();
+    let without = tis_both_forms(&b, &plain, false, None);
+    let ignored = tis_both_forms(&b, &plain, true, None);
+    for ((w, i), form) in without.iter().zip(&ignored).zip(["slices", "tensor"]) {
+        close(w.0, (-3.4 / 3.0 + 0.525) / 2.0, 1e-7);
+        assert_eq!(w.0.to_bits(), i.0.to_bits(), "{form}");
+        assert_eq!(w.1, i.1, "{form}");
+        assert!(w.1.rollout_is_weight.is_none(), "{form}");
+        assert_eq!(w.2, i.2, "{form}");
+    }
+
+    // A sampler that agrees with the learner has weight 1 everywhere: the plain loss again.
+    let same = TisBatch {
+        rollout: b.old,
+        ..tis_batch()
+    };
+    for ((t, w), form) in tis_both_forms(&same, &config, true, None)
+        .iter()
+        .zip(&without)
+        .zip(["slices", "tensor"])
+    {
+        assert_eq!(t.0.to_bits(), w.0.to_bits(), "{form}");
+        assert_eq!(t.2, w.2, "{form}");
+        close(t.1.rollout_is_weight.unwrap(), 1.0, 1e-7);
+    }
+
+    // The weight is on the policy-gradient term only, never on a KL penalty: with
+    // ref_logp = logp − 0.5 (k1 = 0.5 on every trained token) and coef 0.1 the loss is
+    // −0.3125 + 0.1·0.5 = −0.2625, and each gradient gains 0.1/(n_seq·B).
+    let with_kl = PolicyLossConfig {
+        kl: Some(KlPenalty {
+            estimator: KlEstimator::Kl,
+            coef: 0.1,
+        }),
+        ..config
+    };
+    let reference_logp = b.logp.map(|row| row.map(|l| l - 0.5));
+    let kl_grad = [0.1 / 6.0, 0.1 / 6.0, 0.1 / 6.0, 0.1 / 4.0, 0.1 / 4.0, 0.0];
+    for (form, (loss, m, grad)) in ["slices", "tensor"].into_iter().zip(tis_both_forms(
+        &b,
+        &with_kl,
+        true,
+        Some(reference_logp),
+    )) {
+        close(loss, -0.2625, 1e-7);
+        close(m.kl_loss.unwrap(), 0.5, 1e-7);
+        for (k, ((&got, want), kl)) in grad.iter().zip(want_grad).zip(kl_grad).enumerate() {
+            assert!(
+                (got - (want + kl)).abs() <= 1e-7,
+                "{form}: ∂loss/∂logp[{k}] = {got}, want {}",
+                want + kl
+            );
+        }
+    }
+}
+
+#[test]
+fn a_cap_without_the_samplers_log_probs_is_an_error_naming_both() {
+    let b = tis_batch();
+    let config = PolicyLossConfig {
+        rollout_is_cap: Some(2.0),
+        ..reference()
+    };
+    let advs = [1.0; 3];
+    let seq = SequenceInput {
+        logp: &b.logp[0],
+        old_logp: &b.old[0],
+        advantages: &advs,
+        mask: &b.mask[0],
+        ref_logp: None,
+        entropy: None,
+        rollout_logp: None,
+    };
+    let err = policy_loss_slices(&[seq], &config).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GrpoError::MissingInput {
+                name: "rollout_logp",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let dev = Device::Cpu;
+    let logp = Tensor::new(&b.logp[0], &dev).unwrap();
+    let old = Tensor::new(&b.old[0], &dev).unwrap();
+    let mask = Tensor::new(&[1u8; 3], &dev).unwrap();
+    let adv = Tensor::new(1.0f64, &dev).unwrap();
+    let err = policy_loss(
+        &PolicyLossInputs {
+            logp: &logp,
+            old_logp: &old,
+            advantages: &adv,
+            mask: &mask,
+            ref_logp: None,
+            entropy: None,
+            rollout_logp: None,
+        },
+        &config,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("rollout_logp") && err.contains("rollout_is_cap"),
+        "{err}"
+    );
+    // The wrong shape is refused too.
+    let short = Tensor::new(&[-1.0f64, -2.0], &dev).unwrap();
+    let err = policy_loss(
+        &PolicyLossInputs {
+            logp: &logp,
+            old_logp: &old,
+            advantages: &adv,
+            mask: &mask,
+            ref_logp: None,
+            entropy: None,
+            rollout_logp: Some(&short),
+        },
+        &config,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rollout_logp"), "{err}");
 }

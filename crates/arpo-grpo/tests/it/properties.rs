@@ -174,6 +174,7 @@ fn tensor_token(x: f64, a: f64, config: &PolicyLossConfig) -> (f64, f64) {
             mask: &mask,
             ref_logp: None,
             entropy: None,
+            rollout_logp: None,
         },
         config,
     )
@@ -256,6 +257,8 @@ struct Batch {
     old: Vec<f64>,
     reference: Vec<f64>,
     entropy: Vec<f64>,
+    /// The sampler's log-probs (for the rollout importance weight).
+    rollout: Vec<f64>,
     adv: Vec<f64>,
     mask: Vec<bool>,
 }
@@ -270,20 +273,32 @@ fn batch() -> impl Strategy<Value = Batch> {
             prop::collection::vec(0.0f64..3.0, n),
             prop::collection::vec(-2.0f64..2.0, rows),
             prop::collection::vec(prop::bool::weighted(0.7), n),
+            prop::collection::vec(-1.5f64..1.5, n),
         )
-            .prop_map(move |(logp, dx, dref, entropy, adv, mask)| Batch {
-                rows,
-                cols,
-                old: logp.iter().zip(&dx).map(|(l, d)| l - d).collect(),
-                reference: logp.iter().zip(&dref).map(|(l, d)| l - d).collect(),
-                logp,
-                entropy,
-                adv,
-                mask,
-            })
+            .prop_map(
+                move |(logp, dx, dref, entropy, adv, mask, drollout)| Batch {
+                    rows,
+                    cols,
+                    old: logp.iter().zip(&dx).map(|(l, d)| l - d).collect(),
+                    reference: logp.iter().zip(&dref).map(|(l, d)| l - d).collect(),
+                    // Sampler/learner ratios from e^−1.5 to e^1.5: some above every cap below.
+                    rollout: logp
+                        .iter()
+                        .zip(&dx)
+                        .zip(&drollout)
+                        .map(|((l, d), r)| l - d - r)
+                        .collect(),
+                    logp,
+                    entropy,
+                    adv,
+                    mask,
+                },
+            )
     })
 }
 
+/// Every aggregation mode, with and without a KL penalty, with and without the rollout
+/// importance weight (caps below and above 1).
 fn loss_config() -> impl Strategy<Value = PolicyLossConfig> {
     (
         prop_oneof![
@@ -301,10 +316,17 @@ fn loss_config() -> impl Strategy<Value = PolicyLossConfig> {
                 coef: 0.5
             })),
         ],
+        prop_oneof![
+            Just(None),
+            Just(Some(2.0)),
+            Just(Some(0.9)),
+            Just(Some(1.3))
+        ],
     )
-        .prop_map(|(loss_agg_mode, kl)| PolicyLossConfig {
+        .prop_map(|(loss_agg_mode, kl, rollout_is_cap)| PolicyLossConfig {
             loss_agg_mode,
             kl,
+            rollout_is_cap,
             ..PolicyLossConfig::default()
         })
 }
@@ -322,7 +344,8 @@ fn run_tensor(b: &Batch, config: &PolicyLossConfig) -> TensorOut {
     let mask: Vec<f32> = b.mask.iter().map(|&m| f32::from(u8::from(m))).collect();
     let mask = Tensor::from_vec(mask, shape, &cpu()).unwrap();
     let adv = Tensor::from_vec(b.adv.clone(), b.rows, &cpu()).unwrap();
-    let (old, reference, entropy) = (t(&b.old), t(&b.reference), t(&b.entropy));
+    let (old, reference, entropy, rollout) =
+        (t(&b.old), t(&b.reference), t(&b.entropy), t(&b.rollout));
     let out = policy_loss(
         &PolicyLossInputs {
             logp: logp.as_tensor(),
@@ -331,6 +354,7 @@ fn run_tensor(b: &Batch, config: &PolicyLossConfig) -> TensorOut {
             mask: &mask,
             ref_logp: Some(&reference),
             entropy: Some(&entropy),
+            rollout_logp: Some(&rollout),
         },
         config,
     )
@@ -361,7 +385,8 @@ fn run_slices(b: &Batch, config: &PolicyLossConfig) -> arpo_grpo::SliceLoss {
                 advantages: &advs[i],
                 mask: &b.mask[r.clone()],
                 ref_logp: Some(&b.reference[r.clone()]),
-                entropy: Some(&b.entropy[r]),
+                entropy: Some(&b.entropy[r.clone()]),
+                rollout_logp: Some(&b.rollout[r]),
             }
         })
         .collect();
@@ -372,32 +397,85 @@ fn close(x: f64, y: f64) -> bool {
     (x - y).abs() <= 1e-10 * (1.0 + x.abs().max(y.abs()))
 }
 
+/// The tensor form and the slice form agree on the loss, every metric and the gradient.
+fn forms_agree(b: &Batch, config: &PolicyLossConfig) -> Result<(), TestCaseError> {
+    let t = run_tensor(b, config);
+    let s = run_slices(b, config);
+    prop_assert!(close(t.loss, s.loss), "{} vs {}", t.loss, s.loss);
+    let (tm, sm) = (t.metrics, s.metrics);
+    for (name, x, y) in [
+        ("pg_loss", tm.pg_loss, sm.pg_loss),
+        (
+            "clipfrac_higher",
+            tm.pg_clipfrac_higher,
+            sm.pg_clipfrac_higher,
+        ),
+        ("clipfrac_lower", tm.pg_clipfrac_lower, sm.pg_clipfrac_lower),
+        ("ppo_kl", tm.ppo_kl, sm.ppo_kl),
+        ("ratio_mean", tm.ratio_mean, sm.ratio_mean),
+        ("entropy", tm.entropy.unwrap(), sm.entropy.unwrap()),
+        ("entropy_estimate", tm.entropy_estimate, sm.entropy_estimate),
+        (
+            "kl_loss",
+            tm.kl_loss.unwrap_or(0.0),
+            sm.kl_loss.unwrap_or(0.0),
+        ),
+        (
+            "rollout_is_weight",
+            tm.rollout_is_weight.unwrap_or(0.0),
+            sm.rollout_is_weight.unwrap_or(0.0),
+        ),
+    ] {
+        prop_assert!(close(x, y), "{name}: {x} vs {y}");
+    }
+    prop_assert_eq!((tm.tokens, tm.sequences), (sm.tokens, sm.sequences));
+    prop_assert_eq!(
+        tm.rollout_is_weight.is_some(),
+        config.rollout_is_cap.is_some()
+    );
+    prop_assert_eq!(
+        sm.rollout_is_weight.is_some(),
+        config.rollout_is_cap.is_some()
+    );
+    let flat: Vec<f64> = s.grad_logp.concat();
+    for (i, (x, y)) in t.grad.iter().zip(&flat).enumerate() {
+        prop_assert!(close(*x, *y), "grad {i}: {x} vs {y}");
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn tensor_loss_and_gradient_match_the_slice_form(b in batch(), config in loss_config()) {
-        let t = run_tensor(&b, &config);
-        let s = run_slices(&b, &config);
-        prop_assert!(close(t.loss, s.loss), "{} vs {}", t.loss, s.loss);
-        let (tm, sm) = (t.metrics, s.metrics);
-        for (name, x, y) in [
-            ("pg_loss", tm.pg_loss, sm.pg_loss),
-            ("clipfrac_higher", tm.pg_clipfrac_higher, sm.pg_clipfrac_higher),
-            ("clipfrac_lower", tm.pg_clipfrac_lower, sm.pg_clipfrac_lower),
-            ("ppo_kl", tm.ppo_kl, sm.ppo_kl),
-            ("ratio_mean", tm.ratio_mean, sm.ratio_mean),
-            ("entropy", tm.entropy.unwrap(), sm.entropy.unwrap()),
-            ("entropy_estimate", tm.entropy_estimate, sm.entropy_estimate),
-            ("kl_loss", tm.kl_loss.unwrap_or(0.0), sm.kl_loss.unwrap_or(0.0)),
-        ] {
-            prop_assert!(close(x, y), "{name}: {x} vs {y}");
-        }
-        prop_assert_eq!((tm.tokens, tm.sequences), (sm.tokens, sm.sequences));
-        let flat: Vec<f64> = s.grad_logp.concat();
-        for (i, (x, y)) in t.grad.iter().zip(&flat).enumerate() {
-            prop_assert!(close(*x, *y), "grad {i}: {x} vs {y}");
-        }
+        forms_agree(&b, &config)?;
+    }
+
+    #[test]
+    fn with_truncated_importance_sampling_the_tensor_and_slice_forms_agree(
+        b in batch(), config in loss_config(), cap in 0.2f64..4.0,
+    ) {
+        let config = PolicyLossConfig { rollout_is_cap: Some(cap), ..config };
+        forms_agree(&b, &config)?;
+        // The mean weight is a mean of values in (0, cap].
+        let w = run_slices(&b, &config).metrics.rollout_is_weight.unwrap();
+        prop_assert!(w >= 0.0 && w <= cap * (1.0 + 1e-12), "{w} outside [0, {cap}]");
+    }
+
+    #[test]
+    fn a_sampler_equal_to_the_learner_leaves_the_loss_unchanged_for_a_cap_of_at_least_one(
+        b in batch(), config in loss_config(), cap in 1.0f64..4.0,
+    ) {
+        let plain = PolicyLossConfig { rollout_is_cap: None, ..config };
+        let tis = PolicyLossConfig { rollout_is_cap: Some(cap), ..config };
+        let same = Batch { rollout: b.old.clone(), ..b.clone() };
+        let (p, t) = (run_tensor(&b, &plain), run_tensor(&same, &tis));
+        prop_assert_eq!(p.loss.to_bits(), t.loss.to_bits());
+        prop_assert_eq!(p.grad, t.grad);
+        let (p, t) = (run_slices(&b, &plain), run_slices(&same, &tis));
+        prop_assert_eq!(p.loss.to_bits(), t.loss.to_bits());
+        prop_assert_eq!(p.grad_logp, t.grad_logp);
     }
 
     #[test]
@@ -412,6 +490,7 @@ proptest! {
                 dirty.old[i] = -garbage;
                 dirty.reference[i] = garbage;
                 dirty.entropy[i] = garbage;
+                dirty.rollout[i] = garbage;
             }
         }
         let d = run_tensor(&dirty, &config);
@@ -443,6 +522,7 @@ proptest! {
                 old: b.old[i * b.cols..(i + 1) * b.cols].to_vec(),
                 reference: b.reference[i * b.cols..(i + 1) * b.cols].to_vec(),
                 entropy: b.entropy[i * b.cols..(i + 1) * b.cols].to_vec(),
+                rollout: b.rollout[i * b.cols..(i + 1) * b.cols].to_vec(),
                 adv: vec![b.adv[i]],
                 mask: b.mask[i * b.cols..(i + 1) * b.cols].to_vec(),
             };
@@ -476,6 +556,7 @@ fn f32_and_bf16_log_probs_compute_in_f32_and_keep_the_gradient() {
                 mask: &mask,
                 ref_logp: None,
                 entropy: None,
+                rollout_logp: None,
             },
             &PolicyLossConfig::default(),
         )
@@ -512,6 +593,7 @@ fn shape_errors_say_what_to_pass() {
             mask: &mask,
             ref_logp: None,
             entropy: None,
+            rollout_logp: None,
         },
         &PolicyLossConfig::default(),
     )
@@ -531,6 +613,7 @@ fn shape_errors_say_what_to_pass() {
             mask: &mask,
             ref_logp: None,
             entropy: None,
+            rollout_logp: None,
         },
         &PolicyLossConfig::default(),
     )
@@ -552,6 +635,7 @@ fn shape_errors_say_what_to_pass() {
             mask: &mask,
             ref_logp: None,
             entropy: None,
+            rollout_logp: None,
         },
         &config,
     )

@@ -127,6 +127,10 @@ async fn a_run_writes_every_output_with_the_documented_schema() {
         "tokens",
         "rollout_seconds",
         "update_seconds",
+        "rollout_kl",
+        "rollout_kl_k3",
+        "rollout_ratio_max",
+        "rollout_kl_tokens",
     ] {
         assert!(
             metrics["steps"][0].get(key).is_some(),
@@ -279,6 +283,54 @@ async fn the_tabular_policy_learns_under_the_loop() {
     let all: Vec<f64> = e.iter().map(|x| x.success_rate).collect();
     assert!(last > first + 0.3, "success {first} -> {last}: {all:?}");
     eprintln!("success per epoch: {all:?}");
+}
+
+#[tokio::test]
+async fn the_sampler_learner_gap_is_logged_and_the_importance_weight_changes_the_update() {
+    // The tabular policy samples from softmax(logits / T) and reports those log-probs; its
+    // learner scores the same tokens at T = 1. At T = 1 the two agree (up to f32); at T = 0.5
+    // they differ on every answer token.
+    let run = |extra: &'static [&'static str]| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sets = vec!["trainer.total_episodes=1", "trainer.save_freq=0"];
+        sets.extend_from_slice(extra);
+        run_fresh(dir.path(), &sets, None).await.1.metrics.steps
+    };
+    let same = run(&["worker.rollout.temperature=1.0"]).await;
+    for s in &same {
+        assert!(
+            s.rollout_kl_tokens > 0 && s.rollout_kl_tokens <= s.tokens,
+            "{s:?}"
+        );
+        assert!(s.rollout_kl.unwrap().abs() < 1e-6, "{s:?}");
+        assert!(s.rollout_kl_k3.unwrap() < 1e-9, "{s:?}");
+        assert!((s.rollout_ratio_max.unwrap() - 1.0).abs() < 1e-6, "{s:?}");
+        assert_eq!(s.rollout_is_weight, None, "no cap, no weight");
+    }
+    let plain = run(&["worker.rollout.temperature=0.5"]).await;
+    let tis = run(&[
+        "worker.rollout.temperature=0.5",
+        "algorithm.rollout_is_cap=2",
+    ])
+    .await;
+    for (p, t) in plain.iter().zip(&tis) {
+        // Far above the T = 1 run's float noise (k3 < 1e-9, |kl| < 1e-6).
+        assert!(p.rollout_kl_k3.unwrap() > 1e-5, "{p:?}");
+        assert!(p.rollout_kl.unwrap() > 1e-3, "{p:?}");
+        // Every answer token of the sharper sampler is off by the same few ratios, and the
+        // `<|im_end|>` tokens (log-prob 0 on both sides) by none.
+        assert!(p.rollout_ratio_max.unwrap() >= 1.0, "{p:?}");
+        let w = t.rollout_is_weight.unwrap();
+        assert!(w > 0.0 && w <= 2.0, "{t:?}");
+        assert!((w - 1.0).abs() > 1e-3, "{t:?}");
+    }
+    // The first step rolls out the same episodes with and without the cap (same seed, same
+    // table): only the weight differs, and with it the update.
+    assert_eq!(plain[0].rollout_kl, tis[0].rollout_kl);
+    let losses = |steps: &[arpo_trainer::metrics::StepMetrics]| -> Vec<f64> {
+        steps.iter().map(|s| s.loss).collect()
+    };
+    assert_ne!(losses(&plain), losses(&tis));
 }
 
 /// Succeeds on every rollout of task "s" at step 0 (its first rollout only), fails everything after.
