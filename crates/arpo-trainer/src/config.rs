@@ -311,6 +311,16 @@ pub struct RolloutConfig {
     /// `arpo_reload` (arpo-serve, full weights: `/v1/reload_weights`), `none`, or `auto`
     /// (`lora_adapter` when training LoRA, else `arpo_reload`).
     pub weight_sync: String,
+    /// Automatic prefix caching of the in-process rollout model, in MiB (0: off): the keys and
+    /// values of prompt blocks and the features of screenshots are kept between turns, so a
+    /// turn computes only what its history does not already hold (every turn resends the
+    /// whole history). Cleared after every update. `serve --prefix-cache-mib` for a server.
+    pub prefix_cache_mib: usize,
+    /// The weights the in-process rollout model reads: `f32` (the learner's own tensors),
+    /// `bf16`, `q8_0` (8-bit) or `q4k` (4-bit). The learner stays f32; with LoRA (needed for
+    /// anything but `f32`) the adapters are shared, f32, on top of the quantized base, so
+    /// rollouts follow every update with no copy. `serve --weights` for a server.
+    pub weights: arpo_model::RolloutWeights,
     /// Settings for validation rollouts.
     pub val_override_config: ValOverride,
 }
@@ -329,6 +339,8 @@ impl Default for RolloutConfig {
             server_urls: Vec::new(),
             server_api_key: None,
             weight_sync: "auto".into(),
+            prefix_cache_mib: 4096,
+            weights: arpo_model::RolloutWeights::F32,
             val_override_config: ValOverride::default(),
         }
     }
@@ -757,6 +769,22 @@ impl Config {
                 ro.server_url
             ),
         );
+        if ro.weights != arpo_model::RolloutWeights::F32 {
+            check(
+                !ro.use_external_server,
+                format!(
+                    "worker.rollout.weights {} is for the in-process rollout model: a server reads its own (serve --weights); leave it at f32",
+                    ro.weights
+                ),
+            );
+            check(
+                self.worker.actor.model.lora.rank > 0,
+                format!(
+                    "worker.rollout.weights {} needs LoRA (worker.actor.model.lora.rank > 0): full fine-tuning would quantize every weight again after each update; use f32",
+                    ro.weights
+                ),
+            );
+        }
         check(
             ro.val_override_config.n >= 1 && ro.val_override_config.temperature >= 0.0,
             "worker.rollout.val_override_config needs n >= 1 and temperature >= 0".into(),

@@ -81,7 +81,26 @@ pub fn load_policy(config: &Config) -> Result<LocalPolicy, TrainerError> {
             problems: vec![format!("worker.actor.model.model_path {spec}: {e}")],
         })?;
     uitars.processor = with_pixel_bounds(uitars.processor, pixel_bounds(config)?);
+    let weights = config.worker.rollout.weights;
+    if weights != arpo_model::RolloutWeights::F32 {
+        uitars.model = uitars
+            .model
+            .to_rollout(weights)
+            .map_err(|e| learner_err("making the rollout copy (worker.rollout.weights)", e))?;
+    }
+    uitars
+        .model
+        .set_prefix_cache_budget(prefix_cache_bytes(config));
     Ok(LocalPolicy::new(uitars, prompt_config(config)))
+}
+
+/// `worker.rollout.prefix_cache_mib` in bytes.
+pub fn prefix_cache_bytes(config: &Config) -> usize {
+    config
+        .worker
+        .rollout
+        .prefix_cache_mib
+        .saturating_mul(1 << 20)
 }
 
 /// The UI-TARS prompt of a run: OSWorld's Qwen2-VL prompt (relative 0..1000 points,
@@ -267,6 +286,9 @@ pub struct CandleLearner {
     /// Called after each update and after a checkpoint is loaded (e.g. to push the new weights
     /// to a server, so a resumed run's first rollout samples from the restored weights).
     pub after_update: Option<WeightsHook>,
+    /// The in-process rollout model's prefix cache: its keys and values were computed with
+    /// the weights before an update, so every update and load clears it.
+    pub rollout_cache: Option<std::sync::Arc<arpo_model::PrefixCache>>,
 }
 
 impl std::fmt::Debug for CandleLearner {
@@ -361,9 +383,22 @@ pub fn load_local(
         adamw_config(config, total_optimizer_steps),
     )
     .map_err(|e| learner_err("optimizer", e))?;
+    // The rollout copy: the learner's own tensors (f32), or a quantized base under the
+    // learner's LoRA adapters (shared: rollouts follow every update with no copy).
+    let weights = config.worker.rollout.weights;
+    let rollout_model = if weights == arpo_model::RolloutWeights::F32 {
+        trainable.model.clone()
+    } else {
+        trainable
+            .model
+            .to_rollout(weights)
+            .map_err(|e| learner_err("making the rollout copy (worker.rollout.weights)", e))?
+    };
+    rollout_model.set_prefix_cache_budget(prefix_cache_bytes(config));
+    let rollout_cache = Some(rollout_model.prefix_cache.clone());
     let policy = LocalPolicy::new(
         UiTars {
-            model: trainable.model.clone(),
+            model: rollout_model,
             tokenizer,
             processor: with_pixel_bounds(processor, pixels),
             stop_ids,
@@ -390,6 +425,7 @@ pub fn load_local(
                 1
             },
             after_update: None,
+            rollout_cache,
         },
     ))
 }
@@ -578,6 +614,9 @@ impl Learner for CandleLearner {
                 "optimizer step skipped: the gradient norm is not finite"
             );
         }
+        if let Some(cache) = &self.rollout_cache {
+            cache.clear();
+        }
         if let Some(hook) = self.after_update.as_mut() {
             hook(&self.trainable)?;
         }
@@ -641,6 +680,9 @@ impl Learner for CandleLearner {
         }
         Trainable::load_optimizer(dir, &mut self.optimizer).map_err(err)?;
         // The weights changed: a rollout copy elsewhere (a server) follows before any rollout.
+        if let Some(cache) = &self.rollout_cache {
+            cache.clear();
+        }
         if let Some(hook) = self.after_update.as_mut() {
             hook(&self.trainable)?;
         }

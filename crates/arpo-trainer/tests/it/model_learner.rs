@@ -317,3 +317,113 @@ async fn loading_a_checkpoint_pushes_the_restored_weights() {
         "the pushed weights are the restored ones"
     );
 }
+
+/// The rollout model's prefix cache (on by default) holds keys and values computed with the
+/// weights of their time: an update clears it, so the next rollout samples from the new
+/// weights only (its log-probs are the learner's scores of the new weights), and the cache
+/// serves the same prompt again once it is refilled.
+#[tokio::test]
+async fn an_update_clears_the_rollout_prefix_cache() {
+    let (policy, mut learner) = load_local(&config(&[]), 10).unwrap();
+    let cache = policy.model.model.prefix_cache.clone();
+    assert!(
+        cache.enabled(),
+        "on by default (worker.rollout.prefix_cache_mib)"
+    );
+    let t = rollout(&policy, 1, 5, 8).await;
+    // The same prompt again: served from the cache.
+    let again = rollout(&policy, 1, 6, 8).await;
+    assert!(cache.stats().cached_tokens > 0, "{:?}", cache.stats());
+    let old = learner.old_logprobs(&again).unwrap();
+    let sample = Sample {
+        trajectory: t,
+        advantage: 1.0,
+        old_logprobs: None,
+        injected: false,
+    };
+    learner
+        .update(&[sample], &arpo_grpo::PolicyLossConfig::default(), 0)
+        .unwrap();
+    assert_eq!(cache.stats().blocks, 0, "cleared by the update");
+    let after = rollout(&policy, 1, 6, 8).await;
+    let scored = learner.old_logprobs(&after).unwrap();
+    for (a, b) in scored[0].iter().zip(&after.turns[0].response.logprobs) {
+        assert!((a - b).abs() < 1e-4, "new weights {a} vs sampled {b}");
+    }
+    assert!(
+        scored[0]
+            .iter()
+            .zip(&old[0])
+            .any(|(a, b)| (a - b).abs() > 1e-4),
+        "the update changed the weights"
+    );
+}
+
+/// `worker.rollout.weights: q8_0` with LoRA: the rollout copy has a quantized base under the
+/// learner's (shared) adapters; refused for full fine-tuning and for a server.
+#[tokio::test]
+async fn quantized_rollout_weights_follow_lora_updates() {
+    let c = config(&[
+        "worker.rollout.weights=q8_0",
+        "worker.actor.model.lora.rank=4",
+    ]);
+    let (policy, mut learner) = load_local(&c, 10).unwrap();
+    assert!(policy.model.model.rollout_summary().quantized > 0);
+    let t = rollout(&policy, 1, 5, 8).await;
+    let before = rollout(&policy, 1, 7, 8).await;
+    let sample = Sample {
+        trajectory: t,
+        advantage: 1.0,
+        old_logprobs: None,
+        injected: false,
+    };
+    learner
+        .update(&[sample], &arpo_grpo::PolicyLossConfig::default(), 0)
+        .unwrap();
+    // The rollout copy after the update is what a copy made from the updated learner is.
+    let fresh = learner
+        .trainable
+        .model
+        .to_rollout(arpo_model::RolloutWeights::Q8_0)
+        .unwrap();
+    let context = before.context_at(0);
+    let chat = arpo_core::protocol::build_messages(&context, &policy.prompt);
+    let request = policy.model.prepare(&chat).unwrap();
+    let greedy = SamplingParams::greedy(8);
+    let (ours, _) = policy
+        .model
+        .model
+        .generate(std::slice::from_ref(&request), &greedy, &[])
+        .unwrap();
+    let (theirs, _) = fresh
+        .generate(std::slice::from_ref(&request), &greedy, &[])
+        .unwrap();
+    assert_eq!(ours[0].token_ids, theirs[0].token_ids);
+    assert_eq!(ours[0].logprobs, theirs[0].logprobs);
+    let after = rollout(&policy, 1, 7, 8).await;
+    assert_ne!(
+        before.turns[0].response.logprobs, after.turns[0].response.logprobs,
+        "the update changed what the rollout copy samples"
+    );
+    for (sets, needle) in [
+        (
+            vec![
+                "worker.rollout.weights=q8_0",
+                "worker.actor.model.lora.rank=0",
+            ],
+            "needs LoRA",
+        ),
+        (
+            vec![
+                "worker.rollout.weights=q4k",
+                "worker.actor.model.lora.rank=4",
+                "worker.rollout.use_external_server=true",
+            ],
+            "serve --weights",
+        ),
+    ] {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let err = Config::from_yaml_str("", &sets).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+}
