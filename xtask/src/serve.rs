@@ -65,6 +65,11 @@ pub struct Args {
     /// turn), per loaded set of weights; 0 turns it off.
     #[arg(long, default_value_t = 4096)]
     prefix_cache_mib: usize,
+    /// How the linear layers are stored: f32, bf16, q8_0 (8-bit) or q4k (4-bit). Decoding reads
+    /// every weight once a token, so fewer bits decode faster; made from the loaded weights.
+    /// LoRA adapters then run unmerged over the shared quantized base.
+    #[arg(long, default_value = "f32")]
+    weights: arpo_model::RolloutWeights,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -89,7 +94,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     let started = std::time::Instant::now();
     let engine = ModelEngine::load_named(&args.model, &args.dtype, &args.device)?
-        .with_prefix_cache(args.prefix_cache_mib.saturating_mul(1 << 20));
+        .with_prefix_cache(args.prefix_cache_mib.saturating_mul(1 << 20))
+        .with_weights(args.weights)?;
     let info = engine.info();
     println!(
         "✓ Model loaded on {} in {:.1} s (context {} tokens)",

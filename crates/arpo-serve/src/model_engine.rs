@@ -43,6 +43,9 @@ pub struct ModelEngine {
     model_bytes: u64,
     /// The prefix cache budget of each loaded set of weights (base, each merged adapter).
     prefix_cache_bytes: std::sync::atomic::AtomicUsize,
+    /// How the served linears are stored (`serve --weights`). Not f32: adapters are attached
+    /// unmerged (f32 low-rank paths) over the shared quantized base.
+    weights: arpo_model::RolloutWeights,
 }
 
 fn model_bytes(model: &Qwen2Vl) -> u64 {
@@ -193,7 +196,32 @@ impl ModelEngine {
             max_context,
             added,
             prefix_cache_bytes: std::sync::atomic::AtomicUsize::new(0),
+            weights: arpo_model::RolloutWeights::F32,
         }
+    }
+
+    /// Serves the base with its linears stored as `weights` (`serve --weights`; made from the
+    /// loaded weights, which are then dropped). LoRA adapters then run unmerged over the
+    /// quantized base, which they share.
+    pub fn with_weights(
+        mut self,
+        weights: arpo_model::RolloutWeights,
+    ) -> Result<Self, EngineError> {
+        if weights == arpo_model::RolloutWeights::F32 {
+            return Ok(self);
+        }
+        let budget = self.cache_budget();
+        let base = self
+            .base
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        base.model = base
+            .model
+            .to_rollout(weights)
+            .map_err(|e| EngineError::InvalidInput(format!("--weights {weights}: {e}")))?;
+        base.model.set_prefix_cache_budget(budget);
+        self.weights = weights;
+        Ok(self)
     }
 
     /// Turns on automatic prefix caching ([`arpo_model::prefix_cache`]) with `bytes` per
@@ -389,6 +417,28 @@ impl Engine for ModelEngine {
         let set =
             LoraSet::load_peft(path, 0, &self.device).map_err(|e| load_error(e.to_string()))?;
         let base = self.base();
+        if self.weights != arpo_model::RolloutWeights::F32 {
+            // A quantized base cannot take a merge: the adapters ride on it unmerged.
+            let mut model = base.model.clone();
+            model.prefix_cache = Arc::new(arpo_model::PrefixCache::new(self.cache_budget()));
+            let mut linears: HashMap<String, &mut arpo_model::nn::Linear> =
+                model.linears_mut().into_iter().collect();
+            for (module, adapter) in set.adapters() {
+                let weight = canonical_name(&format!("{module}.weight"));
+                let linear_name = weight.strip_suffix(".weight").unwrap_or(&weight);
+                let Some(linear) = linears.get_mut(linear_name) else {
+                    return Err(load_error(format!(
+                        "it adapts {module}, which is not a linear layer of this model: is it an adapter of this base model?"
+                    )));
+                };
+                linear.lora = Some(adapter.clone());
+            }
+            drop(linears);
+            drop(base);
+            self.adapter_map_mut()
+                .insert(name.to_string(), Arc::new(model));
+            return Ok(());
+        }
         let mut weights: HashMap<String, candle_core::Tensor> =
             base.model.parameters().into_iter().collect();
         for (module, adapter) in set.adapters() {
@@ -440,13 +490,25 @@ impl Engine for ModelEngine {
     }
 
     fn adapter_bytes(&self) -> u64 {
-        self.model_bytes
+        if self.weights == arpo_model::RolloutWeights::F32 {
+            self.model_bytes
+        } else {
+            // Unmerged over the shared base: only the low-rank matrices (a few MB).
+            0
+        }
     }
 
     fn reload_weights(&self, path: &Path) -> Result<(), EngineError> {
         let model =
             Qwen2Vl::load(path, self.dtype, &self.device).map_err(|e| EngineError::Load {
                 what: "model weights".into(),
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let model = model
+            .to_rollout(self.weights)
+            .map_err(|e| EngineError::Load {
+                what: format!("model weights as {}", self.weights),
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;

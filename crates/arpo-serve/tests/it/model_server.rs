@@ -339,6 +339,19 @@ fn make_adapter(
     messages: &[ChatMessage],
     greedy: &SamplingParams,
 ) -> Result<(Response, PathBuf), Box<dyn std::error::Error>> {
+    let (merged, _, dir) = make_adapter_with(base, dest, messages, greedy, None)?;
+    Ok((merged, dir))
+}
+
+/// [`make_adapter`], and the answer of the trainer's rollout copy in `weights` (the adapters
+/// unmerged over a quantized base, `Qwen2Vl::to_rollout`).
+fn make_adapter_with(
+    base: &UiTars,
+    dest: &Path,
+    messages: &[ChatMessage],
+    greedy: &SamplingParams,
+    weights: Option<arpo_model::RolloutWeights>,
+) -> Result<(Response, Option<arpo_model::Generation>, PathBuf), Box<dyn std::error::Error>> {
     let trainable = Trainable::lora(
         base.model.clone(),
         LoraConfig {
@@ -363,6 +376,18 @@ fn make_adapter(
     let dir = trainable.save_adapter(dest, &model_dir().display().to_string(), None)?;
     let merged = trainable.merged_model()?;
     let prompt = base.prepare(messages)?;
+    let rollout = match weights {
+        Some(w) => Some(
+            trainable
+                .model
+                .to_rollout(w)?
+                .generate(std::slice::from_ref(&prompt), greedy, &base.stop_ids)?
+                .0
+                .pop()
+                .ok_or("one generation")?,
+        ),
+        None => None,
+    };
     let (mut generations, _) = merged.generate(&[prompt], greedy, &base.stop_ids)?;
     let g = generations.pop().ok_or("one generation")?;
     Ok((
@@ -372,6 +397,7 @@ fn make_adapter(
             logprobs: g.logprobs,
             finish_reason: g.finish_reason,
         },
+        rollout,
         dir,
     ))
 }
@@ -743,5 +769,71 @@ async fn prefix_cache_reports_cached_tokens_and_changes_no_answer() -> TestResul
         "{usage}"
     );
     assert!(cached.prefix_cache_stats().cached_tokens > 0);
+    Ok(())
+}
+
+/// `serve --weights q8_0`: the base answers as the in-process 8-bit copy does, and a LoRA
+/// adapter loaded into it answers as the trainer's rollout copy (the same adapter unmerged over
+/// the 8-bit base) does: token for token, log-prob for log-prob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantized_serving_answers_as_the_in_process_rollout_copy() -> TestResult {
+    let local = load_uitars()?;
+    let messages = conversation(1)?;
+    let greedy = SamplingParams::greedy(MAX_TOKENS);
+    let tmp = tempfile::tempdir()?;
+    let q8 = arpo_model::RolloutWeights::Q8_0;
+    let (_, adapted, adapter_dir) =
+        make_adapter_with(&local, &tmp.path().join("a"), &messages, &greedy, Some(q8))?;
+    let adapted = adapted.ok_or("the rollout copy's answer")?;
+    let prompt = local.prepare(&messages)?;
+    let (mut base_q8, _) = local.model.to_rollout(q8)?.generate(
+        std::slice::from_ref(&prompt),
+        &greedy,
+        &local.stop_ids,
+    )?;
+    let base_q8 = base_q8.pop().ok_or("one generation")?;
+
+    let engine =
+        ModelEngine::new(load_uitars()?, model_dir().display().to_string()).with_weights(q8)?;
+    let server = Server::start(
+        Arc::new(engine),
+        ServeConfig::default(),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let url = format!("{}/chat/completions", server.base_url());
+    let ids = |r: &ChatCompletion| -> Vec<u32> {
+        r.choices[0]
+            .logprobs
+            .as_ref()
+            .map(|l| {
+                l.content
+                    .iter()
+                    .filter_map(|t| parse_token_id(&t.token))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let lps = |r: &ChatCompletion| -> Vec<f32> {
+        r.choices[0]
+            .logprobs
+            .as_ref()
+            .map(|l| l.content.iter().map(|t| t.logprob).collect())
+            .unwrap_or_default()
+    };
+    let base = complete(&url, &body(&messages, "ui-tars", MAX_TOKENS)).await?;
+    assert_eq!(ids(&base), base_q8.token_ids);
+    assert_eq!(lps(&base), base_q8.logprobs);
+    let load = post(
+        &format!("{}/load_lora_adapter", server.base_url()),
+        &json!({"lora_name": "a", "lora_path": adapter_dir}),
+    )
+    .await?;
+    assert!(load.status().is_success(), "{}", load.text().await?);
+    let with = complete(&url, &body(&messages, "a", MAX_TOKENS)).await?;
+    assert_eq!(ids(&with), adapted.token_ids);
+    assert_eq!(lps(&with), adapted.logprobs);
+    assert_ne!(ids(&with), ids(&base), "the adapter changes the answer");
+    server.shutdown().await?;
     Ok(())
 }
