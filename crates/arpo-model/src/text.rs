@@ -388,7 +388,6 @@ fn attention(
     let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?
         .to_dtype(dtype)?
         .contiguous()?;
-    let cached = cache.is_some();
     let (k, v) = match cache {
         Some(c) => {
             let k = match &c.k {
@@ -431,20 +430,21 @@ fn attention(
             .reshape((b, nh, rows, hd))
     };
     let needs_mask = |rows: usize| l > 1 || rows > 1 || !mask.is_causal_only();
-    let pads = (!fused && !cached).then(|| mask.left_pads(b)).flatten();
-    let out = if let Some(pads) = pads {
-        // The differentiable path, memory-linear (no [l, t] scores; see crate::attention).
+    let out = if let Some(pads) = mask.left_pads(b) {
+        // Memory-linear (no [l, t] scores; see crate::attention), differentiable, and faster
+        // than the products below: prefill, decode and training alike.
         crate::attention::causal_attention(&q, &k, &v, &pads, scale)?
     } else if !fused {
-        // The differentiable path over a cache or a mask other than left padding: one
-        // product over all rows.
+        // The differentiable path with a mask other than left padding: one product over all
+        // rows.
         let m = needs_mask(l)
             .then(|| mask.block(b, (l, t), 0, l, t, device))
             .transpose()?;
         attend(&q, t, m)?
     } else {
-        // Inference: blocks of query rows, each over the keys up to its last row (the later
-        // ones are masked anyway), so memory grows linearly with the length.
+        // Inference with gaps in the keys (rows of a batch with different cached prefixes):
+        // blocks of query rows, each over the keys up to its last row (the later ones are
+        // masked anyway), so memory grows linearly with the length.
         let mut blocks = Vec::with_capacity(l.div_ceil(QUERY_BLOCK));
         for first in (0..l).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(l - first);
