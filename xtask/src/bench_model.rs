@@ -68,7 +68,11 @@ pub struct Args {
     /// Vision blocks (32 in both shapes; fewer to fit in memory). Random shapes only.
     #[arg(long)]
     vision_depth: Option<usize>,
-    /// Assistant (scored) tokens of the training episode, after the prompt.
+    /// Screenshots of the training episode: a trajectory of that many turns, each a screenshot
+    /// and `--assistant-tokens` trained tokens (the learner scoring a whole episode).
+    #[arg(long, default_value_t = 1, requires = "train")]
+    images: usize,
+    /// Assistant (scored) tokens of the training episode, after the prompt (per turn).
     #[arg(long, default_value_t = 64, requires = "train")]
     assistant_tokens: usize,
     /// Timed training steps (the first is also reported alone as the cold one).
@@ -130,7 +134,6 @@ fn run_train(args: &Args) -> Result<()> {
         "--train runs in f32 on the CPU (the dtype of training on CPU)"
     );
     let (w, h) = parse_image(&args.image)?;
-    anyhow::ensure!(w == h, "--train takes a square --image");
     let bench = TrainBench {
         mode: if args.full {
             BenchMode::Full
@@ -141,7 +144,8 @@ fn run_train(args: &Args) -> Result<()> {
         },
         layers: args.layers.unwrap_or(28),
         vision_depth: args.vision_depth.unwrap_or(32),
-        image: w,
+        image: (w, h),
+        images: args.images,
         prompt_tokens: args.prompt_tokens,
         assistant_tokens: args.assistant_tokens,
         gradient_checkpointing: args.gradient_checkpointing,

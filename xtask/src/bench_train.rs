@@ -3,7 +3,9 @@
 //!
 //! The episode matches `fixtures/scripts/bench_pytorch_train.py` (the PyTorch + PEFT side): one
 //! 448x448 image (256 image tokens), 346 prompt tokens (image tokens included) + 64 assistant
-//! tokens, loss = summed assistant log-prob.
+//! tokens, loss = summed assistant log-prob. With `images` > 1 it is a multi-turn trajectory as
+//! the learner scores one: after the prompt, each further turn adds a screenshot and
+//! `assistant_tokens` more (trained) tokens.
 
 use std::time::Instant;
 
@@ -32,8 +34,10 @@ pub struct TrainBench {
     pub layers: usize,
     /// Vision blocks (32 in the real model).
     pub vision_depth: usize,
-    /// Side of the square image in pixels (multiple of 28).
-    pub image: usize,
+    /// Width and height of each screenshot in pixels (multiples of 28).
+    pub image: (usize, usize),
+    /// Screenshots (turns) in the trajectory.
+    pub images: usize,
     pub prompt_tokens: usize,
     pub assistant_tokens: usize,
     /// Timed steps (the first is reported separately as the cold one).
@@ -48,7 +52,8 @@ impl Default for TrainBench {
             mode: BenchMode::Lora { rank: 16 },
             layers: 28,
             vision_depth: 32,
-            image: 448,
+            image: (448, 448),
+            images: 1,
             prompt_tokens: 346,
             assistant_tokens: 64,
             steps: 2,
@@ -115,8 +120,11 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     }
     let init_s = t0.elapsed().as_secs_f64();
     let cfg = &trainable.model.config;
-    let g = bench.image / cfg.vision.patch_size;
-    let image_tokens = g * g / cfg.vision.spatial_merge_size.pow(2);
+    let (gw, gh) = (
+        bench.image.0 / cfg.vision.patch_size,
+        bench.image.1 / cfg.vision.patch_size,
+    );
+    let image_tokens = gw * gh / cfg.vision.spatial_merge_size.pow(2);
     if bench.prompt_tokens < image_tokens + 2 {
         return Err(arpo_model::train::TrainError::Config(format!(
             "prompt_tokens must hold the {image_tokens} image tokens and the vision markers"
@@ -135,16 +143,28 @@ pub fn train_step_2b(bench: &TrainBench) -> Result<TrainBenchReport> {
     ids.extend((0..bench.assistant_tokens).map(|i| filler(10_000 + i)));
     let mut mask = vec![false; bench.prompt_tokens];
     mask.extend(std::iter::repeat_n(true, bench.assistant_tokens));
+    for turn in 1..bench.images.max(1) {
+        ids.push(cfg.vision_start_token_id);
+        ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
+        ids.push(
+            cfg.vision_end_token_id
+                .unwrap_or(cfg.vision_start_token_id + 1),
+        );
+        mask.extend(std::iter::repeat_n(false, image_tokens + 2));
+        ids.extend((0..bench.assistant_tokens).map(|i| filler(20_000 * turn + i)));
+        mask.extend(std::iter::repeat_n(true, bench.assistant_tokens));
+    }
+    let images = bench.images.max(1);
     let episode = Episode {
         input_ids: ids,
         assistant_mask: mask,
         pixel_values: Some(Tensor::randn(
             0f32,
             1.0,
-            (g * g, cfg.vision.patch_dim()),
+            (images * gw * gh, cfg.vision.patch_dim()),
             &device,
         )?),
-        grid_thw: vec![[1, g, g]],
+        grid_thw: vec![[1, gh, gw]; images],
     };
     let mut times = Vec::new();
     for _ in 0..bench.steps.max(1) {

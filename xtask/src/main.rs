@@ -22,6 +22,7 @@ mod serve;
 mod sft;
 mod sim_guest;
 mod sim_show;
+mod sweep;
 mod test_env;
 mod test_server;
 mod train;
@@ -45,6 +46,8 @@ enum Command {
     Eval(eval::Args),
     /// Print evaluation reports side by side.
     Compare(compare::Args),
+    /// ARPO vs GRPO over seeds: train each, evaluate each checkpoint, one report (resumable).
+    Sweep(sweep::Args),
     /// Serve the live page of a run's curves and episodes (`results/<exp>`).
     Dashboard(dashboard::Args),
     /// ARPO task selection: keep the tasks the base model solves at least once.
@@ -85,6 +88,7 @@ fn main() -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Sweep(a) => sweep::run(a),
         Command::Dashboard(a) => dashboard::run(a),
         Command::SelectTasks(a) => select_tasks::run(a),
         Command::Sft(a) => sft::run(a),

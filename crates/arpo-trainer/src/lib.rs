@@ -15,6 +15,7 @@
 //! - [`plan`]: what a run will do (task sets, steps, optimizer steps, where it resumes).
 //! - [`sft`]: supervised fine-tuning on the embedded desktop's oracle solutions (the base policy).
 //! - [`eval`]: success rates with a 95% Wilson interval.
+//! - [`sweep`]: ARPO vs GRPO over seeds (`cargo xtask sweep`): layout, report, paired test.
 //!
 //! ```
 //! use arpo_trainer::Config;
@@ -47,6 +48,7 @@ pub mod rollout_gap;
 pub mod select;
 pub mod setup;
 pub mod sft;
+pub mod sweep;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod train;

@@ -4,6 +4,7 @@
 
 mod crash_resume;
 mod dashboard_live;
+mod sweep;
 
 /// One real training run at a time: the tests tell a run parked at its fault point by its CPU
 /// time standing still, which a second run competing for the 2 cores could fake.
@@ -12,6 +13,17 @@ pub static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The overrides of a small embedded run: 2 tasks, groups of 4, 2 optimizer steps per step.
+pub const SMALL_RUN: [&str; 7] = [
+    "data.max_tasks=2",
+    "data.rollout_batch_size=2",
+    "worker.actor.global_batch_size=1", // 2 optimizer steps per training step
+    "worker.rollout.n=4",
+    "env.num_envs=4",
+    "env.max_steps=3",
+    "worker.rollout.limit_images=3",
+];
 
 /// `cargo xtask train` of a small embedded run (2 tasks, groups of 4, 2 optimizer steps per
 /// step) named `experiment`, writing under `out`, with `sets` added (`KEY=VALUE`). Its stdout
@@ -28,15 +40,6 @@ pub fn small_train(out: &Path, experiment: &str, sets: &[&str]) -> Command {
         format!("trainer.logs_path={}", out.join("logs").display()),
         format!("trainer.experiment_name={experiment}"),
     ];
-    let common = [
-        "data.max_tasks=2",
-        "data.rollout_batch_size=2",
-        "worker.actor.global_batch_size=1", // 2 optimizer steps per training step
-        "worker.rollout.n=4",
-        "env.num_envs=4",
-        "env.max_steps=3",
-        "worker.rollout.limit_images=3",
-    ];
     c.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .args([
             "train",
@@ -45,7 +48,7 @@ pub fn small_train(out: &Path, experiment: &str, sets: &[&str]) -> Command {
             "configs/embedded_default.yaml",
         ])
         .args(
-            common
+            SMALL_RUN
                 .iter()
                 .chain(sets)
                 .map(|s| s.to_string())

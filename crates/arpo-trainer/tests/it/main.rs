@@ -10,4 +10,5 @@ mod model_learner;
 mod qwen25_absolute;
 mod rollout;
 mod sft_samples;
+mod sweep_report;
 mod training;
