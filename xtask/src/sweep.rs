@@ -205,7 +205,7 @@ pub fn run(args: Args) -> Result<()> {
     let out = &plan.layout.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!(
-        "sweep: {} × seeds {} ({} training runs, one at a time), evaluated on {} with {} \
+        "sweep: {} × seeds {} ({} training run{}, one at a time), evaluated on {} with {} \
          attempt(s) per task{}; writing under {}",
         plan.algorithms
             .iter()
@@ -214,6 +214,11 @@ pub fn run(args: Args) -> Result<()> {
             .join(", "),
         join(&plan.seeds),
         plan.algorithms.len() * plan.seeds.len(),
+        if plan.algorithms.len() * plan.seeds.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
         plan.task_sets
             .iter()
             .map(|(s, n)| format!("{s} ({n} tasks)"))
