@@ -123,14 +123,21 @@ impl KeyMask {
         keys: usize,
         device: &candle_core::Device,
     ) -> Result<Tensor> {
-        let mut m = Vec::with_capacity(batch * rows * keys);
-        for b in 0..batch {
+        let mut m = vec![f32::NEG_INFINITY; batch * rows * keys];
+        for (b, block) in m.chunks_exact_mut(rows * keys).enumerate() {
             let hidden = self.hidden.get(b).map_or(&[][..], Vec::as_slice);
-            for r in 0..rows {
+            for (r, row) in block.chunks_exact_mut(keys).enumerate() {
+                // Causal: keys up to the query's own position, less the hidden ranges, plus
+                // the query's own key.
                 let p = t - l + first_row + r;
-                for j in 0..keys {
-                    let visible = j == p || (j <= p && !hidden.iter().any(|h| h.contains(&j)));
-                    m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                let seen = (p + 1).min(keys);
+                row[..seen].fill(0.0);
+                for h in hidden {
+                    let (start, end) = (h.start.min(seen), h.end.min(seen));
+                    row[start..end.max(start)].fill(f32::NEG_INFINITY);
+                }
+                if let Some(own) = row.get_mut(p) {
+                    *own = 0.0;
                 }
             }
         }
