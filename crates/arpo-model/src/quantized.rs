@@ -204,9 +204,8 @@ impl Qwen2Vl {
             return Ok(copy);
         }
         // Other weights compute other keys and values: the copy caches its own.
-        copy.prefix_cache = std::sync::Arc::new(crate::PrefixCache::new(
-            self.prefix_cache.stats().budget,
-        ));
+        copy.prefix_cache =
+            std::sync::Arc::new(crate::PrefixCache::new(self.prefix_cache.stats().budget));
         let mut todo = Vec::new();
         for (name, lin) in copy.linears_mut() {
             if lin.is_quantized() {
