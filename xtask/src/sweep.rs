@@ -56,7 +56,7 @@ pub struct Args {
     /// at the validation temperature makes its rate vary with the evaluation seed too.
     #[arg(long)]
     pub base: bool,
-    /// Where everything goes (default: results/sweep-<config file name>).
+    /// Where everything goes (default: `results/sweep-<config file name>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Override a config key of every run (repeatable), e.g. `--set trainer.total_episodes=11`.
