@@ -437,9 +437,13 @@ fn attention(
             .reshape((b, nh, rows, hd))
     };
     let needs_mask = |rows: usize| l > 1 || rows > 1 || !mask.is_causal_only();
-    let out = if let Some(pads) = mask.left_pads(b) {
-        // Memory-linear (no [l, t] scores; see crate::attention), differentiable, and faster
-        // than the products below: prefill, decode and training alike.
+    let left_pads = (!fused || device.is_cpu())
+        .then(|| mask.left_pads(b))
+        .flatten();
+    let out = if let Some(pads) = left_pads {
+        // Memory-linear (no [l, t] scores; see crate::attention), differentiable, and on the
+        // CPU faster than the products below: prefill, decode and training alike. (Off the CPU
+        // the op is the dense formula: inference there takes the query blocks below.)
         crate::attention::causal_attention(&q, &k, &v, &pads, scale)?
     } else if !fused {
         // The differentiable path with a mask other than left padding: one product over all
