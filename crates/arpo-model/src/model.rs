@@ -139,6 +139,40 @@ impl Qwen2Vl {
         Ok(self.vision.forward(pixel_values, grid_thw, false)?)
     }
 
+    /// Whether no tensor of the vision tower is trained (LoRA on the decoder, a frozen tower).
+    pub fn vision_is_frozen(&self) -> bool {
+        let v = &self.vision;
+        v.blocks.iter().all(|b| b.trainable_tensors().is_empty())
+            && [&v.patch_embed, &v.merger_fc1, &v.merger_fc2]
+                .iter()
+                .all(|l| crate::nn::trainable_of_linear(l).is_empty())
+            && v.ln_q.tensors().iter().all(|(_, t)| !t.is_variable())
+    }
+
+    /// Features of a frozen vision tower on the training path: no gradient can flow into it,
+    /// so it runs as inference (no graph kept: ten 1920x1080 screenshots would otherwise hold
+    /// every block's activations, tens of GB), one image at a time (attention never crosses
+    /// images), and the result is a constant of the graph.
+    fn frozen_image_features(
+        &self,
+        pixel_values: &Tensor,
+        grid_thw: &[[usize; 3]],
+    ) -> Result<Tensor> {
+        let mut features = Vec::with_capacity(grid_thw.len());
+        let mut row = 0;
+        for g in grid_thw {
+            let patches = g[0] * g[1] * g[2];
+            let pv = pixel_values.narrow(0, row, patches)?;
+            features.push(
+                self.vision
+                    .forward(&pv, std::slice::from_ref(g), true)?
+                    .detach(),
+            );
+            row += patches;
+        }
+        Ok(Tensor::cat(&features, 0)?)
+    }
+
     /// M-RoPE position ids of one sequence.
     pub fn rope_index(&self, input_ids: &[u32], grid_thw: &[[usize; 3]]) -> Result<RopeIndex> {
         get_rope_index(
@@ -215,6 +249,9 @@ impl Qwen2Vl {
             return Err(ModelError::Input("empty input_ids".into()));
         }
         let features = match pixel_values {
+            Some(pv) if !grid_thw.is_empty() && !fused && self.vision_is_frozen() => {
+                Some(self.frozen_image_features(pv, grid_thw)?)
+            }
             Some(pv) if !grid_thw.is_empty() => Some(self.vision.forward(pv, grid_thw, fused)?),
             _ => None,
         };
