@@ -318,18 +318,16 @@ async fn loading_a_checkpoint_pushes_the_restored_weights() {
     );
 }
 
-/// The rollout model's prefix cache (on by default) holds keys and values computed with the
+/// The rollout model's prefix cache (when on) holds keys and values computed with the
 /// weights of their time: an update clears it, so the next rollout samples from the new
 /// weights only (its log-probs are the learner's scores of the new weights), and the cache
 /// serves the same prompt again once it is refilled.
 #[tokio::test]
 async fn an_update_clears_the_rollout_prefix_cache() {
-    let (policy, mut learner) = load_local(&config(&[]), 10).unwrap();
+    let (policy, mut learner) =
+        load_local(&config(&["worker.rollout.prefix_cache_mib=64"]), 10).unwrap();
     let cache = policy.model.model.prefix_cache.clone();
-    assert!(
-        cache.enabled(),
-        "on by default (worker.rollout.prefix_cache_mib)"
-    );
+    assert!(cache.enabled(), "worker.rollout.prefix_cache_mib");
     let t = rollout(&policy, 1, 5, 8).await;
     // The same prompt again: served from the cache.
     let again = rollout(&policy, 1, 6, 8).await;
