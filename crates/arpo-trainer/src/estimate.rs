@@ -105,9 +105,21 @@ impl Estimate {
         let answer = m.first.answer_tokens.max(m.second.answer_tokens) as f64;
         // A turn adds a screenshot and an answer (and a few template tokens) to the history.
         let turn_tokens = (m.second.prompt_tokens - m.first.prompt_tokens) as f64;
+        // Without a prefix cache (the second turn reused nothing) every turn prefills its whole
+        // prompt and encodes every screenshot in it.
+        let cached = m.second.cached_tokens > 0;
         let mut rollout = 0.0;
         let mut trajectory_tokens = m.first.prompt_tokens as f64;
         for turn in 0..shape.max_steps {
+            let images = (turn + 1).min(shape.limit_images) as f64;
+            if !cached {
+                let prompt = m.first.prompt_tokens as f64 + turn_tokens * (images - 1.0);
+                rollout += (vision * images + prefill * prompt + decode * answer) * m.batch_factor;
+                if turn > 0 {
+                    trajectory_tokens += turn_tokens;
+                }
+                continue;
+            }
             let new_tokens = if turn == 0 {
                 m.first.prompt_tokens as f64
             } else if turn < shape.limit_images {
@@ -447,6 +459,30 @@ mod tests {
         let r = report(&m, &shape);
         assert!(r.contains("an epoch (10 steps)"), "{r}");
         assert!(r.contains("data.max_pixels"), "{r}");
+    }
+
+    /// Without a cache (nothing reused at the second turn): turn k encodes min(k+1, limit)
+    /// screenshots and prefills 100 + 150 (images - 1) tokens. By hand, limit 2: turn 0:
+    /// 2 + 1 + 3.1 = 6.1; turns 1, 2: 4 + 0.01*250 + 3.1 = 9.6; rollout 25.3 s.
+    #[test]
+    fn estimate_without_a_cache_prefills_every_turn_whole() {
+        let m = Measured {
+            screen: (800, 450),
+            image_tokens: 100,
+            first: turn(6.0, 100, 0),
+            second: turn(8.0, 250, 0),
+            batch: 1,
+            batch_factor: 1.0,
+        };
+        let shape = RunShape {
+            max_steps: 3,
+            limit_images: 2,
+            rollouts_per_step: 1,
+            steps_per_epoch: 1,
+            epochs: 1,
+        };
+        let e = Estimate::new(&m, &shape);
+        assert!((e.rollout_s - 25.3).abs() < 1e-9, "{e:?}");
     }
 
     #[test]
