@@ -64,18 +64,6 @@ pub struct Args {
     vision_depth: Option<usize>,
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
     anyhow::ensure!(
@@ -205,7 +193,7 @@ pub fn run(args: Args) -> Result<()> {
                 "image_hits": stats.image_hits,
                 "bytes": stats.bytes,
             },
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": crate::bench_model::peak_rss_mb(),
         })
     );
     Ok(())

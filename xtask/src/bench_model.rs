@@ -84,7 +84,8 @@ pub struct Args {
     gradient_checkpointing: bool,
 }
 
-fn peak_rss_mb() -> f64 {
+/// Peak resident set of this process (VmHWM), in MB; 0 where /proc is unavailable.
+pub(crate) fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

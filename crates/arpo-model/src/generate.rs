@@ -305,16 +305,17 @@ impl Qwen2Vl {
                 let n = prepared[i].tokens_per_image[m];
                 let f = all.narrow(0, row, n)?;
                 row += n;
-                if let Some(key) = prepared[i].image_keys.get(m) {
-                    // Its own storage: a view would keep the whole batch's features alive.
-                    let f = f.contiguous()?.copy()?;
-                    self.prefix_cache.insert_image(*key, f.clone());
-                    features[i][m] = Some(f.clone());
-                    computed.push(f);
-                } else {
-                    features[i][m] = Some(f.clone());
-                    computed.push(f);
-                }
+                let f = match prepared[i].image_keys.get(m) {
+                    Some(key) => {
+                        // Its own storage: a view would keep the whole batch's features alive.
+                        let f = f.contiguous()?.copy()?;
+                        self.prefix_cache.insert_image(*key, f.clone());
+                        f
+                    }
+                    None => f,
+                };
+                features[i][m] = Some(f.clone());
+                computed.push(f);
             }
             for (i, m, t) in same_as {
                 features[i][m] = Some(computed[t].clone());

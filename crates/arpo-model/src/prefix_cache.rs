@@ -96,15 +96,7 @@ impl Inner {
         if bytes > self.budget {
             return;
         }
-        while self.used + bytes > self.budget {
-            let Some((_, oldest)) = self.lru.pop_first() else {
-                break;
-            };
-            if let Some(e) = self.entries.remove(&oldest) {
-                self.used -= e.bytes;
-                self.stats.evictions += 1;
-            }
-        }
+        self.evict_to(self.budget - bytes);
         self.tick += 1;
         self.lru.insert(self.tick, id);
         self.entries.insert(
@@ -116,6 +108,19 @@ impl Inner {
             },
         );
         self.used += bytes;
+    }
+
+    /// Evicts least recently used entries until at most `limit` bytes are held.
+    fn evict_to(&mut self, limit: usize) {
+        while self.used > limit {
+            let Some((_, oldest)) = self.lru.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&oldest) {
+                self.used -= e.bytes;
+                self.stats.evictions += 1;
+            }
+        }
     }
 
     fn clear(&mut self) {
@@ -158,15 +163,7 @@ impl PrefixCache {
     pub fn set_budget(&self, budget_bytes: usize) {
         let mut inner = self.lock();
         inner.budget = budget_bytes;
-        while inner.used > inner.budget {
-            let Some((_, oldest)) = inner.lru.pop_first() else {
-                break;
-            };
-            if let Some(e) = inner.entries.remove(&oldest) {
-                inner.used -= e.bytes;
-                inner.stats.evictions += 1;
-            }
-        }
+        inner.evict_to(budget_bytes);
     }
 
     /// Drops every entry (the weights changed). Statistics are kept.

@@ -197,21 +197,20 @@ pub async fn measure(config: &Config, policy: &LocalPolicy) -> Result<Measured, 
         responses: Vec::new(),
     };
     let model = &policy.model;
-    let turn = |context: &AgentContext| -> Result<(MeasuredTurn, String), TrainerError> {
+    let failed = |e: arpo_model::ModelError| TrainerError::Preflight {
+        problems: vec![format!("measuring a generation: {e}")],
+    };
+    let turn = |context: &AgentContext| {
         let chat = arpo_core::protocol::build_messages(context, &policy.prompt);
         let start = std::time::Instant::now();
-        let request = model.prepare(&chat).map_err(|e| TrainerError::Preflight {
-            problems: vec![format!("measuring a generation: {e}")],
-        })?;
+        let request = model.prepare(&chat).map_err(failed)?;
         let (mut out, t) = model
             .model
             .generate(std::slice::from_ref(&request), &sampling, &model.stop_ids)
-            .map_err(|e| TrainerError::Preflight {
-                problems: vec![format!("measuring a generation: {e}")],
-            })?;
+            .map_err(failed)?;
         let g = out.remove(0);
         let text = model.tokenizer.decode(&g.token_ids).unwrap_or_default();
-        Ok((
+        Ok::<_, TrainerError>((
             MeasuredTurn {
                 seconds: start.elapsed().as_secs_f64(),
                 vision_s: t.vision_s,
@@ -222,12 +221,13 @@ pub async fn measure(config: &Config, policy: &LocalPolicy) -> Result<Measured, 
                 answer_tokens: g.token_ids.len(),
             },
             text,
+            request,
         ))
     };
-    let (first, answer) = turn(&context)?;
+    let (first, answer, first_request) = turn(&context)?;
     context.responses.push(answer);
     context.screenshots.push(b);
-    let (second, _) = turn(&context)?;
+    let (second, _, _) = turn(&context)?;
     // A quick model: time a batch of first turns as the rollouts of a step run them.
     let batch = config
         .env
@@ -235,21 +235,12 @@ pub async fn measure(config: &Config, policy: &LocalPolicy) -> Result<Measured, 
         .clamp(1, config.data.rollout_batch_size * config.worker.rollout.n);
     let mut batch_factor = 1.0;
     if batch > 1 && first.seconds < 2.0 {
-        let mut one = context.clone();
-        one.screenshots.truncate(1);
-        one.responses.clear();
-        let chat = arpo_core::protocol::build_messages(&one, &policy.prompt);
-        let request = model.prepare(&chat).map_err(|e| TrainerError::Preflight {
-            problems: vec![format!("measuring a generation: {e}")],
-        })?;
         model.model.prefix_cache.clear();
         let start = std::time::Instant::now();
         model
             .model
-            .generate(&vec![request; batch], &sampling, &model.stop_ids)
-            .map_err(|e| TrainerError::Preflight {
-                problems: vec![format!("measuring a batch of generations: {e}")],
-            })?;
+            .generate(&vec![first_request; batch], &sampling, &model.stop_ids)
+            .map_err(failed)?;
         batch_factor =
             (start.elapsed().as_secs_f64() / batch as f64 / first.seconds.max(1e-9)).min(1.0);
     }
@@ -375,25 +366,23 @@ pub fn report(m: &Measured, shape: &RunShape) -> String {
         "data.max_pixels at half the screenshot's area".into(),
         Estimate::new(&half, shape).epoch_s,
     ));
-    if shape.limit_images > 2 {
-        let fewer = RunShape {
+    let shorter = [
+        (shape.limit_images > 2).then_some(RunShape {
             limit_images: shape.limit_images / 2,
             ..*shape
-        };
-        options.push((
-            format!("worker.rollout.limit_images: {}", fewer.limit_images),
-            Estimate::new(m, &fewer).epoch_s,
-        ));
-    }
-    if shape.max_steps > 5 {
-        let shorter = RunShape {
+        }),
+        (shape.max_steps > 5).then_some(RunShape {
             max_steps: shape.max_steps / 2,
             ..*shape
+        }),
+    ];
+    for s in shorter.into_iter().flatten() {
+        let what = if s.limit_images != shape.limit_images {
+            format!("worker.rollout.limit_images: {}", s.limit_images)
+        } else {
+            format!("env.max_steps: {}", s.max_steps)
         };
-        options.push((
-            format!("env.max_steps: {}", shorter.max_steps),
-            Estimate::new(m, &shorter).epoch_s,
-        ));
+        options.push((what, Estimate::new(m, &s).epoch_s));
     }
     options.retain(|(_, epoch)| *epoch < e.epoch_s);
     line(&mut out, "Shorter runs (each alone):".into());
@@ -426,18 +415,23 @@ mod tests {
         }
     }
 
+    /// A first turn of 100 prompt tokens and a second of 250, `cached` of them reused.
+    fn measured(second_seconds: f64, cached: usize) -> Measured {
+        Measured {
+            screen: (800, 450),
+            image_tokens: 100,
+            first: turn(6.0, 100, 0),
+            second: turn(second_seconds, 250, cached),
+            batch: 1,
+            batch_factor: 1.0,
+        }
+    }
+
     /// By hand: vision 2 s a screenshot, prefill 1 s / 100 tokens = 0.01 s a token, decode
     /// 3 s / 30 steps = 0.1 s a token, answers of 31 tokens, 150 tokens a turn.
     #[test]
     fn estimate_follows_the_measured_parts() {
-        let m = Measured {
-            screen: (800, 450),
-            image_tokens: 100,
-            first: turn(6.0, 100, 0),
-            second: turn(4.0, 250, 96),
-            batch: 1,
-            batch_factor: 1.0,
-        };
+        let m = measured(4.0, 96);
         let shape = RunShape {
             max_steps: 3,
             limit_images: 2,
@@ -466,14 +460,7 @@ mod tests {
     /// 2 + 1 + 3.1 = 6.1; turns 1, 2: 4 + 0.01*250 + 3.1 = 9.6; rollout 25.3 s.
     #[test]
     fn estimate_without_a_cache_prefills_every_turn_whole() {
-        let m = Measured {
-            screen: (800, 450),
-            image_tokens: 100,
-            first: turn(6.0, 100, 0),
-            second: turn(8.0, 250, 0),
-            batch: 1,
-            batch_factor: 1.0,
-        };
+        let m = measured(8.0, 0);
         let shape = RunShape {
             max_steps: 3,
             limit_images: 2,
