@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 arpo_alloc::global_allocator!();
 
 mod bench_episode;
+mod bench_gemm;
 mod bench_model;
 mod bench_serve;
 mod bench_train;
@@ -66,6 +67,8 @@ enum Command {
     Predict(predict::Args),
     /// Benchmark the model (prefill, decode, training step); prints JSON.
     BenchModel(bench_model::Args),
+    /// Benchmark the packed bf16 product against candle's f32 matmul at the 2B shapes.
+    BenchGemm(bench_gemm::Args),
     /// Benchmark a whole multi-turn episode (history resent each step, prefix cache on/off); prints JSON.
     BenchEpisode(bench_episode::Args),
     /// Benchmark the HTTP server's throughput (concurrent clients, with and without dynamic batching).
@@ -98,6 +101,7 @@ fn main() -> Result<()> {
         Command::ParseResponse(a) => parse_response::run(a),
         Command::Predict(a) => predict::run(a),
         Command::BenchModel(a) => bench_model::run(a),
+        Command::BenchGemm(a) => bench_gemm::run(a),
         Command::BenchEpisode(a) => bench_episode::run(a),
         Command::BenchServe(a) => bench_serve::run(a),
         Command::SimGuest(a) => sim_guest::run(a),

@@ -400,7 +400,7 @@ fn split_rows<'a>(plan: &Plan, buf: &'a mut [f32], width: usize) -> Vec<&'a mut 
 
 /// Runs `work` on every item of `items` over `get_num_threads()` threads, each with its own
 /// scratch from `scratch()`; items are taken largest `cost` first.
-fn run_parallel<T: Send, S>(
+pub(crate) fn run_parallel<T: Send, S>(
     mut items: Vec<T>,
     cost: impl Fn(&T) -> usize,
     scratch: impl Fn() -> S + Sync,

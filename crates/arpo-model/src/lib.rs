@@ -18,6 +18,7 @@
 //! - [`nn`]: the `Linear`/`RmsNorm`/`LayerNorm` every projection and norm goes through;
 //! - [`quantized`]: [`RolloutWeights`] (`f32`, `bf16`, `q8_0`, `q4k`) and
 //!   [`Qwen2Vl::to_rollout`], the generation copy with quantized linears.
+//! - [`bf16_gemm`]: the packed bf16 weight and its AVX-512 BF16 product (`bf16` rollouts).
 //!
 //! ```
 //! use arpo_model::{Qwen2Vl, Qwen2VlConfig};
@@ -37,6 +38,7 @@
 //! ```
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod chat;
 pub mod config;
 mod device;

@@ -4,9 +4,10 @@
 //! divided by the bytes of the weights. [`Qwen2Vl::to_rollout`] builds an inference copy of a
 //! (learner's) model whose linear layers hold their weights as candle `QTensor`s: `q8_0` (8-bit,
 //! blocks of 32 with an f16 scale: 8.5 bits a weight), `q4k` (4-bit k-quants: 4.5 bits) or
-//! `bf16` (16 bits, f32 compute). Embeddings and norms stay as they are (f32); a linear whose
-//! input width is not a multiple of the format's block (the 1176-wide patch embedding) stays
-//! f32. The source model is not changed: training keeps its exact f32 path, and a LoRA adapter
+//! `bf16` (16 bits: on the CPU packed for AVX-512 BF16 dot products, [`crate::bf16_gemm`],
+//! every linear including the 1176-wide patch embedding). Embeddings and norms stay as they
+//! are (f32); under `q8_0`/`q4k` a linear whose input width is not a multiple of the format's
+//! block (the 1176-wide patch embedding) stays f32. The source model is not changed: training keeps its exact f32 path, and a LoRA adapter
 //! on a source linear is carried over as an f32 low-rank path on top of the quantized base.
 //!
 //! ```
@@ -34,6 +35,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::bf16_gemm::Bf16Weight;
 use crate::device::SpecError;
 use crate::error::{ModelError, Result};
 use crate::model::Qwen2Vl;
@@ -46,7 +48,9 @@ pub enum RolloutWeights {
     /// The learner's own f32 tensors, shared (no copy).
     #[default]
     F32,
-    /// bf16 storage, f32 activations (candle's CPU matmul has no bf16 kernel).
+    /// bf16 weights and activations, f32 accumulation. On the CPU a [`Bf16Weight`] (AVX-512
+    /// BF16 `vdpbf16ps` where the CPU has it, a portable kernel elsewhere); on a GPU candle's
+    /// bf16 `QTensor`. Every width fits (an odd one is padded).
     Bf16,
     /// 8-bit: blocks of 32 weights with one f16 scale.
     Q8_0,
@@ -59,6 +63,7 @@ impl RolloutWeights {
     pub const ALL: [Self; 4] = [Self::F32, Self::Bf16, Self::Q8_0, Self::Q4K];
 
     /// The format a linear of `in_features` inputs is stored in, or `None` to keep it as is.
+    /// `bf16` takes every linear (the 1176-wide patch embedding too).
     ///
     /// `lm_head` is kept at 8 bits under `q4k`: its logits are the log-probabilities the
     /// learner compares the sampler with, and it is one matrix of the 7 x layers.
@@ -112,22 +117,38 @@ impl From<RolloutWeights> for String {
     }
 }
 
-/// A linear weight `[out, in]` stored as a candle `QTensor`; its product has no backward.
+/// A linear weight `[out, in]` stored as a candle `QTensor`, or for bf16 on the CPU as a
+/// [`Bf16Weight`]; its product has no backward.
 #[derive(Debug, Clone)]
 pub struct QuantizedWeight {
-    matmul: QMatMul,
+    matmul: Product,
     format: GgmlDType,
     bytes: usize,
 }
 
+#[derive(Debug, Clone)]
+enum Product {
+    Candle(QMatMul),
+    Bf16(Bf16Weight),
+}
+
 impl QuantizedWeight {
-    /// Quantizes `weight` `[out, in]` (any float dtype) to `format`.
+    /// Quantizes `weight` `[out, in]` (any float dtype) to `format` (`BF16` on the CPU: packed
+    /// for [`Bf16Weight`]).
     pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
+        if format == GgmlDType::BF16 && weight.device().is_cpu() {
+            let w = Bf16Weight::from_tensor(weight)?;
+            return Ok(Self {
+                bytes: w.storage_bytes(),
+                matmul: Product::Bf16(w),
+                format,
+            });
+        }
         let q = QTensor::quantize(weight, format)?;
         let bytes = q.storage_size_in_bytes();
         // Not `QMatMul::from_qtensor`: it would widen bf16 back to an f32 tensor.
         Ok(Self {
-            matmul: QMatMul::QTensor(Arc::new(q)),
+            matmul: Product::Candle(QMatMul::QTensor(Arc::new(q))),
             format,
             bytes,
         })
@@ -137,21 +158,25 @@ impl QuantizedWeight {
         self.format
     }
 
-    /// Bytes of the quantized storage (candle may add a repacked copy on first use).
+    /// Bytes of the quantized storage (candle may add a repacked copy on first use; a
+    /// [`Bf16Weight`]'s includes its padding to whole panels).
     pub fn storage_bytes(&self) -> usize {
         self.bytes
     }
 
     /// `x W^T` for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.matmul.forward(&x.contiguous()?)
+        match &self.matmul {
+            Product::Candle(q) => q.forward(&x.contiguous()?),
+            Product::Bf16(w) => w.forward(x),
+        }
     }
 }
 
 /// What [`Qwen2Vl::to_rollout`] made of the model's linear layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RolloutSummary {
-    /// Linears whose weight is a `QTensor`.
+    /// Linears whose weight is quantized (a `QTensor`, or packed bf16).
     pub quantized: usize,
     /// Linears kept in the source dtype (width not a multiple of the block).
     pub kept: usize,
@@ -344,7 +369,9 @@ mod tests {
         assert_eq!(W::Q4K.format_for(1536, false), Some(GgmlDType::Q4K));
         assert_eq!(W::Q4K.format_for(1536, true), Some(GgmlDType::Q8_0));
         assert_eq!(W::Q4K.format_for(96, false), Some(GgmlDType::Q8_0));
+        // bf16 takes every width: the patch embedding (1176) and an odd one (padded).
         assert_eq!(W::Bf16.format_for(1176, false), Some(GgmlDType::BF16));
+        assert_eq!(W::Bf16.format_for(97, true), Some(GgmlDType::BF16));
     }
 
     /// q8_0 rounds each weight to the nearest of 255 levels spaced d = max|w|/127 within its

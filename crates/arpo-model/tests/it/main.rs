@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // in tests a panic is the failure report
 
 mod attention;
+mod bf16_gemm;
 mod common;
 mod parity;
 mod policy;
