@@ -67,8 +67,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     prefix_cache_mib: usize,
     /// How the linear layers are stored: f32, bf16, q8_0 (8-bit) or q4k (4-bit). Decoding reads
-    /// every weight once a token, so fewer bits decode faster; made from the loaded weights.
-    /// LoRA adapters then run unmerged over the shared quantized base.
+    /// every weight once a token, so fewer bits decode faster. Read from the checkpoint a
+    /// tensor at a time and stored at once (the f32 model is never in memory); the embedding
+    /// table is stored compact too. LoRA adapters then run unmerged over the shared base.
     #[arg(long, default_value = "f32")]
     weights: arpo_model::RolloutWeights,
 }
@@ -94,9 +95,8 @@ pub fn run(args: Args) -> Result<()> {
         args.model, args.dtype, args.device
     );
     let started = std::time::Instant::now();
-    let engine = ModelEngine::load_named(&args.model, &args.dtype, &args.device)?
-        .with_prefix_cache(args.prefix_cache_mib.saturating_mul(1 << 20))
-        .with_weights(args.weights)?;
+    let engine = ModelEngine::load_named_as(&args.model, &args.dtype, &args.device, args.weights)?
+        .with_prefix_cache(args.prefix_cache_mib.saturating_mul(1 << 20));
     let info = engine.info();
     println!(
         "✓ Model loaded on {} in {:.1} s (context {} tokens)",

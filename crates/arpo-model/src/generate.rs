@@ -499,8 +499,7 @@ impl Qwen2Vl {
             }
             // One decode step for the whole batch (finished rows ride along, ignored).
             let step = out.iter().map(|g| g.token_ids.len()).max().unwrap_or(1) - 1;
-            let idx = Tensor::from_vec(next, b, &device)?;
-            let x = self.text.embed_tokens.index_select(&idx, 0)?.unsqueeze(1)?;
+            let x = self.text.embed(&next)?.unsqueeze(1)?;
             let pos: Vec<[Vec<i64>; 3]> = (0..b)
                 .map(|i| {
                     let p = (lens[i] + step) as i64 + deltas[i];

@@ -44,7 +44,22 @@ impl UiTars {
     }
 
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let model = Qwen2Vl::load(dir, dtype, device)?;
+        Self::with_model(dir, Qwen2Vl::load(dir, dtype, device)?)
+    }
+
+    /// Loads a model directory or cached repo id straight into a rollout copy in `weights`
+    /// ([`Qwen2Vl::load_rollout`]: quantized as read, the f32 model never in memory).
+    pub fn load_rollout(
+        model: &str,
+        weights: crate::RolloutWeights,
+        device: &Device,
+    ) -> Result<Self> {
+        let dir = resolve_model_dir(model)?;
+        Self::with_model(&dir, Qwen2Vl::load_rollout(&dir, weights, device)?)
+    }
+
+    /// The tokenizer, image processor and stop ids of `dir` around an already built `model`.
+    fn with_model(dir: &Path, model: Qwen2Vl) -> Result<Self> {
         let tokenizer = ChatTokenizer::from_dir(dir)?;
         let pre = dir.join("preprocessor_config.json");
         let processor = ImageProcessor::new(if pre.exists() {

@@ -164,6 +164,14 @@ impl QuantizedWeight {
         self.bytes
     }
 
+    /// The candle `QTensor` behind the product (to read rows of a tied embedding from it).
+    pub fn qtensor(&self) -> Option<Arc<QTensor>> {
+        match &self.matmul {
+            Product::Candle(QMatMul::QTensor(q)) => Some(q.clone()),
+            _ => None,
+        }
+    }
+
     /// `x W^T` for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.matmul {
@@ -182,6 +190,9 @@ pub struct RolloutSummary {
     pub kept: usize,
     /// Bytes of all linear weights as the copy holds them.
     pub linear_bytes: usize,
+    /// Whether the token-embedding table is stored compact (`q8_0` or bf16 rows), one more
+    /// rounding of the model's input.
+    pub compact_embedding: bool,
 }
 
 impl Qwen2Vl {
@@ -272,7 +283,46 @@ impl Qwen2Vl {
                 .into_iter()
                 .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         })?;
+        copy.compact_embedding(weights)?;
         Ok(copy)
+    }
+
+    /// Stores the token-embedding table of a rollout copy in `weights`' spirit: `q8_0` rows
+    /// under `q8_0` and `q4k` (a tied model reads them from `lm_head`'s own `q8_0` tensor, so
+    /// the table is held once), bf16 rows under `bf16`. The f32 table is dropped.
+    fn compact_embedding(&mut self, weights: RolloutWeights) -> Result<()> {
+        use crate::text::CompactEmbedding;
+        let t = &mut self.text;
+        if weights == RolloutWeights::F32 || t.embed_compact.is_some() {
+            return Ok(());
+        }
+        let quantize_error = |e: candle_core::Error| ModelError::Quantize {
+            name: "model.embed_tokens".into(),
+            weights,
+            reason: e.to_string(),
+        };
+        let shared = t
+            .lm_head
+            .quantized
+            .as_ref()
+            .and_then(QuantizedWeight::qtensor)
+            .filter(|q| t.tied && q.dtype() == GgmlDType::Q8_0);
+        let compact = match (weights, shared) {
+            (RolloutWeights::Bf16, _) => {
+                CompactEmbedding::Bf16(t.embed_tokens.to_dtype(candle_core::DType::BF16)?)
+            }
+            (_, Some(q)) => CompactEmbedding::Quantized(q),
+            _ if t.config.hidden_size % GgmlDType::Q8_0.block_size() == 0 => {
+                let q =
+                    QTensor::quantize(&t.embed_tokens, GgmlDType::Q8_0).map_err(quantize_error)?;
+                CompactEmbedding::Quantized(Arc::new(q))
+            }
+            _ => return Ok(()),
+        };
+        let e = &t.embed_tokens;
+        t.embed_tokens = Tensor::zeros((), e.dtype(), e.device())?.broadcast_as(e.shape())?;
+        t.embed_compact = Some(compact);
+        Ok(())
     }
 
     /// A model of shape `config` with N(0, 0.02) weights, like [`Qwen2Vl::random`], whose
@@ -284,31 +334,81 @@ impl Qwen2Vl {
         device: &candle_core::Device,
     ) -> Result<Self> {
         use candle_core::DType;
-        let dtype = DType::F32;
-        let mut map = std::collections::HashMap::new();
-        let mut drawn_later = std::collections::HashSet::new();
-        for (name, shape) in crate::model::param_shapes(&config) {
+        let shapes = crate::model::param_shapes(&config);
+        Self::assemble_rollout(config, weights, device, shapes, |name, shape| {
             let t = if name.contains("norm") || name.contains("ln_q") {
                 if name.ends_with(".bias") {
-                    Tensor::zeros(shape.as_slice(), dtype, device)?
+                    Tensor::zeros(shape, DType::F32, device)?
                 } else {
-                    Tensor::ones(shape.as_slice(), dtype, device)?
+                    Tensor::ones(shape, DType::F32, device)?
                 }
-            } else if shape.len() == 2 && name != "model.embed_tokens.weight" {
-                // A shape-only stand-in until the linear is drawn below.
-                let t = Tensor::zeros((), dtype, device)?.broadcast_as(shape.as_slice())?;
-                drawn_later.insert(name.clone());
-                t
             } else {
-                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?
+                Tensor::randn(0f32, 0.02, shape, device)?
             };
+            Ok(t)
+        })
+    }
+
+    /// Loads a model directory straight into a rollout copy in `weights` (`serve --weights`):
+    /// tensors are read from disk one at a time and each linear is quantized as it arrives, so
+    /// the peak memory is the copy's plus one f32 tensor, never the f32 model's (`f32` is
+    /// [`Qwen2Vl::load`]). Activations, norms and biases are f32.
+    pub fn load_rollout(
+        dir: &std::path::Path,
+        weights: RolloutWeights,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        use candle_core::DType;
+        if weights == RolloutWeights::F32 {
+            return Self::load(dir, DType::F32, device);
+        }
+        let config = crate::Qwen2VlConfig::from_file(&dir.join(crate::weights::CONFIG_FILE))?;
+        let lazy = crate::weights::LazyWeights::open_dir(dir)?;
+        Self::assemble_rollout(config, weights, device, lazy.shapes(), |name, _| {
+            lazy.load(name, DType::F32, device)
+        })
+    }
+
+    /// Builds a rollout copy from `(name, shape)` of every tensor and `fetch`, which makes one
+    /// tensor in f32: matrices (rank 2 and up) stand in as shape-only placeholders while the
+    /// model is assembled, then each linear is fetched and stored as `weights` in turn, and the
+    /// embedding table last ([`Self::compact_embedding`]).
+    fn assemble_rollout(
+        config: crate::Qwen2VlConfig,
+        weights: RolloutWeights,
+        device: &candle_core::Device,
+        shapes: Vec<(String, Vec<usize>)>,
+        mut fetch: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let placeholder = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::zeros((), candle_core::DType::F32, device)?.broadcast_as(shape)?)
+        };
+        let mut map = std::collections::HashMap::new();
+        let mut later = std::collections::HashMap::new();
+        for (name, shape) in shapes {
+            let name = crate::weights::canonical_name(&name);
+            let t = if shape.len() >= 2 {
+                placeholder(&shape)?
+            } else {
+                fetch(&name, &shape)?
+            };
+            if shape.len() >= 2 {
+                later.insert(name.clone(), shape);
+            }
             map.insert(name, t);
         }
         let mut model = Self::from_weights(config, crate::weights::Weights::from_map(map))?;
+        const EMBED: &str = "model.embed_tokens.weight";
+        let tied = model.text.tied;
         for (name, lin) in model.linears_mut() {
+            let key = if name == "lm_head" && tied {
+                EMBED.to_string()
+            } else {
+                format!("{name}.weight")
+            };
             let (out, inp) = lin.dims();
-            if drawn_later.contains(&format!("{name}.weight")) {
-                lin.weight = Tensor::randn(0f32, 0.02, (out, inp), device)?;
+            if let Some(shape) = later.get(&key) {
+                lin.weight = fetch(&key, shape)?.reshape((out, inp))?;
             }
             if let Some(format) = weights.format_for(inp, name == "lm_head") {
                 lin.quantize(format).map_err(|e| ModelError::Quantize {
@@ -318,12 +418,30 @@ impl Qwen2Vl {
                 })?;
             }
         }
+        let shares_lm_head = tied
+            && model
+                .text
+                .lm_head
+                .quantized
+                .as_ref()
+                .map(QuantizedWeight::format)
+                == Some(GgmlDType::Q8_0);
+        if tied && !model.text.lm_head.is_quantized() {
+            // Still one f32 table, as in a loaded model.
+            model.text.embed_tokens = model.text.lm_head.weight.clone();
+        } else if !shares_lm_head && let Some(shape) = later.get(EMBED) {
+            model.text.embed_tokens = fetch(EMBED, shape)?;
+        }
+        model.compact_embedding(weights)?;
         Ok(model)
     }
 
     /// How many linears are quantized and the bytes their weights take.
     pub fn rollout_summary(&self) -> RolloutSummary {
-        let mut s = RolloutSummary::default();
+        let mut s = RolloutSummary {
+            compact_embedding: self.text.embed_compact.is_some(),
+            ..RolloutSummary::default()
+        };
         // A clone shares every tensor: it only lends `linears_mut` a model to walk.
         let mut model = self.clone();
         for (_, l) in model.linears_mut() {

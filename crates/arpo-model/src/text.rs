@@ -150,6 +150,17 @@ impl KeyMask {
 /// heads); 512 rows of it hold 0.7 GB.
 pub const QUERY_BLOCK: usize = 512;
 
+/// The token-embedding table of an inference copy, in fewer bytes than f32 (the 2B model's is
+/// 0.93 GB in f32). Rows come out in f32.
+#[derive(Debug, Clone)]
+pub enum CompactEmbedding {
+    /// Quantized rows (`q8_0`): the same `QTensor` as a tied `lm_head`'s, so a tied model
+    /// holds the table once.
+    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+    /// bf16 rows, widened to f32 on lookup.
+    Bf16(Tensor),
+}
+
 #[derive(Debug, Clone)]
 pub struct TextModel {
     pub config: TextConfig,
@@ -160,10 +171,21 @@ pub struct TextModel {
     pub lm_head: Linear,
     /// Whether `lm_head` is `embed_tokens` (no `lm_head.weight` in the checkpoint).
     pub tied: bool,
+    /// In a rollout copy ([`crate::Qwen2Vl::to_rollout`]): the embedding table in a compact
+    /// storage, read row by row; `embed_tokens` is then a shape-only placeholder.
+    pub embed_compact: Option<CompactEmbedding>,
     /// Recompute each layer in the backward pass instead of keeping its activations
     /// ([`crate::train::recompute`]); only on the differentiable path (no cache, not fused).
     pub gradient_checkpointing: bool,
+    /// Under gradient checkpointing, the MLP of a recomputed layer (position-wise) runs and is
+    /// recomputed again in chunks of this many rows, so its backward holds one chunk's
+    /// activations: at the 28k tokens of ten 1080p screenshots each `[len, intermediate]`
+    /// tensor of the 2B model is 1 GB, a chunk's 74 MB. [`RECOMPUTE_CHUNK`] unless changed.
+    pub recompute_chunk: usize,
 }
+
+/// Rows per recomputed MLP chunk ([`TextModel::recompute_chunk`]).
+pub const RECOMPUTE_CHUNK: usize = 2048;
 
 impl DecoderLayer {
     fn linears(&self) -> [&Linear; 7] {
@@ -239,7 +261,9 @@ impl TextModel {
             norm,
             lm_head,
             tied,
+            embed_compact: None,
             gradient_checkpointing: false,
+            recompute_chunk: RECOMPUTE_CHUNK,
         })
     }
 
@@ -279,10 +303,15 @@ impl TextModel {
         }
     }
 
-    /// Token embeddings `[len, hidden]` (differentiable in the embedding table).
+    /// Token embeddings `[len, hidden]` (differentiable in the embedding table unless it is
+    /// stored compact).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.embed_tokens.device())?;
-        self.embed_tokens.index_select(&idx, 0)
+        match &self.embed_compact {
+            Some(CompactEmbedding::Quantized(q)) => q.embedding(&idx),
+            Some(CompactEmbedding::Bf16(t)) => t.index_select(&idx, 0)?.to_dtype(DType::F32),
+            None => self.embed_tokens.index_select(&idx, 0),
+        }
     }
 
     /// Runs the decoder over `x` `[batch, len, hidden]`; returns the final-normed hidden states.
@@ -305,10 +334,13 @@ impl TextModel {
             if recompute {
                 let (cfg, layer_c) = (self.config.clone(), layer.clone());
                 let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
+                let chunk = self.recompute_chunk.max(1);
                 let block = crate::train::recompute::block(
                     layer.linears().into_iter().filter_map(|l| l.lora.as_ref()),
                     move |x: &Tensor| {
-                        layer_forward(&cfg, &layer_c, x, &cos, &sin, &mask, None, false)
+                        let a =
+                            attention_residual(&cfg, &layer_c, x, &cos, &sin, &mask, None, false)?;
+                        chunked_mlp_residual(&layer_c, &a, chunk)
                     },
                 );
                 x = crate::train::recompute::checkpoint(&x, layer.trainable_tensors(), block)?;
@@ -338,6 +370,22 @@ fn layer_forward(
     cache: Option<&mut LayerCache>,
     fused: bool,
 ) -> Result<Tensor> {
+    let x = attention_residual(cfg, layer, x, cos, sin, mask, cache, fused)?;
+    mlp_residual(layer, &x)
+}
+
+/// `x + attention(norm(x))`.
+#[allow(clippy::too_many_arguments)]
+fn attention_residual(
+    cfg: &TextConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &KeyMask,
+    cache: Option<&mut LayerCache>,
+    fused: bool,
+) -> Result<Tensor> {
     let a = attention(
         cfg,
         layer,
@@ -348,13 +396,50 @@ fn layer_forward(
         cache,
         fused,
     )?;
-    let x = (x + a)?;
-    let h = layer.post_attention_layernorm.forward(&x)?;
+    x + a
+}
+
+/// `x + mlp(norm(x))`: position-wise, so any split of the rows gives the same rows.
+fn mlp_residual(layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
+    let h = layer.post_attention_layernorm.forward(x)?;
     let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
     let m = layer
         .down_proj
         .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
     x + m
+}
+
+/// [`mlp_residual`] over `x` `[batch, len, hidden]` in chunks of `chunk` rows, each one
+/// checkpointed ([`crate::train::recompute::checkpoint`]): nested in a recomputed layer, the
+/// layer's backward pass holds one chunk's MLP activations at a time.
+fn chunked_mlp_residual(layer: &DecoderLayer, x: &Tensor, chunk: usize) -> Result<Tensor> {
+    let len = x.dim(1)?;
+    if len <= chunk {
+        return mlp_residual(layer, x);
+    }
+    let mlp = [&layer.gate_proj, &layer.up_proj, &layer.down_proj];
+    let mut params: Vec<Tensor> = mlp
+        .iter()
+        .flat_map(|l| crate::nn::trainable_of_linear(l))
+        .collect();
+    if layer.post_attention_layernorm.weight.is_variable() {
+        params.push(layer.post_attention_layernorm.weight.clone());
+    }
+    let mut parts = Vec::with_capacity(len.div_ceil(chunk));
+    for start in (0..len).step_by(chunk) {
+        let rows = chunk.min(len - start);
+        let layer_c = layer.clone();
+        let block = crate::train::recompute::block(
+            mlp.iter().filter_map(|l| l.lora.as_ref()),
+            move |x: &Tensor| mlp_residual(&layer_c, x),
+        );
+        parts.push(crate::train::recompute::checkpoint(
+            &x.narrow(1, start, rows)?,
+            params.clone(),
+            block,
+        )?);
+    }
+    Tensor::cat(&parts, 1)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -445,6 +530,13 @@ fn attention(
         // CPU faster than the products below: prefill, decode and training alike. (Off the CPU
         // the op is the dense formula: inference there takes the query blocks below.)
         crate::attention::causal_attention(&q, &k, &v, &pads, scale)?
+    } else if fused && device.is_cpu() {
+        // Inference with gaps in the keys (rows of a batch with different cached prefixes):
+        // each row's visible keys are gathered into one left-padded run, which is the case
+        // above. Blocks of scores over the whole batch (below) held `[batch, heads, 512, t]`
+        // f32 at once: gigabytes for a large batch.
+        let (k, v, pads) = gather_visible_keys(&k, &v, mask)?;
+        crate::attention::causal_attention(&q, &k, &v, &pads, scale)?
     } else if !fused {
         // The differentiable path with a mask other than left padding: one product over all
         // rows.
@@ -473,6 +565,51 @@ fn attention(
     };
     let out = out.transpose(1, 2)?.reshape((b, l, nh * hd))?;
     layer.o_proj.forward(&out)
+}
+
+/// Keys and values `[batch, kv_heads, t, head_dim]` with each row's visible keys (those its
+/// [`KeyMask`] does not hide) moved into one run at the end, left-padded with zeros to the
+/// longest row's; returns them with each row's padding. A query after every hidden key of its
+/// row sees the same keys, in the same order, as before: with causal attention over the left
+/// padding it gets the same result. (Queries before a hidden key are padding positions, whose
+/// outputs nothing reads.)
+fn gather_visible_keys(
+    k: &Tensor,
+    v: &Tensor,
+    mask: &KeyMask,
+) -> Result<(Tensor, Tensor, Vec<usize>)> {
+    let (b, nkv, t, hd) = k.dims4()?;
+    let visible: Vec<Vec<u32>> = (0..b)
+        .map(|r| {
+            let hidden = mask.hidden.get(r).map_or(&[][..], Vec::as_slice);
+            (0..t)
+                .filter(|j| !hidden.iter().any(|h| h.contains(j)))
+                .map(|j| j as u32)
+                .collect()
+        })
+        .collect();
+    let width = visible.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let gather = |x: &Tensor| -> Result<Tensor> {
+        let rows = visible
+            .iter()
+            .enumerate()
+            .map(|(r, idx)| {
+                let row = x.get(r)?;
+                let kept = Tensor::from_slice(idx, idx.len(), x.device())?;
+                let kept = row.index_select(&kept, 1)?;
+                match width - idx.len() {
+                    0 => Ok(kept),
+                    pad => {
+                        let zeros = Tensor::zeros((nkv, pad, hd), x.dtype(), x.device())?;
+                        Tensor::cat(&[&zeros, &kept], 1)
+                    }
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&rows, 0)
+    };
+    let pads = visible.iter().map(|idx| width - idx.len()).collect();
+    Ok((gather(k)?, gather(v)?, pads))
 }
 
 /// Picks the rows of `hidden` `[batch, len, h]` at `D::Minus2` index `pos`.

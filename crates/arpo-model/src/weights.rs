@@ -159,6 +159,152 @@ impl Weights {
     }
 }
 
+/// The tensors of a model directory's safetensors files, indexed by their headers and read
+/// from disk one at a time: a load that converts each tensor as it comes (a quantized rollout
+/// copy, [`crate::Qwen2Vl::load_rollout`]) never holds the whole checkpoint, in the file's
+/// dtype or in f32.
+#[derive(Debug, Default)]
+pub struct LazyWeights {
+    entries: HashMap<String, LazyEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct LazyEntry {
+    file: PathBuf,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte offset of the tensor's data in the file, and its length.
+    start: u64,
+    len: usize,
+}
+
+/// One tensor's line of a safetensors header.
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+impl LazyWeights {
+    /// Reads the headers of every safetensors file of `dir` (no tensor data).
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let mut entries = HashMap::new();
+        for file in weight_files(dir)? {
+            for (name, entry) in read_header(&file)? {
+                entries.insert(canonical_name(&name), entry);
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// `(canonical name, shape)` of every tensor, sorted by name.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Reads one tensor from disk and converts it to `dtype` on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingWeight { name: name.into() })?;
+        let bad = |what: String| {
+            ModelError::Config(format!(
+                "cannot read {name} from {}: {what}",
+                e.file.display()
+            ))
+        };
+        let mut f = std::fs::File::open(&e.file).map_err(|x| bad(x.to_string()))?;
+        f.seek(SeekFrom::Start(e.start))
+            .map_err(|x| bad(x.to_string()))?;
+        let mut bytes = vec![0u8; e.len];
+        f.read_exact(&mut bytes)
+            .map_err(|x| bad(format!("{x} (is the file truncated?)")))?;
+        let t = Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)?;
+        drop(bytes);
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// The tensors a safetensors file's header lists, checked against the file's length.
+fn read_header(file: &Path) -> Result<Vec<(String, LazyEntry)>> {
+    use std::io::Read;
+    let bad = |what: String| {
+        ModelError::Config(format!(
+            "{} is not a readable safetensors file: {what}",
+            file.display()
+        ))
+    };
+    let mut f = std::fs::File::open(file).map_err(|e| bad(e.to_string()))?;
+    let file_len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| bad(e.to_string()))?;
+    let n = u64::from_le_bytes(n);
+    // safetensors caps headers at 100 MB.
+    if n > 100_000_000 || n.saturating_add(8) > file_len {
+        return Err(bad(format!("header length {n} does not fit the file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + n;
+    let mut out = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let h: HeaderEntry =
+            serde_json::from_value(v).map_err(|e| bad(format!("entry {name}: {e}")))?;
+        let dtype = match h.dtype.as_str() {
+            "F32" => DType::F32,
+            "BF16" => DType::BF16,
+            "F16" => DType::F16,
+            "F64" => DType::F64,
+            other => return Err(bad(format!("{name} has dtype {other}, not a float type"))),
+        };
+        let (begin, end) = h.data_offsets;
+        let expected = h
+            .shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d));
+        let len = end.checked_sub(begin).and_then(|l| usize::try_from(l).ok());
+        let fits = data_start
+            .checked_add(end)
+            .is_some_and(|stop| stop <= file_len);
+        if expected.is_none() || len != expected || !fits {
+            return Err(bad(format!(
+                "{name}: offsets {begin}..{end} do not hold a {dtype:?} tensor of shape {:?} \
+                 inside the file's {file_len} bytes",
+                h.shape
+            )));
+        }
+        out.push((
+            name,
+            LazyEntry {
+                file: file.to_path_buf(),
+                dtype,
+                shape: h.shape,
+                start: data_start + begin,
+                len: len.unwrap_or(0),
+            },
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -168,6 +168,44 @@ impl ModelEngine {
         Self::load(model, dtype, &device)
     }
 
+    /// [`Self::load_named`] for `serve --weights`: a non-f32 `weights` loads the checkpoint
+    /// straight into the rollout format ([`UiTars::load_rollout`]), one tensor at a time, so
+    /// the f32 model never sits in memory; its activations are f32, so `dtype` must be `f32`.
+    pub fn load_named_as(
+        model: &str,
+        dtype: &str,
+        device: &str,
+        weights: arpo_model::RolloutWeights,
+    ) -> Result<Self, EngineError> {
+        if weights == arpo_model::RolloutWeights::F32 {
+            return Self::load_named(model, dtype, device);
+        }
+        let dtype = dtype
+            .parse::<arpo_model::DTypeSpec>()
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
+            .dtype();
+        if dtype != DType::F32 {
+            return Err(EngineError::InvalidInput(format!(
+                "--weights {weights} stores the linears as {weights} and computes in f32: \
+                 leave --dtype at f32, or serve --weights f32 --dtype {dtype:?}"
+            )));
+        }
+        let device = device
+            .parse::<arpo_model::DeviceSpec>()
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
+            .open()
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        let uitars =
+            UiTars::load_rollout(model, weights, &device).map_err(|e| EngineError::Load {
+                what: format!("the model as {weights}"),
+                path: model.into(),
+                reason: e.to_string(),
+            })?;
+        let mut engine = Self::new(uitars, model.to_string());
+        engine.weights = weights;
+        Ok(engine)
+    }
+
     /// Serves an already loaded model.
     pub fn new(uitars: UiTars, source: String) -> Self {
         let max_context = std::fs::read(uitars.dir.join("config.json"))
@@ -499,19 +537,17 @@ impl Engine for ModelEngine {
     }
 
     fn reload_weights(&self, path: &Path) -> Result<(), EngineError> {
-        let model =
-            Qwen2Vl::load(path, self.dtype, &self.device).map_err(|e| EngineError::Load {
-                what: "model weights".into(),
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        let model = model
-            .to_rollout(self.weights)
-            .map_err(|e| EngineError::Load {
-                what: format!("model weights as {}", self.weights),
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let load_error = |e: arpo_model::ModelError| EngineError::Load {
+            what: format!("model weights as {}", self.weights),
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let model = if self.weights == arpo_model::RolloutWeights::F32 {
+            Qwen2Vl::load(path, self.dtype, &self.device).map_err(load_error)?
+        } else {
+            // Read and quantized a tensor at a time: no f32 copy beside the one being served.
+            Qwen2Vl::load_rollout(path, self.weights, &self.device).map_err(load_error)?
+        };
         // New weights, new cache: nothing computed with the old ones is reused.
         model.set_prefix_cache_budget(self.cache_budget());
         let mut base = self

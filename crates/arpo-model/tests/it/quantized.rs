@@ -14,7 +14,9 @@
 //!   outputs, so their variances add: after `n` quantized linears the relative RMS error of
 //!   the final hidden state, and so of the logits (`lm_head` is one of the `n`), is
 //!   `e = e1 sqrt n`. That count takes every quantized linear of the copy, the vision tower's
-//!   too, as an upper count for prompts that do not use all of them.
+//!   too, as an upper count for prompts that do not use all of them, plus one for the
+//!   embedding table when the copy stores it compact (one rounding of the input, counted as a
+//!   whole linear's two).
 //! - Over the vocabulary and the positions compared (about 10^5 logits) a Gaussian error stays
 //!   within 5 of its standard deviations: `max |dz| <= 5 e rms(z)`, `rms(z)` the f32 logits'
 //!   root mean square at that position.
@@ -86,9 +88,11 @@ fn compare(
     n: usize,
     what: &str,
 ) -> Seen {
-    let quantized = rollout.rollout_summary().quantized;
+    let summary = rollout.rollout_summary();
+    let quantized = summary.quantized;
     assert!(quantized > 0, "{what}: nothing was quantized");
-    let e = per_linear_error(weights) * (quantized as f64).sqrt();
+    let roundings = quantized + usize::from(summary.compact_embedding);
+    let e = per_linear_error(weights) * (roundings as f64).sqrt();
     let greedy = SamplingParams::greedy(n);
     let (f, _) = model
         .generate(std::slice::from_ref(req), &greedy, &[])
@@ -371,7 +375,11 @@ fn a_lora_update_reaches_the_q8_0_copy_without_rebuilding_it() {
     );
     let (want, got) = (logits(&trainable.model), logits(&rollout));
     let e = per_linear_error(RolloutWeights::Q8_0)
-        * (rollout.rollout_summary().quantized as f64).sqrt();
+        * ({
+            let s = rollout.rollout_summary();
+            (s.quantized + usize::from(s.compact_embedding)) as f64
+        })
+        .sqrt();
     let last = want.dim(0).unwrap() - 1;
     let zf = want.i(last).unwrap().to_vec1::<f32>().unwrap();
     let rms = (zf.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / zf.len() as f64).sqrt();
@@ -393,5 +401,92 @@ fn a_lora_update_reaches_the_q8_0_copy_without_rebuilding_it() {
     assert!(
         diff(&got, &before) > bound,
         "the copy did not follow the update beyond the rounding"
+    );
+}
+
+/// `load_rollout` reads the checkpoint a tensor at a time and quantizes as it goes: the copy
+/// is the one `load` + `to_rollout` makes (the same roundings of the same f32 weights), for a
+/// tied (tiny-qwen2vl) and an untied (tiny-qwen25vl) model.
+#[test]
+fn loading_straight_into_a_rollout_copy_equals_converting_a_loaded_model() {
+    for (dir, weights) in [
+        (model_dir(), RolloutWeights::Q8_0),
+        (model_dir(), RolloutWeights::Bf16),
+        (fixtures().join("tiny-qwen25vl"), RolloutWeights::Q8_0),
+    ] {
+        let what = format!("{} {weights}", dir.display());
+        let learner = Qwen2Vl::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let converted = learner.to_rollout(weights).unwrap();
+        let loaded = Qwen2Vl::load_rollout(&dir, weights, &Device::Cpu).unwrap();
+        assert_eq!(
+            loaded.rollout_summary(),
+            converted.rollout_summary(),
+            "{what}"
+        );
+        assert!(loaded.rollout_summary().compact_embedding, "{what}");
+        let ids = [1, 2, 3, 4, 5];
+        let want = converted.forward(&ids, None, &[]).unwrap();
+        let got = loaded.forward(&ids, None, &[]).unwrap();
+        assert_close(&what, &got, &want, 0.0, 0.0);
+    }
+}
+
+/// The compact embedding: a tied model under q8_0 reads its rows from `lm_head`'s own q8_0
+/// tensor (held once), each within the q8_0 rounding of the f32 row: half a step
+/// `d = max|block| / 127` (the scale `d` itself rounded to f16 adds `2^-11` of the value).
+#[test]
+fn compact_embedding_rows_are_the_f32_rows_within_one_rounding() {
+    let learner = Qwen2Vl::load(&model_dir(), DType::F32, &Device::Cpu).unwrap();
+    assert!(learner.text.tied);
+    let rollout = learner.to_rollout(RolloutWeights::Q8_0).unwrap();
+    match (&rollout.text.embed_compact, &rollout.text.lm_head.quantized) {
+        (Some(arpo_model::text::CompactEmbedding::Quantized(e)), Some(head)) => {
+            assert!(
+                std::sync::Arc::ptr_eq(e, &head.qtensor().unwrap()),
+                "held once"
+            );
+        }
+        other => panic!("expected q8_0 rows shared with lm_head, got {other:?}"),
+    }
+    let ids: Vec<u32> = (0..learner.config.text.vocab_size as u32)
+        .step_by(7)
+        .collect();
+    let want = learner.text.embed(&ids).unwrap().to_vec2::<f32>().unwrap();
+    let got = rollout.text.embed(&ids).unwrap().to_vec2::<f32>().unwrap();
+    for (w, g) in want.iter().zip(&got) {
+        for (wb, gb) in w.chunks(32).zip(g.chunks(32)) {
+            let d = wb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (a, b) in wb.iter().zip(gb) {
+                let bound = d / 2.0 + a.abs() * 2f32.powi(-11) + 1e-7;
+                assert!((a - b).abs() <= bound, "{a} vs {b} (bound {bound})");
+            }
+        }
+    }
+    // bf16 rows: the nearest bf16 of each value (relative error at most 2^-8).
+    let bf = learner.to_rollout(RolloutWeights::Bf16).unwrap();
+    let got = bf.text.embed(&ids).unwrap().to_vec2::<f32>().unwrap();
+    for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
+        assert_eq!(*g, half::bf16::from_f32(*w).to_f32());
+    }
+}
+
+/// A truncated checkpoint is refused at load with the file and the tensor named, not read as
+/// garbage.
+#[test]
+fn a_truncated_checkpoint_is_refused_by_the_streaming_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(model_dir()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    let err = Qwen2Vl::load_rollout(tmp.path(), RolloutWeights::Q8_0, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("inside the file"),
+        "{err}"
     );
 }

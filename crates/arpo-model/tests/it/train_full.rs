@@ -73,21 +73,35 @@ fn abs_sum(t: &Tensor) -> f64 {
 
 #[test]
 fn summed_logprob_and_gradients_match_pytorch() {
-    full_gradients_match_pytorch(false);
+    full_gradients_match_pytorch(false, None);
 }
 
 /// Gradient checkpointing (decoder layers and vision blocks recomputed in the backward pass)
 /// gives PyTorch's gradients too, for every parameter, vision tower included.
 #[test]
 fn gradients_with_gradient_checkpointing_match_pytorch() {
-    full_gradients_match_pytorch(true);
+    full_gradients_match_pytorch(true, None);
 }
 
-fn full_gradients_match_pytorch(checkpointing: bool) {
+/// The MLP of a recomputed layer in checkpointed chunks of rows (here 7, so the golden episode
+/// is split into several, the last one short): still PyTorch's gradients for every parameter.
+#[test]
+fn gradients_with_chunked_mlp_recompute_match_pytorch() {
+    full_gradients_match_pytorch(true, Some(7));
+}
+
+fn full_gradients_match_pytorch(checkpointing: bool, chunk: Option<usize>) {
     let (meta, tensors) = golden();
     let episode = golden_episode(&meta, &tensors);
     let mut trainable = Trainable::full(load_model(), false).expect("trainable");
     trainable.set_gradient_checkpointing(checkpointing);
+    if let Some(rows) = chunk {
+        assert!(
+            episode.input_ids.len() > 2 * rows,
+            "the episode spans several chunks"
+        );
+        trainable.model.text.recompute_chunk = rows;
+    }
     let score = trainable.score(&episode).expect("score");
     let total = score
         .sum()

@@ -98,20 +98,33 @@ fn golden_lora(meta: &serde_json::Value, tensors: &HashMap<String, Tensor>) -> T
 
 #[test]
 fn lora_logprob_and_adapter_gradients_match_peft() {
-    lora_gradients_match_peft(false);
+    lora_gradients_match_peft(false, None);
 }
 
 /// Gradient checkpointing recomputes every layer in the backward pass: the same gradients.
 #[test]
 fn lora_gradients_with_gradient_checkpointing_match_peft() {
-    lora_gradients_match_peft(true);
+    lora_gradients_match_peft(true, None);
 }
 
-fn lora_gradients_match_peft(checkpointing: bool) {
+/// Checkpointed MLP chunks of 7 rows nested in the recomputed layers: PEFT's gradients too.
+#[test]
+fn lora_gradients_with_chunked_mlp_recompute_match_peft() {
+    lora_gradients_match_peft(true, Some(7));
+}
+
+fn lora_gradients_match_peft(checkpointing: bool, chunk: Option<usize>) {
     let (meta, tensors) = golden();
     let episode = golden_episode(&meta, &tensors);
     let mut trainable = golden_lora(&meta, &tensors);
     trainable.set_gradient_checkpointing(checkpointing);
+    if let Some(rows) = chunk {
+        assert!(
+            episode.input_ids.len() > 2 * rows,
+            "the episode spans several chunks"
+        );
+        trainable.model.text.recompute_chunk = rows;
+    }
     let score = trainable.score(&episode).expect("score");
     let total = f64::from(
         score

@@ -17,7 +17,9 @@ use arpo_model::train::trainable::Trainable;
 use arpo_model::{LocalPolicy, UiTars};
 use arpo_serve::api::{ChatCompletion, ErrorBody};
 use arpo_serve::remote::parse_token_id;
-use arpo_serve::{ImageLimits, ModelEngine, RemotePolicy, RemotePolicyConfig, ServeConfig, Server};
+use arpo_serve::{
+    EngineError, ImageLimits, ModelEngine, RemotePolicy, RemotePolicyConfig, ServeConfig, Server,
+};
 use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
@@ -793,8 +795,14 @@ async fn quantized_serving_answers_as_the_in_process_rollout_copy() -> TestResul
     )?;
     let base_q8 = base_q8.pop().ok_or("one generation")?;
 
-    let engine =
-        ModelEngine::new(load_uitars()?, model_dir().display().to_string()).with_weights(q8)?;
+    // As `serve --weights q8_0` loads it: straight from the checkpoint into q8_0.
+    let dir = model_dir().display().to_string();
+    let refused = ModelEngine::load_named_as(&dir, "bf16", "cpu", q8).err();
+    assert!(
+        matches!(&refused, Some(EngineError::InvalidInput(m)) if m.contains("--dtype")),
+        "{refused:?}"
+    );
+    let engine = ModelEngine::load_named_as(&dir, "f32", "cpu", q8)?;
     let server = Server::start(
         Arc::new(engine),
         ServeConfig::default(),
