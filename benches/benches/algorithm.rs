@@ -47,7 +47,7 @@ fn groups(step: u64) -> Vec<Vec<Rollout>> {
                     let id = (step << 32) | ((g * GROUP_SIZE + i) as u64);
                     Rollout {
                         task: format!("task-{g:04}"),
-                        eval: if mix(id) % 4 == 0 { 1.0 } else { 0.0 },
+                        eval: if mix(id).is_multiple_of(4) { 1.0 } else { 0.0 },
                         id,
                     }
                 })
@@ -86,7 +86,7 @@ fn bench_advantages(c: &mut Criterion) {
     let config = AdvantageConfig::default();
     let rewards: Vec<f64> = (0..(GROUPS * GROUP_SIZE) as u64)
         .map(|i| {
-            if mix(i) % 4 == 0 {
+            if mix(i).is_multiple_of(4) {
                 1.0
             } else {
                 -0.5 * (mix(i) % 2) as f64

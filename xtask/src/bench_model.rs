@@ -47,6 +47,12 @@ pub struct Args {
     /// is what a weight sync costs; the peak RSS then includes the f32 model).
     #[arg(long)]
     from_f32: bool,
+    /// Also measure the sampler/learner gap: the `--weights` copy generates, then it and the
+    /// f32 model it was made from score the prompt and its tokens; prints the mean KL(sampler ||
+    /// learner) over the vocabulary at the generated positions and the rollout_gap metrics
+    /// of the sampled tokens (implies `--from-f32`: both models are held).
+    #[arg(long, conflicts_with = "vision_only")]
+    kl: bool,
     /// cpu, cuda, cuda:N or metal (a GPU needs a build with that feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -223,34 +229,34 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         let (mut config, params) = random_shape(&args)?;
         let bytes = params as u64 * dtype.size_in_bytes() as u64;
-        if spec == DeviceSpec::Cpu {
-            if let Some(avail) = available_memory() {
-                // Weights plus the transient f32 copy of the largest tensor while it is made,
-                // activations and the KV cache: refuse what cannot fit rather than swap or die.
-                anyhow::ensure!(
-                    bytes as f64 <= 0.75 * avail as f64,
-                    "--shape {} ({}{} decoder layers, {} vision blocks) has {:.2} B parameters: {:.1} GB of {} weights, more than 3/4 of the {:.1} GB available; run a part of it (--vision-only, --layers N, --vision-depth N) or --dtype bf16",
-                    args.shape,
-                    if args.vision_only {
-                        "vision tower of "
-                    } else {
-                        ""
-                    },
-                    config.text.num_hidden_layers,
-                    config.vision.depth,
-                    params as f64 / 1e9,
-                    bytes as f64 / 1e9,
-                    args.dtype,
-                    avail as f64 / 1e9,
-                );
-            }
+        if spec == DeviceSpec::Cpu
+            && let Some(avail) = available_memory()
+        {
+            // Weights plus the transient f32 copy of the largest tensor while it is made,
+            // activations and the KV cache: refuse what cannot fit rather than swap or die.
+            anyhow::ensure!(
+                bytes as f64 <= 0.75 * avail as f64,
+                "--shape {} ({}{} decoder layers, {} vision blocks) has {:.2} B parameters: {:.1} GB of {} weights, more than 3/4 of the {:.1} GB available; run a part of it (--vision-only, --layers N, --vision-depth N) or --dtype bf16",
+                args.shape,
+                if args.vision_only {
+                    "vision tower of "
+                } else {
+                    ""
+                },
+                config.text.num_hidden_layers,
+                config.vision.depth,
+                params as f64 / 1e9,
+                bytes as f64 / 1e9,
+                args.dtype,
+                avail as f64 / 1e9,
+            );
         }
         if args.vision_only {
             // No decoder weights are made: a 0-layer text model with a 1-token vocabulary.
             config.text.num_hidden_layers = 0;
             config.text.vocab_size = 1;
         }
-        let model = if weights == arpo_model::RolloutWeights::F32 || args.from_f32 {
+        let model = if weights == arpo_model::RolloutWeights::F32 || args.from_f32 || args.kl {
             Qwen2Vl::random(config, dtype, &device)?
         } else {
             // Quantized as drawn: the peak is the serving memory, not an f32 model's.
@@ -259,6 +265,8 @@ pub fn run(args: Args) -> Result<()> {
         (model, params)
     };
     let init_s = t0.elapsed().as_secs_f64();
+    // The f32 model stays beside its copy only to measure the gap between them.
+    let learner = args.kl.then(|| model.clone());
     let (model, rollout_json) = rollout_copy(model, weights)?;
     let cfg = &model.config;
     let (gh, gw) = (
@@ -322,6 +330,7 @@ pub fn run(args: Args) -> Result<()> {
             pixel_values: Some(pixel_values),
             grid_thw: vec![grid],
         };
+        let prompt_ids = request.input_ids.clone();
         let start = Instant::now();
         let (out, t) = model.generate(
             std::slice::from_ref(&request),
@@ -348,6 +357,17 @@ pub fn run(args: Args) -> Result<()> {
             "decode_tok_s": decode_tok_s,
             "decoded": out.first().map_or(0, |g| g.token_ids.len()),
             "total_s": total_s,
+            "sampler_learner_gap": match (&learner, out.first()) {
+                (Some(learner), Some(g)) => sampler_learner_gap(
+                    &model,
+                    learner,
+                    &prompt_ids,
+                    &g.token_ids,
+                    request.pixel_values.as_ref(),
+                    &request.grid_thw,
+                )?,
+                _ => serde_json::Value::Null,
+            },
         })
     };
     if let (Some(obj), serde_json::Value::Object(more)) = (json.as_object_mut(), extra) {
@@ -356,6 +376,56 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("{json}");
     Ok(())
+}
+
+/// `--kl`: the sampler (`rollout`) and the learner (the f32 `learner` it was made from) score
+/// the prompt and the sampler's tokens; at each generated position, the KL divergence of the
+/// learner's next-token distribution from the sampler's over the whole vocabulary, and the
+/// trainer's rollout_gap metrics (arpo_grpo::rollout_gap) of the sampled tokens.
+fn sampler_learner_gap(
+    rollout: &Qwen2Vl,
+    learner: &Qwen2Vl,
+    prompt: &[u32],
+    generated: &[u32],
+    pixel_values: Option<&Tensor>,
+    grid_thw: &[[usize; 3]],
+) -> Result<serde_json::Value> {
+    let ids: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    // Row p of the logits predicts token p + 1: the generated tokens are predicted by rows
+    // prompt.len() - 1 .. ids.len() - 1.
+    let rows = |m: &Qwen2Vl| -> Result<Vec<Vec<f32>>> {
+        let logits = m.forward(&ids, pixel_values, grid_thw)?;
+        Ok(logits
+            .narrow(0, prompt.len() - 1, generated.len())?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?)
+    };
+    let (s, l) = (rows(rollout)?, rows(learner)?);
+    let log_softmax = |z: &[f32]| -> Vec<f64> {
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        z.iter().map(|&v| v as f64 - lse).collect()
+    };
+    let mut kl = Vec::new();
+    let mut gap = arpo_trainer::rollout_gap::RolloutGap::default();
+    for ((zs, zl), &tok) in s.iter().zip(&l).zip(generated) {
+        let (ls, ll) = (log_softmax(zs), log_softmax(zl));
+        kl.push(
+            ls.iter()
+                .zip(&ll)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>(),
+        );
+        gap.add_token(ls[tok as usize], ll[tok as usize], None);
+    }
+    Ok(serde_json::json!({
+        "positions": kl.len(),
+        "kl_mean": kl.iter().sum::<f64>() / kl.len().max(1) as f64,
+        "kl_max": kl.iter().copied().fold(0.0, f64::max),
+        "rollout_kl": gap.kl(),
+        "rollout_kl_k3": gap.kl_k3(),
+        "rollout_ratio_max": gap.ratio_max(),
+    }))
 }
 
 /// The `--weights` copy of a loaded `model` (the source is dropped; a random shape is made

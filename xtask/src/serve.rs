@@ -62,9 +62,8 @@ pub struct Args {
     device: String,
     /// Automatic prefix caching: MiB of prompt keys/values and screenshot features kept for
     /// later requests that start the same (a multi-turn episode resends its history each
-    /// turn), per loaded set of weights; 0 (the default for now: a batch of requests with
-    /// different cached prefixes takes a transient memory peak not yet explained) turns it off.
-    #[arg(long, default_value_t = 0)]
+    /// turn), per loaded set of weights (the base and each merged adapter); 0 turns it off.
+    #[arg(long, default_value_t = 2048)]
     prefix_cache_mib: usize,
     /// How the linear layers are stored: f32, bf16, q8_0 (8-bit) or q4k (4-bit). Decoding reads
     /// every weight once a token, so fewer bits decode faster. Read from the checkpoint a

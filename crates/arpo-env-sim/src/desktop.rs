@@ -516,12 +516,12 @@ impl Desktop {
             }
         }
         for (wi, w) in self.windows.iter().enumerate().rev() {
-            if let Some(mi) = w.open_menu {
-                if let Some(menu) = w.menus.get(mi) {
-                    for j in 0..menu.items.len() {
-                        if w.menu_item_rect(mi, j).contains(p) {
-                            return Hit::MenuItem(wi, mi, j);
-                        }
+            if let Some(mi) = w.open_menu
+                && let Some(menu) = w.menus.get(mi)
+            {
+                for j in 0..menu.items.len() {
+                    if w.menu_item_rect(mi, j).contains(p) {
+                        return Hit::MenuItem(wi, mi, j);
                     }
                 }
             }
@@ -602,10 +602,10 @@ impl Desktop {
         let mut w = self.windows.remove(wi);
         w.confirmed = confirmed;
         w.open_menu = None;
-        if let Some(f) = &self.focus {
-            if w.widgets.iter().any(|x| &x.id == f) {
-                self.focus = None;
-            }
+        if let Some(f) = &self.focus
+            && w.widgets.iter().any(|x| &x.id == f)
+        {
+            self.focus = None;
         }
         self.events.push(format!(
             "{}:{}",
@@ -1020,20 +1020,18 @@ impl Desktop {
             let lower = key.to_ascii_lowercase();
             combo.push(&lower);
             let combo = combo.join("+");
-            if combo == "ctrl+a" {
-                if let Some((wi, xi)) = self.focused() {
-                    if let WidgetKind::TextField {
-                        all_selected,
-                        caret,
-                        text,
-                        ..
-                    } = &mut self.windows[wi].widgets[xi].kind
-                    {
-                        *all_selected = true;
-                        *caret = text.chars().count();
-                        return;
-                    }
-                }
+            if combo == "ctrl+a"
+                && let Some((wi, xi)) = self.focused()
+                && let WidgetKind::TextField {
+                    all_selected,
+                    caret,
+                    text,
+                    ..
+                } = &mut self.windows[wi].widgets[xi].kind
+            {
+                *all_selected = true;
+                *caret = text.chars().count();
+                return;
             }
             // A menu shortcut of the top window.
             if let Some(wi) = self.windows.len().checked_sub(1) {
@@ -1243,20 +1241,20 @@ impl Desktop {
 
     /// Checks the invariants every reachable state keeps; returns the first one broken.
     pub fn check_invariants(&self) -> Result<(), String> {
-        if let Some(f) = &self.focus {
-            if self.find_widget(f).is_none() {
-                return Err(format!("focus on {f:?}, which is not in an open window"));
-            }
+        if let Some(f) = &self.focus
+            && self.find_widget(f).is_none()
+        {
+            return Err(format!("focus on {f:?}, which is not in an open window"));
         }
         for w in &self.windows {
-            if let Some(m) = w.open_menu {
-                if m >= w.menus.len() {
-                    return Err(format!(
-                        "window {} has open menu {m} of {}",
-                        w.id,
-                        w.menus.len()
-                    ));
-                }
+            if let Some(m) = w.open_menu
+                && m >= w.menus.len()
+            {
+                return Err(format!(
+                    "window {} has open menu {m} of {}",
+                    w.id,
+                    w.menus.len()
+                ));
             }
             for x in &w.widgets {
                 let rows = x.visible_rows();

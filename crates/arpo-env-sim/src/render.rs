@@ -394,21 +394,21 @@ fn draw_widget(c: &mut Canvas<'_>, d: &Desktop, w: &Window, x: &Widget) {
 }
 
 fn draw_popups(c: &mut Canvas<'_>, w: &Window) {
-    if let Some(mi) = w.open_menu {
-        if let Some(menu) = w.menus.get(mi) {
-            let first = w.menu_item_rect(mi, 0);
-            let all = Rect::new(first.x, first.y, first.w, menu.items.len() as i32 * ROW_H);
-            c.fill(all, WHITE);
-            for (j, item) in menu.items.iter().enumerate() {
-                let r = w.menu_item_rect(mi, j);
-                c.text(r.x + 4, r.y + 1, &item.label, TEXT, POPUP_W - 6);
-                if let Some(s) = &item.shortcut {
-                    let sw = font::text_width(s);
-                    c.text(r.x + r.w - sw - 3, r.y + 1, s, MUTED, sw + 1);
-                }
+    if let Some(mi) = w.open_menu
+        && let Some(menu) = w.menus.get(mi)
+    {
+        let first = w.menu_item_rect(mi, 0);
+        let all = Rect::new(first.x, first.y, first.w, menu.items.len() as i32 * ROW_H);
+        c.fill(all, WHITE);
+        for (j, item) in menu.items.iter().enumerate() {
+            let r = w.menu_item_rect(mi, j);
+            c.text(r.x + 4, r.y + 1, &item.label, TEXT, POPUP_W - 6);
+            if let Some(s) = &item.shortcut {
+                let sw = font::text_width(s);
+                c.text(r.x + r.w - sw - 3, r.y + 1, s, MUTED, sw + 1);
             }
-            c.frame(all, BORDER);
         }
+        c.frame(all, BORDER);
     }
     for x in &w.widgets {
         if let WidgetKind::Dropdown {

@@ -180,10 +180,10 @@ impl OsworldWorker {
         if let Some(dir) = &self.config.workdir {
             command.current_dir(dir);
         }
-        if !paths.is_empty() {
-            if let Ok(joined) = std::env::join_paths(paths) {
-                command.env("PYTHONPATH", joined);
-            }
+        if !paths.is_empty()
+            && let Ok(joined) = std::env::join_paths(paths)
+        {
+            command.env("PYTHONPATH", joined);
         }
         let mut child = command
             .spawn()
@@ -218,11 +218,11 @@ impl OsworldWorker {
     ) -> Result<Value, VmwareError> {
         let mut guard = self.running.lock().await;
         // A worker that died since the last request (killed, out of memory) is replaced now.
-        if let Some(r) = guard.as_mut() {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                tracing::warn!(%status, "the OSWorld evaluator worker had exited; starting a new one");
-                *guard = None;
-            }
+        if let Some(r) = guard.as_mut()
+            && let Ok(Some(status)) = r.child.try_wait()
+        {
+            tracing::warn!(%status, "the OSWorld evaluator worker had exited; starting a new one");
+            *guard = None;
         }
         let fresh = guard.is_none();
         if fresh {

@@ -135,23 +135,23 @@ impl PolicyLossConfig {
                 ),
             );
         }
-        if let Some(kl) = self.kl {
-            if !(kl.coef >= 0.0 && kl.coef.is_finite()) {
-                return bad(
-                    "kl.coef",
-                    format!("must be a finite number >= 0, got {}", kl.coef),
-                );
-            }
+        if let Some(kl) = self.kl
+            && !(kl.coef >= 0.0 && kl.coef.is_finite())
+        {
+            return bad(
+                "kl.coef",
+                format!("must be a finite number >= 0, got {}", kl.coef),
+            );
         }
-        if let Some(cap) = self.rollout_is_cap {
-            if !(cap > 0.0 && cap.is_finite()) {
-                return bad(
-                    "rollout_is_cap",
-                    format!(
-                        "must be a finite number > 0 (2 is usual; leave it unset to turn the importance weight off), got {cap}"
-                    ),
-                );
-            }
+        if let Some(cap) = self.rollout_is_cap
+            && !(cap > 0.0 && cap.is_finite())
+        {
+            return bad(
+                "rollout_is_cap",
+                format!(
+                    "must be a finite number > 0 (2 is usual; leave it unset to turn the importance weight off), got {cap}"
+                ),
+            );
         }
         Ok(())
     }

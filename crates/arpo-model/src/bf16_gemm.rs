@@ -538,11 +538,9 @@ impl Microkernel for Portable {
     }
 }
 
-// The AVX-512 intrinsics are stable from Rust 1.89; the workspace's rust-version (1.85) is
-// older. Raising it is a workspace-wide change (newer clippy lints elsewhere): until then the
-// lint is silenced here.
+// The AVX-512 intrinsics are stable from Rust 1.89, the workspace's rust-version.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::incompatible_msrv)]
+#[allow(unsafe_code)]
 mod avx512 {
     //! The `vdpbf16ps` kernels. Every function with `#[target_feature]` is reached only through
     //! an [`Avx512`] value, which exists only where the CPU reports the features.

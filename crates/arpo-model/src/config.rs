@@ -312,13 +312,15 @@ impl Qwen2VlConfig {
     fn validate(&self) -> Result<()> {
         let t = &self.text;
         let bad = |m: String| Err(ModelError::Config(m));
-        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 t.hidden_size, t.num_attention_heads
             ));
         }
-        if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        if t.num_key_value_heads == 0
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 t.num_attention_heads, t.num_key_value_heads
@@ -332,7 +334,10 @@ impl Qwen2VlConfig {
             ));
         }
         let v = &self.vision;
-        if v.num_heads == 0 || v.embed_dim % v.num_heads != 0 || v.head_dim() % 4 != 0 {
+        if v.num_heads == 0
+            || !v.embed_dim.is_multiple_of(v.num_heads)
+            || !v.head_dim().is_multiple_of(4)
+        {
             return bad(format!(
                 "vision embed_dim {} / num_heads {} must give a head_dim divisible by 4",
                 v.embed_dim, v.num_heads

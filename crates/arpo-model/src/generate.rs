@@ -162,13 +162,14 @@ impl Qwen2Vl {
             tokens_per_image.push(patches / merge);
             row = row.saturating_add(patches);
         }
-        if let Some(pv) = &r.pixel_values {
-            if !grids.is_empty() && pv.dim(0)? != row {
-                return Err(ModelError::Input(format!(
-                    "the image grids {grids:?} give {row} patches but pixel_values has {}",
-                    pv.dim(0)?
-                )));
-            }
+        if let Some(pv) = &r.pixel_values
+            && !grids.is_empty()
+            && pv.dim(0)? != row
+        {
+            return Err(ModelError::Input(format!(
+                "the image grids {grids:?} give {row} patches but pixel_values has {}",
+                pv.dim(0)?
+            )));
         }
         let image_token = self.config.image_token_id;
         let n_image = r.input_ids.iter().filter(|&&t| t == image_token).count();
@@ -307,8 +308,10 @@ impl Qwen2Vl {
                 row += n;
                 let f = match prepared[i].image_keys.get(m) {
                     Some(key) => {
-                        // Its own storage: a view would keep the whole batch's features alive.
-                        let f = f.contiguous()?.copy()?;
+                        // Its own storage (a view would keep the whole batch's features
+                        // alive), without the graph a model with `Var` weights records (it
+                        // would keep the vision tower's activations alive).
+                        let f = f.contiguous()?.copy()?.detach();
                         self.prefix_cache.insert_image(*key, f.clone());
                         f
                     }
@@ -605,9 +608,11 @@ impl Qwen2Vl {
             let all = Tensor::stack(&layers, 0)?;
             drop(layers);
             for (n, key) in keys[first_new..].iter().enumerate() {
+                // Detached: a block must not keep the forward graph of its batch alive.
                 let block = all
                     .narrow(3, n * BLOCK_TOKENS, BLOCK_TOKENS)?
-                    .contiguous()?;
+                    .contiguous()?
+                    .detach();
                 self.prefix_cache.insert_block(*key, block);
             }
         }

@@ -266,13 +266,13 @@ pub fn block_keys(
         }
         let mut last = None;
         for i in b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS {
-            if let Some(Some(img)) = image_of_token.get(i) {
-                if last != Some(*img) {
-                    if let Some(k) = image_keys.get(*img) {
-                        h.update(k);
-                    }
-                    last = Some(*img);
+            if let Some(Some(img)) = image_of_token.get(i)
+                && last != Some(*img)
+            {
+                if let Some(k) = image_keys.get(*img) {
+                    h.update(k);
                 }
+                last = Some(*img);
             }
         }
         parent = h.finalize().into();

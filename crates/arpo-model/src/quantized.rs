@@ -29,7 +29,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
@@ -68,7 +68,7 @@ impl RolloutWeights {
     /// `lm_head` is kept at 8 bits under `q4k`: its logits are the log-probabilities the
     /// learner compares the sampler with, and it is one matrix of the 7 x layers.
     pub fn format_for(self, in_features: usize, is_lm_head: bool) -> Option<GgmlDType> {
-        let fits = |d: GgmlDType| in_features > 0 && in_features % d.block_size() == 0;
+        let fits = |d: GgmlDType| in_features > 0 && in_features.is_multiple_of(d.block_size());
         match self {
             Self::F32 => None,
             Self::Bf16 => Some(GgmlDType::BF16),
@@ -119,9 +119,12 @@ impl From<RolloutWeights> for String {
 
 /// A linear weight `[out, in]` stored as a candle `QTensor`, or for bf16 on the CPU as a
 /// [`Bf16Weight`]; its product has no backward.
+///
+/// Clones share the stored weight: [`QuantizedWeight::requantize`] on one (the trainer's handle
+/// on a rollout copy) changes what every clone (the rollout policy's) computes.
 #[derive(Debug, Clone)]
 pub struct QuantizedWeight {
-    matmul: Product,
+    matmul: Arc<RwLock<Product>>,
     format: GgmlDType,
     bytes: usize,
 }
@@ -136,22 +139,29 @@ impl QuantizedWeight {
     /// Quantizes `weight` `[out, in]` (any float dtype) to `format` (`BF16` on the CPU: packed
     /// for [`Bf16Weight`]).
     pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
-        if format == GgmlDType::BF16 && weight.device().is_cpu() {
-            let w = Bf16Weight::from_tensor(weight)?;
-            return Ok(Self {
-                bytes: w.storage_bytes(),
-                matmul: Product::Bf16(w),
-                format,
-            });
-        }
-        let q = QTensor::quantize(weight, format)?;
-        let bytes = q.storage_size_in_bytes();
-        // Not `QMatMul::from_qtensor`: it would widen bf16 back to an f32 tensor.
+        let (product, bytes) = Product::new(weight, format)?;
         Ok(Self {
-            matmul: Product::Candle(QMatMul::QTensor(Arc::new(q))),
+            matmul: Arc::new(RwLock::new(product)),
             format,
             bytes,
         })
+    }
+
+    /// Stores `weight` (the same shape) in place of the current one, in the same format, for
+    /// this weight and every clone of it.
+    pub fn requantize(&self, weight: &Tensor) -> candle_core::Result<()> {
+        let (product, _) = Product::new(weight, self.format)?;
+        *self.matmul.write().unwrap_or_else(PoisonError::into_inner) = product;
+        Ok(())
+    }
+
+    /// Whether `other` is a clone of this weight (one stored weight).
+    pub fn same_storage(&self, other: &QuantizedWeight) -> bool {
+        Arc::ptr_eq(&self.matmul, &other.matmul)
+    }
+
+    fn product(&self) -> std::sync::RwLockReadGuard<'_, Product> {
+        self.matmul.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn format(&self) -> GgmlDType {
@@ -166,7 +176,7 @@ impl QuantizedWeight {
 
     /// The candle `QTensor` behind the product (to read rows of a tied embedding from it).
     pub fn qtensor(&self) -> Option<Arc<QTensor>> {
-        match &self.matmul {
+        match &*self.product() {
             Product::Candle(QMatMul::QTensor(q)) => Some(q.clone()),
             _ => None,
         }
@@ -174,11 +184,46 @@ impl QuantizedWeight {
 
     /// `x W^T` for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.matmul {
+        match &*self.product() {
             Product::Candle(q) => q.forward(&x.contiguous()?),
             Product::Bf16(w) => w.forward(x),
         }
     }
+}
+
+impl Product {
+    /// `weight` stored as `format`, and its bytes.
+    fn new(weight: &Tensor, format: GgmlDType) -> candle_core::Result<(Self, usize)> {
+        if format == GgmlDType::BF16 && weight.device().is_cpu() {
+            let w = Bf16Weight::from_tensor(weight)?;
+            let bytes = w.storage_bytes();
+            return Ok((Self::Bf16(w), bytes));
+        }
+        let q = QTensor::quantize(weight, format)?;
+        let bytes = q.storage_size_in_bytes();
+        // Not `QMatMul::from_qtensor`: it would widen bf16 back to an f32 tensor.
+        Ok((Self::Candle(QMatMul::QTensor(Arc::new(q))), bytes))
+    }
+}
+
+/// Runs `f` on every job, the jobs dealt to the cores in turn: quantizing is one thread per
+/// tensor in candle (a weight sync of the 2B model took 43 s on one core).
+fn on_cores<T: Send>(jobs: Vec<T>, f: impl Fn(T) -> Result<()> + Sync) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut shares: Vec<Vec<T>> = (0..cores).map(|_| Vec::new()).collect();
+    for (i, job) in jobs.into_iter().enumerate() {
+        shares[i % cores].push(job);
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| scope.spawn(move || share.into_iter().try_for_each(f)))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
 }
 
 /// What [`Qwen2Vl::to_rollout`] made of the model's linear layers.
@@ -256,39 +301,19 @@ impl Qwen2Vl {
                 todo.push((name, lin, format));
             }
         }
-        // Quantizing is one thread per tensor in candle: the linears go to the cores in turn
-        // (a weight sync of the 2B model took 43 s on one).
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let mut shares: Vec<Vec<_>> = (0..cores).map(|_| Vec::new()).collect();
-        for (i, job) in todo.into_iter().enumerate() {
-            shares[i % cores].push(job);
-        }
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = shares
-                .into_iter()
-                .map(|share| {
-                    scope.spawn(move || -> Result<()> {
-                        for (name, lin, format) in share {
-                            lin.quantize(format).map_err(|e| ModelError::Quantize {
-                                name,
-                                weights,
-                                reason: e.to_string(),
-                            })?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        on_cores(todo, |(name, lin, format)| {
+            lin.quantize(format).map_err(|e| ModelError::Quantize {
+                name,
+                weights,
+                reason: e.to_string(),
+            })
         })?;
         copy.compact_embedding(weights)?;
         Ok(copy)
     }
 
     /// Stores the token-embedding table of a rollout copy in `weights`' spirit: `q8_0` rows
-    /// under `q8_0` and `q4k` (a tied model reads them from `lm_head`'s own `q8_0` tensor, so
+    /// under `q8_0` and `q4k` (a tied model reads them from `lm_head`'s own `q8_0` weight, so
     /// the table is held once), bf16 rows under `bf16`. The f32 table is dropped.
     fn compact_embedding(&mut self, weights: RolloutWeights) -> Result<()> {
         use crate::text::CompactEmbedding;
@@ -296,32 +321,100 @@ impl Qwen2Vl {
         if weights == RolloutWeights::F32 || t.embed_compact.is_some() {
             return Ok(());
         }
-        let quantize_error = |e: candle_core::Error| ModelError::Quantize {
-            name: "model.embed_tokens".into(),
-            weights,
-            reason: e.to_string(),
-        };
         let shared = t
             .lm_head
             .quantized
             .as_ref()
-            .and_then(QuantizedWeight::qtensor)
-            .filter(|q| t.tied && q.dtype() == GgmlDType::Q8_0);
+            .filter(|q| t.tied && q.format() == GgmlDType::Q8_0 && q.qtensor().is_some());
         let compact = match (weights, shared) {
-            (RolloutWeights::Bf16, _) => {
-                CompactEmbedding::Bf16(t.embed_tokens.to_dtype(candle_core::DType::BF16)?)
-            }
-            (_, Some(q)) => CompactEmbedding::Quantized(q),
-            _ if t.config.hidden_size % GgmlDType::Q8_0.block_size() == 0 => {
+            (RolloutWeights::Bf16, _) => CompactEmbedding::Bf16(Arc::new(RwLock::new(
+                t.embed_tokens.to_dtype(candle_core::DType::BF16)?,
+            ))),
+            (_, Some(q)) => CompactEmbedding::Quantized(q.clone()),
+            _ if t
+                .config
+                .hidden_size
+                .is_multiple_of(GgmlDType::Q8_0.block_size()) =>
+            {
                 let q =
-                    QTensor::quantize(&t.embed_tokens, GgmlDType::Q8_0).map_err(quantize_error)?;
-                CompactEmbedding::Quantized(Arc::new(q))
+                    QuantizedWeight::quantize(&t.embed_tokens, GgmlDType::Q8_0).map_err(|e| {
+                        ModelError::Quantize {
+                            name: "model.embed_tokens".into(),
+                            weights,
+                            reason: e.to_string(),
+                        }
+                    })?;
+                CompactEmbedding::Quantized(q)
             }
             _ => return Ok(()),
         };
         let e = &t.embed_tokens;
         t.embed_tokens = Tensor::zeros((), e.dtype(), e.device())?.broadcast_as(e.shape())?;
         t.embed_compact = Some(compact);
+        Ok(())
+    }
+
+    /// Makes this rollout copy (and every clone of it: the rollout policy's) compute with the
+    /// current weights of `learner`, the model it was made from ([`Self::to_rollout`]), after
+    /// full fine-tuning changed them: each stored linear and the compact embedding table are
+    /// stored again from the learner's f32 tensors. Biases, norms and linears kept in f32 are
+    /// the learner's own tensors already. The prefix cache is cleared. (Under LoRA nothing needs
+    /// this: the base does not change and the adapters are shared.)
+    pub fn refresh_from(&self, learner: &Qwen2Vl) -> Result<()> {
+        use crate::text::CompactEmbedding;
+        let (mut mine, mut theirs) = (self.clone(), learner.clone());
+        let sources: std::collections::HashMap<String, Tensor> = theirs
+            .linears_mut()
+            .into_iter()
+            .map(|(name, l)| (name, l.weight.clone()))
+            .collect();
+        let mut jobs = Vec::new();
+        for (name, lin) in mine.linears_mut() {
+            if let Some(q) = lin.quantized.clone() {
+                let w = sources
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| ModelError::Quantize {
+                        name: name.clone(),
+                        weights: RolloutWeights::F32,
+                        reason: "the learner has no such linear: refresh a copy made from it"
+                            .into(),
+                    })?;
+                jobs.push((name, q, w));
+            }
+        }
+        on_cores(jobs, |(name, q, w)| {
+            q.requantize(&w).map_err(|e| ModelError::Quantize {
+                name,
+                weights: RolloutWeights::F32,
+                reason: e.to_string(),
+            })
+        })?;
+        let shares_lm_head = |q: &QuantizedWeight| {
+            self.text
+                .lm_head
+                .quantized
+                .as_ref()
+                .is_some_and(|h| h.same_storage(q))
+        };
+        match &self.text.embed_compact {
+            Some(CompactEmbedding::Quantized(q)) if !shares_lm_head(q) => q
+                .requantize(&learner.text.embed_tokens)
+                .map_err(|e| ModelError::Quantize {
+                    name: "model.embed_tokens".into(),
+                    weights: RolloutWeights::F32,
+                    reason: e.to_string(),
+                })?,
+            Some(CompactEmbedding::Bf16(t)) => {
+                let rows = learner
+                    .text
+                    .embed_tokens
+                    .to_dtype(candle_core::DType::BF16)?;
+                *t.write().unwrap_or_else(PoisonError::into_inner) = rows;
+            }
+            _ => {}
+        }
+        self.prefix_cache.clear();
         Ok(())
     }
 

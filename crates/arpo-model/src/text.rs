@@ -151,14 +151,14 @@ impl KeyMask {
 pub const QUERY_BLOCK: usize = 512;
 
 /// The token-embedding table of an inference copy, in fewer bytes than f32 (the 2B model's is
-/// 0.93 GB in f32). Rows come out in f32.
+/// 0.93 GB in f32). Rows come out in f32. Clones share the table, and
+/// [`crate::Qwen2Vl::refresh_from`] stores it again for all of them.
 #[derive(Debug, Clone)]
 pub enum CompactEmbedding {
-    /// Quantized rows (`q8_0`): the same `QTensor` as a tied `lm_head`'s, so a tied model
-    /// holds the table once.
-    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+    /// `q8_0` rows of this weight: a tied model's `lm_head` itself, so the table is held once.
+    Quantized(crate::quantized::QuantizedWeight),
     /// bf16 rows, widened to f32 on lookup.
-    Bf16(Tensor),
+    Bf16(std::sync::Arc<std::sync::RwLock<Tensor>>),
 }
 
 #[derive(Debug, Clone)]
@@ -308,8 +308,15 @@ impl TextModel {
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.embed_tokens.device())?;
         match &self.embed_compact {
-            Some(CompactEmbedding::Quantized(q)) => q.embedding(&idx),
-            Some(CompactEmbedding::Bf16(t)) => t.index_select(&idx, 0)?.to_dtype(DType::F32),
+            Some(CompactEmbedding::Quantized(q)) => match q.qtensor() {
+                Some(q) => q.embedding(&idx),
+                None => candle_core::bail!("a compact embedding table must be a candle QTensor"),
+            },
+            Some(CompactEmbedding::Bf16(t)) => t
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .index_select(&idx, 0)?
+                .to_dtype(DType::F32),
             None => self.embed_tokens.index_select(&idx, 0),
         }
     }
@@ -490,8 +497,11 @@ fn attention(
                 Some(prev) => Tensor::cat(&[prev, &v], 2)?,
                 None => v,
             };
-            c.k = Some(k.clone());
-            c.v = Some(v.clone());
+            // Kept past this forward: on inference (`fused`) without the graph that made
+            // them, which a model with trained (`Var`) weights records and would keep alive.
+            let keep = |t: &Tensor| if fused { t.detach() } else { t.clone() };
+            c.k = Some(keep(&k));
+            c.v = Some(keep(&v));
             (k, v)
         }
         None => (k, v),

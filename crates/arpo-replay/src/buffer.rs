@@ -193,14 +193,14 @@ impl<T: Episode + Clone> ReplayBuffer<T> {
     /// Fails, changing nothing, when a group mixes task ids.
     pub fn apply(&mut self, groups: &mut [Vec<T>]) -> Result<StepReport, ReplayError> {
         for (g, group) in groups.iter().enumerate() {
-            if let Some(first) = group.first() {
-                if let Some(other) = group.iter().find(|e| e.task_id() != first.task_id()) {
-                    return Err(ReplayError::MixedGroup {
-                        group: g,
-                        first: first.task_id().to_owned(),
-                        other: other.task_id().to_owned(),
-                    });
-                }
+            if let Some(first) = group.first()
+                && let Some(other) = group.iter().find(|e| e.task_id() != first.task_id())
+            {
+                return Err(ReplayError::MixedGroup {
+                    group: g,
+                    first: first.task_id().to_owned(),
+                    other: other.task_id().to_owned(),
+                });
             }
         }
         let all_failed: Vec<bool> = groups

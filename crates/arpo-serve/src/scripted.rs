@@ -220,10 +220,10 @@ impl Engine for ScriptedEngine {
         let mut plans = Vec::with_capacity(batch.len());
         let mut results: Vec<Option<Result<EngineFinish, EngineError>>> = vec![None; batch.len()];
         for (i, seq) in batch.iter().enumerate() {
-            if let Some(name) = seq.adapter {
-                if !self.lock().adapters.contains_key(name) {
-                    results[i] = Some(Err(EngineError::UnknownAdapter { name: name.into() }));
-                }
+            if let Some(name) = seq.adapter
+                && !self.lock().adapters.contains_key(name)
+            {
+                results[i] = Some(Err(EngineError::UnknownAdapter { name: name.into() }));
             }
             let text = Self::answer_text(
                 seq.prompt,

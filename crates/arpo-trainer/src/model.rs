@@ -289,6 +289,11 @@ pub struct CandleLearner {
     /// The in-process rollout model's prefix cache: its keys and values were computed with
     /// the weights before an update, so every update and load clears it.
     pub rollout_cache: Option<std::sync::Arc<arpo_model::PrefixCache>>,
+    /// A handle on the in-process rollout copy when it holds its own (quantized) copy of
+    /// weights that full fine-tuning changes (`worker.rollout.weights` other than f32, no
+    /// LoRA): stored again from the learner ([`arpo_model::Qwen2Vl::refresh_from`]) after every
+    /// update and load, so the rollout policy never samples from stale weights.
+    pub rollout_copy: Option<arpo_model::Qwen2Vl>,
 }
 
 impl std::fmt::Debug for CandleLearner {
@@ -383,8 +388,9 @@ pub fn load_local(
         adamw_config(config, total_optimizer_steps),
     )
     .map_err(|e| learner_err("optimizer", e))?;
-    // The rollout copy: the learner's own tensors (f32), or a quantized base under the
-    // learner's LoRA adapters (shared: rollouts follow every update with no copy).
+    // The rollout copy: the learner's own tensors (f32), a quantized base under the learner's
+    // LoRA adapters (shared: rollouts follow every update with no copy), or under full
+    // fine-tuning a quantized copy stored again after every update (`rollout_copy`).
     let weights = config.worker.rollout.weights;
     let rollout_model = if weights == arpo_model::RolloutWeights::F32 {
         trainable.model.clone()
@@ -396,6 +402,9 @@ pub fn load_local(
     };
     rollout_model.set_prefix_cache_budget(prefix_cache_bytes(config));
     let rollout_cache = Some(rollout_model.prefix_cache.clone());
+    let rollout_copy = (weights != arpo_model::RolloutWeights::F32
+        && trainable.lora_set().is_none())
+    .then(|| rollout_model.clone());
     let policy = LocalPolicy::new(
         UiTars {
             model: rollout_model,
@@ -426,11 +435,25 @@ pub fn load_local(
             },
             after_update: None,
             rollout_cache,
+            rollout_copy,
         },
     ))
 }
 
 impl CandleLearner {
+    /// After the learner's weights changed: the in-process rollout model's cached keys and
+    /// values go, and a quantized copy under full fine-tuning is stored again.
+    fn rollout_follows(&self) -> Result<(), TrainerError> {
+        if let Some(cache) = &self.rollout_cache {
+            cache.clear();
+        }
+        if let Some(copy) = &self.rollout_copy {
+            copy.refresh_from(&self.trainable.model)
+                .map_err(|e| learner_err("storing the updated weights in the rollout copy", e))?;
+        }
+        Ok(())
+    }
+
     fn per_turn(built: &BuiltEpisode, values: &[f32]) -> Vec<Vec<f32>> {
         let mut at = 0;
         built
@@ -614,9 +637,7 @@ impl Learner for CandleLearner {
                 "optimizer step skipped: the gradient norm is not finite"
             );
         }
-        if let Some(cache) = &self.rollout_cache {
-            cache.clear();
-        }
+        self.rollout_follows()?;
         if let Some(hook) = self.after_update.as_mut() {
             hook(&self.trainable)?;
         }
@@ -679,10 +700,9 @@ impl Learner for CandleLearner {
             })?;
         }
         Trainable::load_optimizer(dir, &mut self.optimizer).map_err(err)?;
-        // The weights changed: a rollout copy elsewhere (a server) follows before any rollout.
-        if let Some(cache) = &self.rollout_cache {
-            cache.clear();
-        }
+        // The weights changed: the rollout copy here, and one elsewhere (a server), follow
+        // before any rollout.
+        self.rollout_follows()?;
         if let Some(hook) = self.after_update.as_mut() {
             hook(&self.trainable)?;
         }

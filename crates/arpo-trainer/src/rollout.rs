@@ -299,14 +299,14 @@ where
                     }
                 };
                 let shot = &observation.screenshot;
-                if let Some(want) = settings.expected_screen {
-                    if (shot.width, shot.height) != want.pair() {
-                        return Err(TrainerError::ScreenMismatch {
-                            expected: want,
-                            actual: (shot.width, shot.height),
-                            task_id: tasks[job.task].id.clone(),
-                        });
-                    }
+                if let Some(want) = settings.expected_screen
+                    && (shot.width, shot.height) != want.pair()
+                {
+                    return Err(TrainerError::ScreenMismatch {
+                        expected: want,
+                        actual: (shot.width, shot.height),
+                        task_id: tasks[job.task].id.clone(),
+                    });
                 }
                 match parse_config(settings.coordinates, screen, &observation) {
                     Ok(parse) => {
@@ -400,15 +400,15 @@ where
             steps_now += steps;
             match tick {
                 Tick::Continue => {
-                    if let Some(l) = slots[i].as_ref() {
-                        if let Some(turn) = l.turns.last() {
-                            observer(RolloutEvent::TurnDone {
-                                episode: episode_ref(tasks, l.job, i),
-                                turn,
-                                observation: &l.observation,
-                                execution_seconds: seconds,
-                            });
-                        }
+                    if let Some(l) = slots[i].as_ref()
+                        && let Some(turn) = l.turns.last()
+                    {
+                        observer(RolloutEvent::TurnDone {
+                            episode: episode_ref(tasks, l.job, i),
+                            turn,
+                            observation: &l.observation,
+                            execution_seconds: seconds,
+                        });
                     }
                 }
                 Tick::Done {

@@ -153,13 +153,13 @@ fn check_against_expectation(
     let parsed = result
         .as_ref()
         .map_err(|e| format!("expected a parse, got {e}"))?;
-    if let Some(thought) = expect.get("thought") {
-        if parsed.thought.as_deref() != thought.as_str() {
-            return Err(format!(
-                "thought {:?} vs expected {thought}",
-                parsed.thought
-            ));
-        }
+    if let Some(thought) = expect.get("thought")
+        && parsed.thought.as_deref() != thought.as_str()
+    {
+        return Err(format!(
+            "thought {:?} vs expected {thought}",
+            parsed.thought
+        ));
     }
     let want: Vec<Action> =
         serde_json::from_value(expect["actions"].clone()).map_err(|e| e.to_string())?;

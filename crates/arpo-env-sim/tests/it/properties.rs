@@ -424,7 +424,7 @@ fn concretize(step: &Step, d: &Desktop, size: (u32, u32)) -> Action {
     }
     // With a popup open, half of the aimed points go to its items.
     let at = |k: usize| {
-        let (x, y) = if !popup.is_empty() && (k % 2 == 0 || pts.is_empty()) {
+        let (x, y) = if !popup.is_empty() && (k.is_multiple_of(2) || pts.is_empty()) {
             popup[(k / 2) % popup.len()]
         } else {
             pts[k % pts.len()]
@@ -543,15 +543,15 @@ fn check_desktop(
             d.context_menu
         ));
     }
-    if let Some(cm) = &d.context_menu {
-        if d.icon(&cm.icon).is_none() {
-            return Err(format!("context menu of missing icon {}", cm.icon));
-        }
+    if let Some(cm) = &d.context_menu
+        && d.icon(&cm.icon).is_none()
+    {
+        return Err(format!("context menu of missing icon {}", cm.icon));
     }
-    if let Some(s) = &d.selected_icon {
-        if d.icon(s).is_none() {
-            return Err(format!("selected icon {s} does not exist"));
-        }
+    if let Some(s) = &d.selected_icon
+        && d.icon(s).is_none()
+    {
+        return Err(format!("selected icon {s} does not exist"));
     }
     for (i, w) in d.windows.iter().enumerate() {
         if d.windows[..i].iter().any(|o| o.id == w.id) {

@@ -441,10 +441,7 @@ fn compact_embedding_rows_are_the_f32_rows_within_one_rounding() {
     let rollout = learner.to_rollout(RolloutWeights::Q8_0).unwrap();
     match (&rollout.text.embed_compact, &rollout.text.lm_head.quantized) {
         (Some(arpo_model::text::CompactEmbedding::Quantized(e)), Some(head)) => {
-            assert!(
-                std::sync::Arc::ptr_eq(e, &head.qtensor().unwrap()),
-                "held once"
-            );
+            assert!(e.same_storage(head), "held once");
         }
         other => panic!("expected q8_0 rows shared with lm_head, got {other:?}"),
     }
@@ -489,4 +486,53 @@ fn a_truncated_checkpoint_is_refused_by_the_streaming_load() {
         err.contains("model.safetensors") && err.contains("inside the file"),
         "{err}"
     );
+}
+
+/// Full fine-tuning changes every weight: `refresh_from` stores the learner's new weights in
+/// the rollout copy and in every clone of it (the policy's), which then computes exactly what a
+/// copy made afresh from the updated learner computes; before the refresh it does not. For a
+/// tied (tiny-qwen2vl: q8_0 rows shared with lm_head) and an untied model (tiny-qwen25vl: its
+/// own q8_0 table), and for bf16.
+#[test]
+fn a_refreshed_copy_follows_a_full_fine_tuning_update_exactly() {
+    use arpo_model::train::trainable::Trainable;
+    for (dir, weights) in [
+        (model_dir(), RolloutWeights::Q8_0),
+        (model_dir(), RolloutWeights::Bf16),
+        (fixtures().join("tiny-qwen25vl"), RolloutWeights::Q8_0),
+    ] {
+        let what = format!("{} {weights}", dir.display());
+        let model = Qwen2Vl::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let learner = Trainable::full(model, false).unwrap();
+        let copy = learner.model.to_rollout(weights).unwrap();
+        let policy_side = copy.clone();
+        let ids = [3, 1, 4, 1, 5, 9, 2, 6];
+        let before = policy_side.forward(&ids, None, &[]).unwrap();
+        // An "update": every trained tensor moves.
+        for (_, v) in learner.vars() {
+            let moved = ((v.as_tensor() * 1.05).unwrap() + 0.01).unwrap();
+            v.set(&moved).unwrap();
+        }
+        let stale = policy_side.forward(&ids, None, &[]).unwrap();
+        let fresh = learner.model.to_rollout(weights).unwrap();
+        let want = fresh.forward(&ids, None, &[]).unwrap();
+        let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&stale, &want) > 1e-3, "{what}: the update matters");
+        assert!(
+            diff(&stale, &before) > 0.0,
+            "{what}: norms and biases are shared"
+        );
+        copy.refresh_from(&learner.model).unwrap();
+        let got = policy_side.forward(&ids, None, &[]).unwrap();
+        assert_close(&what, &got, &want, 0.0, 0.0);
+    }
 }

@@ -358,7 +358,7 @@ async fn an_update_clears_the_rollout_prefix_cache() {
 }
 
 /// `worker.rollout.weights: q8_0` with LoRA: the rollout copy has a quantized base under the
-/// learner's (shared) adapters; refused for full fine-tuning and for a server.
+/// learner's (shared) adapters; refused for a server (it reads its own).
 #[tokio::test]
 async fn quantized_rollout_weights_follow_lora_updates() {
     let c = config(&[
@@ -403,25 +403,66 @@ async fn quantized_rollout_weights_follow_lora_updates() {
         before.turns[0].response.logprobs, after.turns[0].response.logprobs,
         "the update changed what the rollout copy samples"
     );
-    for (sets, needle) in [
-        (
-            vec![
-                "worker.rollout.weights=q8_0",
-                "worker.actor.model.lora.rank=0",
-            ],
-            "needs LoRA",
-        ),
-        (
+    {
+        let (sets, needle) = (
             vec![
                 "worker.rollout.weights=q4k",
                 "worker.actor.model.lora.rank=4",
                 "worker.rollout.use_external_server=true",
             ],
             "serve --weights",
-        ),
-    ] {
+        );
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let err = Config::from_yaml_str("", &sets).unwrap_err().to_string();
         assert!(err.contains(needle), "{err}");
     }
+}
+
+/// `worker.rollout.weights: q8_0` under full fine-tuning: after an update the rollout policy
+/// samples exactly what a q8_0 copy made afresh from the updated learner samples (it is stored
+/// again from the learner), and the update changed it.
+#[tokio::test]
+async fn quantized_rollout_weights_follow_full_fine_tuning_updates() {
+    let c = config(&[
+        "worker.rollout.weights=q8_0",
+        "worker.actor.model.lora.rank=0",
+    ]);
+    let (policy, mut learner) = load_local(&c, 10).unwrap();
+    assert!(learner.trainable.lora_set().is_none());
+    assert!(policy.model.model.rollout_summary().quantized > 0);
+    let t = rollout(&policy, 1, 5, 8).await;
+    let before = rollout(&policy, 1, 7, 8).await;
+    let sample = Sample {
+        trajectory: t,
+        advantage: 1.0,
+        old_logprobs: None,
+        injected: false,
+    };
+    learner
+        .update(&[sample], &arpo_grpo::PolicyLossConfig::default(), 0)
+        .unwrap();
+    let fresh = learner
+        .trainable
+        .model
+        .to_rollout(arpo_model::RolloutWeights::Q8_0)
+        .unwrap();
+    let context = before.context_at(0);
+    let chat = arpo_core::protocol::build_messages(&context, &policy.prompt);
+    let request = policy.model.prepare(&chat).unwrap();
+    let greedy = SamplingParams::greedy(8);
+    let (ours, _) = policy
+        .model
+        .model
+        .generate(std::slice::from_ref(&request), &greedy, &[])
+        .unwrap();
+    let (theirs, _) = fresh
+        .generate(std::slice::from_ref(&request), &greedy, &[])
+        .unwrap();
+    assert_eq!(ours[0].token_ids, theirs[0].token_ids);
+    assert_eq!(ours[0].logprobs, theirs[0].logprobs);
+    let after = rollout(&policy, 1, 7, 8).await;
+    assert_ne!(
+        before.turns[0].response.logprobs, after.turns[0].response.logprobs,
+        "the update changed what the rollout copy samples"
+    );
 }
