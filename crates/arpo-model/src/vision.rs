@@ -533,7 +533,19 @@ fn attention(
         .squeeze(1)?
         .transpose(0, 1)?
         .contiguous()?;
-    let out = attend_chunks(&q, &k_all, &v, chunks, fused, QUERY_BLOCK)?;
+    // A bf16 rollout copy (`RolloutWeights::Bf16`) also takes the attention products in bf16.
+    let bf16 = fused
+        && x.device().is_cpu()
+        && block
+            .qkv
+            .quantized
+            .as_ref()
+            .is_some_and(|w| w.format() == candle_core::quantized::GgmlDType::BF16);
+    let out = if bf16 {
+        attend_chunks_bf16(&q, &k_all, &v, chunks, QUERY_BLOCK)?
+    } else {
+        attend_chunks(&q, &k_all, &v, chunks, fused, QUERY_BLOCK)?
+    };
     let out = out.transpose(0, 1)?.reshape((n, e))?;
     block.proj.forward(&out)
 }
@@ -602,9 +614,218 @@ fn attend_chunks(
     Tensor::cat(&outs, 1)
 }
 
+/// [`attend_chunks`]'s inference path with both products in bf16 ([`crate::bf16_gemm`]):
+/// per head and chunk, the keys and the transposed values are packed once as bf16 "weights",
+/// then each block of `query_block` query rows (pre-scaled) takes `q K^T`, a row softmax in
+/// f32 ([`softmax_rows`]) and `p V` through the bf16 product (operands rounded to bf16, f32
+/// accumulation). Output in f32, `[heads, n, head_dim]`.
+fn attend_chunks_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunks: &[usize],
+    query_block: usize,
+) -> Result<Tensor> {
+    use crate::bf16_gemm::{Bf16Kernel, Bf16Weight};
+    let (h, n, d) = q.dims3()?;
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let kernel = Bf16Kernel::best();
+    let block = query_block.max(1);
+    let mut out = Vec::with_capacity(h * n * d);
+    for head in 0..h {
+        let qh = (q.get(head)?.to_dtype(DType::F32)? * f64::from(scale))?.flatten_all()?;
+        let qh = qh.to_vec1::<f32>()?;
+        let (kh, vh) = (k.get(head)?, v.get(head)?);
+        let mut start = 0;
+        for &len in chunks {
+            if len == 0 {
+                continue;
+            }
+            // x W^T with W = K [len, d] is q K^T; with W = V^T [d, len] it is p V.
+            let keys = Bf16Weight::from_tensor(&kh.narrow(0, start, len)?)?;
+            let values = Bf16Weight::from_tensor(&vh.narrow(0, start, len)?.t()?.contiguous()?)?;
+            for r in (0..len).step_by(block) {
+                let rows = block.min(len - r);
+                let qr = &qh[(start + r) * d..(start + r + rows) * d];
+                let mut scores = keys.matmul(qr, rows, kernel)?;
+                softmax_rows(&mut scores, len)?;
+                out.extend(values.matmul(&scores, rows, kernel)?);
+            }
+            start += len;
+        }
+    }
+    Tensor::from_vec(out, (h, n, d), q.device())
+}
+
+/// Softmax of each row (`cols` values) of `data`, in place, in f32 with [`exp_f32`]; rows are
+/// shared among candle's threads.
+fn softmax_rows(data: &mut [f32], cols: usize) -> Result<()> {
+    if cols == 0 {
+        return Ok(());
+    }
+    let per_item = (1 << 16) / cols + 1;
+    let items: Vec<&mut [f32]> = data.chunks_mut(per_item * cols).collect();
+    crate::attention::run_parallel(
+        items,
+        |c| c.len(),
+        || (),
+        |rows, _| softmax_rows_here(rows, cols),
+    )
+}
+
+/// [`softmax_rows`] on this thread, compiled for AVX-512 where the CPU has it.
+#[allow(unsafe_code)]
+fn softmax_rows_here(data: &mut [f32], cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn wide(data: &mut [f32], cols: usize) {
+            softmax_rows_portable(data, cols)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU reported AVX-512F, the only feature `wide` is compiled for.
+            return unsafe { wide(data, cols) };
+        }
+    }
+    softmax_rows_portable(data, cols)
+}
+
+/// Lanes of the reductions below: independent accumulators the compiler keeps in one vector.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_rows_portable(data: &mut [f32], cols: usize) {
+    for row in data.chunks_exact_mut(cols) {
+        let mut m = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (m, &x) in m.iter_mut().zip(c) {
+                *m = if x > *m { x } else { *m };
+            }
+        }
+        let mut max = chunks
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+        for &x in &m {
+            max = if x > max { x } else { max };
+        }
+        let mut sums = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (s, x) in sums.iter_mut().zip(c.iter_mut()) {
+                *x = exp_f32(*x - max);
+                *s += *x;
+            }
+        }
+        let mut sum: f32 = 0.0;
+        for x in chunks.into_remainder() {
+            *x = exp_f32(*x - max);
+            sum += *x;
+        }
+        sum += sums.iter().sum::<f32>();
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `e^x` in f32 for `x <= 0` (a softmax's shifted scores), written so that the compiler
+/// vectorises it (no library call): `x = n ln2 + r` with `|r| <= ln2 / 2` (ln2 split in two
+/// for an exact `n ln2`), `e^r` by its degree-6 Taylor polynomial (truncation below
+/// `0.35^7 / 5040 = 1.3e-7` of the value), times `2^n` built in the exponent bits. Below
+/// -87 (where `e^x` < 1.7e-38) it returns `e^-87`'s neighbourhood, not 0: a probability of
+/// 1e-38 instead of less, which no sum notices.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // n is in [-126, 0]: 2^n is a normal f32, its exponent bits n + 127. They are read off
+    // the bits of t = 1.5 * 2^23 + 127 + n (an integer in [2^23, 2^24), whose low mantissa
+    // bits are t - 2^23 = 2^22 + 127 + n) rather than cast from n: a float-to-int `as`
+    // saturates lane by lane, which the compiler does not vectorise. Wrapping ops: no
+    // overflow-check branch in the dev profile.
+    let t = n + 12_583_039.0;
+    let biased = (t.to_bits() & 0x7f_ffff).wrapping_sub(0x40_0000);
+    f32::from_bits(biased.wrapping_shl(23)) * p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bf16 products round q, k, the probabilities and v to bf16 (relative error at most
+    /// `u = 2^-9` each; products of two bf16 values are exact in f32): a score moves by at most
+    /// `ds = (2u + u^2) * scale * sum_i |q_i k_i|`, a probability by a factor within
+    /// `exp(+-2 ds)`, and the output by at most `max|v| ((1 + u)^2 e^(2 ds) - 1)`, plus the
+    /// f32 accumulation (1e-6 here).
+    #[test]
+    fn bf16_attention_products_stay_within_their_rounding() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (h, n, d) = (3, 37, 8);
+        let t = |seed: f64| -> Result<Tensor> {
+            let v: Vec<f32> = (0..h * n * d)
+                .map(|i| ((i as f64 * 0.37 + seed).sin() * 1.5) as f32)
+                .collect();
+            Tensor::from_vec(v, (h, n, d), &dev)
+        };
+        let (q, k, v) = (t(0.1)?, t(1.3)?, t(2.7)?);
+        let chunks = [16, 16, 5];
+        let want = attend_chunks(&q, &k, &v, &chunks, true, usize::MAX)?;
+        for block in [1, 7, usize::MAX] {
+            let got = attend_chunks_bf16(&q, &k, &v, &chunks, block)?;
+            assert_eq!(got.dims(), want.dims());
+            let scale = 1.0 / (d as f64).sqrt();
+            // sum_i |q_i k_i| <= (sum |q_i|)(max |k_i|) per score: bound it over all pairs.
+            let qa = q.abs()?.sum(D::Minus1)?.max_all()?.to_scalar::<f32>()? as f64;
+            let ka = k.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let va = v.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let u = 2f64.powi(-9);
+            let ds = (2.0 * u + u * u) * scale * qa * ka;
+            let bound = va * ((1.0 + u).powi(2) * (2.0 * ds).exp() - 1.0) + 1e-6;
+            let diff = (&want - &got)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            assert!(diff <= bound, "block {block}: {diff} > {bound}");
+            assert!(diff > 0.0, "bf16 rounding must show");
+        }
+        Ok(())
+    }
+
+    /// The vectorised exp against f64's over [-87, 0]: within 4 f32 ulps (relative 2.4e-7),
+    /// exact at 0, and a row softmax of it equals candle's to 1e-6.
+    #[test]
+    fn fast_exp_and_softmax_match_the_reference() -> Result<()> {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let rel = ((exp_f32(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst <= 4.0 * f32::EPSILON as f64, "relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        let dev = candle_core::Device::Cpu;
+        let (rows, cols) = (5, 1037);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as f64 * 0.731).sin() * 9.0) as f32)
+            .collect();
+        let want =
+            candle_nn::ops::softmax_last_dim(&Tensor::from_vec(v.clone(), (rows, cols), &dev)?)?;
+        let mut got = v;
+        softmax_rows(&mut got, cols)?;
+        let got = Tensor::from_vec(got, (rows, cols), &dev)?;
+        let diff = (&want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "softmax differs by {diff}");
+        Ok(())
+    }
 
     #[test]
     fn query_blocks_do_not_change_attention() -> Result<()> {

@@ -16,7 +16,8 @@
 //!   `e = e1 sqrt n`. That count takes every quantized linear of the copy, the vision tower's
 //!   too, as an upper count for prompts that do not use all of them, plus one for the
 //!   embedding table when the copy stores it compact (one rounding of the input, counted as a
-//!   whole linear's two).
+//!   whole linear's two), and under bf16 two per vision block (its attention products `q K^T`
+//!   and `p V` round both operands to bf16 too).
 //! - Over the vocabulary and the positions compared (about 10^5 logits) a Gaussian error stays
 //!   within 5 of its standard deviations: `max |dz| <= 5 e rms(z)`, `rms(z)` the f32 logits'
 //!   root mean square at that position.
@@ -91,7 +92,14 @@ fn compare(
     let summary = rollout.rollout_summary();
     let quantized = summary.quantized;
     assert!(quantized > 0, "{what}: nothing was quantized");
-    let roundings = quantized + usize::from(summary.compact_embedding);
+    // A bf16 copy also takes each vision block's two attention products in bf16: two more
+    // products with both operands rounded per block.
+    let attention = if weights == RolloutWeights::Bf16 {
+        2 * rollout.config.vision.depth
+    } else {
+        0
+    };
+    let roundings = quantized + usize::from(summary.compact_embedding) + attention;
     let e = per_linear_error(weights) * (roundings as f64).sqrt();
     let greedy = SamplingParams::greedy(n);
     let (f, _) = model
