@@ -226,6 +226,15 @@ fn on_cores<T: Send>(jobs: Vec<T>, f: impl Fn(T) -> Result<()> + Sync) -> Result
     })
 }
 
+/// A tied model's `lm_head` when its stored weight can serve the embedding table's rows too
+/// (a candle `q8_0` tensor: [`Qwen2Vl::compact_embedding`] then holds the table once).
+fn embedding_rows_in_lm_head(text: &crate::text::TextModel) -> Option<&QuantizedWeight> {
+    text.lm_head
+        .quantized
+        .as_ref()
+        .filter(|q| text.tied && q.format() == GgmlDType::Q8_0 && q.qtensor().is_some())
+}
+
 /// What [`Qwen2Vl::to_rollout`] made of the model's linear layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RolloutSummary {
@@ -321,12 +330,7 @@ impl Qwen2Vl {
         if weights == RolloutWeights::F32 || t.embed_compact.is_some() {
             return Ok(());
         }
-        let shared = t
-            .lm_head
-            .quantized
-            .as_ref()
-            .filter(|q| t.tied && q.format() == GgmlDType::Q8_0 && q.qtensor().is_some());
-        let compact = match (weights, shared) {
+        let compact = match (weights, embedding_rows_in_lm_head(t)) {
             (RolloutWeights::Bf16, _) => CompactEmbedding::Bf16(Arc::new(RwLock::new(
                 t.embed_tokens.to_dtype(candle_core::DType::BF16)?,
             ))),
@@ -511,14 +515,7 @@ impl Qwen2Vl {
                 })?;
             }
         }
-        let shares_lm_head = tied
-            && model
-                .text
-                .lm_head
-                .quantized
-                .as_ref()
-                .map(QuantizedWeight::format)
-                == Some(GgmlDType::Q8_0);
+        let shares_lm_head = embedding_rows_in_lm_head(&model.text).is_some();
         if tied && !model.text.lm_head.is_quantized() {
             // Still one f32 table, as in a loaded model.
             model.text.embed_tokens = model.text.lm_head.weight.clone();

@@ -354,7 +354,8 @@ impl TextModel {
                 continue;
             }
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer_forward(&self.config, layer, &x, cos, sin, mask, lc, fused)?;
+            let a = attention_residual(&self.config, layer, &x, cos, sin, mask, lc, fused)?;
+            x = mlp_residual(layer, &a)?;
         }
         self.norm.forward(&x)
     }
@@ -365,23 +366,8 @@ impl TextModel {
     }
 }
 
-/// One decoder layer: pre-norm attention and SwiGLU MLP, both residual.
-#[allow(clippy::too_many_arguments)]
-fn layer_forward(
-    cfg: &TextConfig,
-    layer: &DecoderLayer,
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    mask: &KeyMask,
-    cache: Option<&mut LayerCache>,
-    fused: bool,
-) -> Result<Tensor> {
-    let x = attention_residual(cfg, layer, x, cos, sin, mask, cache, fused)?;
-    mlp_residual(layer, &x)
-}
-
-/// `x + attention(norm(x))`.
+/// `x + attention(norm(x))`: the first half of a decoder layer (pre-norm attention, then a
+/// SwiGLU MLP, both residual).
 #[allow(clippy::too_many_arguments)]
 fn attention_residual(
     cfg: &TextConfig,
@@ -578,17 +564,18 @@ fn attention(
 }
 
 /// Keys and values `[batch, kv_heads, t, head_dim]` with each row's visible keys (those its
-/// [`KeyMask`] does not hide) moved into one run at the end, left-padded with zeros to the
-/// longest row's; returns them with each row's padding. A query after every hidden key of its
-/// row sees the same keys, in the same order, as before: with causal attention over the left
-/// padding it gets the same result. (Queries before a hidden key are padding positions, whose
-/// outputs nothing reads.)
+/// [`KeyMask`] does not hide) moved into one run at the end, after as many padding keys as
+/// make every row as long as the longest; returns them with each row's padding. (A padding
+/// key repeats key 0: the padding is hidden, so its value never counts.) A query after every
+/// hidden key of its row sees the same keys, in the same order, as before: with causal
+/// attention over the left padding it gets the same result. (Queries before a hidden key are
+/// padding positions, whose outputs nothing reads.)
 fn gather_visible_keys(
     k: &Tensor,
     v: &Tensor,
     mask: &KeyMask,
 ) -> Result<(Tensor, Tensor, Vec<usize>)> {
-    let (b, nkv, t, hd) = k.dims4()?;
+    let (b, _, t, _) = k.dims4()?;
     let visible: Vec<Vec<u32>> = (0..b)
         .map(|r| {
             let hidden = mask.hidden.get(r).map_or(&[][..], Vec::as_slice);
@@ -599,26 +586,26 @@ fn gather_visible_keys(
         })
         .collect();
     let width = visible.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let pads: Vec<usize> = visible.iter().map(|idx| width - idx.len()).collect();
+    // One index per row, made once for the keys and the values.
+    let index = visible
+        .iter()
+        .zip(&pads)
+        .map(|(idx, &pad)| {
+            let row: Vec<u32> = std::iter::repeat_n(0, pad)
+                .chain(idx.iter().copied())
+                .collect();
+            Tensor::from_vec(row, width, k.device())
+        })
+        .collect::<Result<Vec<_>>>()?;
     let gather = |x: &Tensor| -> Result<Tensor> {
-        let rows = visible
+        let rows = index
             .iter()
             .enumerate()
-            .map(|(r, idx)| {
-                let row = x.get(r)?;
-                let kept = Tensor::from_slice(idx, idx.len(), x.device())?;
-                let kept = row.index_select(&kept, 1)?;
-                match width - idx.len() {
-                    0 => Ok(kept),
-                    pad => {
-                        let zeros = Tensor::zeros((nkv, pad, hd), x.dtype(), x.device())?;
-                        Tensor::cat(&[&zeros, &kept], 1)
-                    }
-                }
-            })
+            .map(|(r, idx)| x.get(r)?.index_select(idx, 1))
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&rows, 0)
     };
-    let pads = visible.iter().map(|idx| width - idx.len()).collect();
     Ok((gather(k)?, gather(v)?, pads))
 }
 

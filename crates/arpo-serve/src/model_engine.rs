@@ -142,6 +142,23 @@ fn model_error(e: ModelError) -> EngineError {
     }
 }
 
+/// `--dtype` as named on the command line (`f32`, `bf16`, `f16`).
+fn parse_dtype(dtype: &str) -> Result<DType, EngineError> {
+    Ok(dtype
+        .parse::<arpo_model::DTypeSpec>()
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))?
+        .dtype())
+}
+
+/// `--device` as named on the command line (`cpu`, `cuda`, `cuda:N`), opened.
+fn open_device(device: &str) -> Result<Device, EngineError> {
+    device
+        .parse::<arpo_model::DeviceSpec>()
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))?
+        .open()
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))
+}
+
 impl ModelEngine {
     /// Loads a model directory, or a Hugging Face repo id from the local cache.
     pub fn load(model: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
@@ -156,16 +173,7 @@ impl ModelEngine {
     /// [`Self::load`] with the dtype (`f32`, `bf16`, `f16`) and device (`cpu`, `cuda`,
     /// `cuda:N`, the latter with candle's `cuda` feature) named as on the command line.
     pub fn load_named(model: &str, dtype: &str, device: &str) -> Result<Self, EngineError> {
-        let dtype = dtype
-            .parse::<arpo_model::DTypeSpec>()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
-            .dtype();
-        let device = device
-            .parse::<arpo_model::DeviceSpec>()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
-            .open()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
-        Self::load(model, dtype, &device)
+        Self::load(model, parse_dtype(dtype)?, &open_device(device)?)
     }
 
     /// [`Self::load_named`] for `serve --weights`: a non-f32 `weights` loads the checkpoint
@@ -180,21 +188,14 @@ impl ModelEngine {
         if weights == arpo_model::RolloutWeights::F32 {
             return Self::load_named(model, dtype, device);
         }
-        let dtype = dtype
-            .parse::<arpo_model::DTypeSpec>()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
-            .dtype();
+        let dtype = parse_dtype(dtype)?;
         if dtype != DType::F32 {
             return Err(EngineError::InvalidInput(format!(
                 "--weights {weights} stores the linears as {weights} and computes in f32: \
                  leave --dtype at f32, or serve --weights f32 --dtype {dtype:?}"
             )));
         }
-        let device = device
-            .parse::<arpo_model::DeviceSpec>()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?
-            .open()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        let device = open_device(device)?;
         let uitars =
             UiTars::load_rollout(model, weights, &device).map_err(|e| EngineError::Load {
                 what: format!("the model as {weights}"),
@@ -236,30 +237,6 @@ impl ModelEngine {
             prefix_cache_bytes: std::sync::atomic::AtomicUsize::new(0),
             weights: arpo_model::RolloutWeights::F32,
         }
-    }
-
-    /// Serves the base with its linears stored as `weights` (`serve --weights`; made from the
-    /// loaded weights, which are then dropped). LoRA adapters then run unmerged over the
-    /// quantized base, which they share.
-    pub fn with_weights(
-        mut self,
-        weights: arpo_model::RolloutWeights,
-    ) -> Result<Self, EngineError> {
-        if weights == arpo_model::RolloutWeights::F32 {
-            return Ok(self);
-        }
-        let budget = self.cache_budget();
-        let base = self
-            .base
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        base.model = base
-            .model
-            .to_rollout(weights)
-            .map_err(|e| EngineError::InvalidInput(format!("--weights {weights}: {e}")))?;
-        base.model.set_prefix_cache_budget(budget);
-        self.weights = weights;
-        Ok(self)
     }
 
     /// Turns on automatic prefix caching ([`arpo_model::prefix_cache`]) with `bytes` per

@@ -5,6 +5,8 @@
 use arpo_model::attention::{causal_attention, chunked_attention, last_scratch_bytes};
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 
+use crate::common::max_abs_diff;
+
 /// Deterministic values in [-2, 2) (a fixed LCG: the test needs no random seed to reproduce).
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -217,14 +219,7 @@ fn half_precision_inputs_are_computed_in_f32_and_returned_in_their_dtype() {
     let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
     let out = causal_attention(&bf(&q), &bf(&k), &bf(&v), &[], 0.3).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
-    let diff = (out.to_dtype(DType::F32).unwrap() - &f32_out)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&out, &f32_out);
     // bf16 keeps 8 bits: the inputs' rounding (~0.4%) moves outputs of magnitude < 2 by ~1e-2.
     assert!(diff < 5e-2, "bf16 result differs from f32 by {diff}");
 }
@@ -295,14 +290,10 @@ fn causal_attention_8192_probe() {
         assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
     }
     // Spot check: the first query sees only key 0, so its output is v's first row.
-    let first = (out.i((0, 0, 0)).unwrap() - v.as_tensor().i((0, 0, 0)).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let first = max_abs_diff(
+        &out.i((0, 0, 0)).unwrap(),
+        &v.as_tensor().i((0, 0, 0)).unwrap(),
+    );
     assert!(first < 1e-6);
     println!(
         "PROBE before_kb={before} peak_kb={} fwd_scratch={fwd_scratch} bwd_scratch={bwd_scratch}",

@@ -88,18 +88,7 @@ fn bf16_products_match_the_f64_reference_within_the_f32_accumulation_bound_on_aw
             assert_eq!(packed.dims(), (n, k));
             for m in [0, 1, 5, 7, 33, 130] {
                 let x = values(&mut rng, m * k);
-                for &kernel in &kernels {
-                    let got = packed.matmul(&x, m, kernel).unwrap();
-                    check(
-                        &format!("{kernel:?} m {m} k {k} n {n}"),
-                        &x,
-                        &w,
-                        m,
-                        k,
-                        n,
-                        &got,
-                    );
-                }
+                check_every_kernel(&packed, &kernels, &x, &w, (m, k, n));
             }
         }
     }
@@ -113,12 +102,23 @@ fn bf16_products_over_several_row_and_k_blocks_match_the_reference() {
     let w = values(&mut rng, n * k);
     let x = values(&mut rng, m * k);
     let packed = Bf16Weight::from_rows(&w, n, k);
-    for kernel in kernels() {
-        let got = packed.matmul(&x, m, kernel).unwrap();
+    check_every_kernel(&packed, &kernels(), &x, &w, (m, k, n));
+}
+
+/// `packed`'s product with `x` by each kernel against the reference ([`check`]).
+fn check_every_kernel(
+    packed: &Bf16Weight,
+    kernels: &[Bf16Kernel],
+    x: &[f32],
+    w: &[f32],
+    (m, k, n): (usize, usize, usize),
+) {
+    for &kernel in kernels {
+        let got = packed.matmul(x, m, kernel).unwrap();
         check(
             &format!("{kernel:?} m {m} k {k} n {n}"),
-            &x,
-            &w,
+            x,
+            w,
             m,
             k,
             n,

@@ -51,6 +51,19 @@ pub fn grids(v: &serde_json::Value) -> Vec<[usize; 3]> {
         .collect()
 }
 
+/// `max |a - b|` over all elements, in f32 (any float dtypes, same shape).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    (f(a) - f(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Elementwise `|a - b| <= rtol * |b| + atol`; returns the worst relative error seen.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");

@@ -12,7 +12,7 @@ use arpo_core::{
 use arpo_env_sim::{Catalogue, SimEnv};
 use arpo_trainer::Config;
 use arpo_trainer::learner::{Learner, Sample};
-use arpo_trainer::model::load_local;
+use arpo_trainer::model::{CandleLearner, load_local};
 
 fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-qwen2vl")
@@ -291,7 +291,7 @@ async fn loading_a_checkpoint_pushes_the_restored_weights() {
         sink.lock().unwrap().push(first_weight(tr));
         Ok(())
     }));
-    let step = |learner: &mut arpo_trainer::model::CandleLearner, k: u64| {
+    let step = |learner: &mut CandleLearner, k: u64| {
         let old = learner.old_logprobs(&t).unwrap();
         let s = Sample {
             trajectory: t.clone(),
@@ -357,15 +357,13 @@ async fn an_update_clears_the_rollout_prefix_cache() {
     );
 }
 
-/// `worker.rollout.weights: q8_0` with LoRA: the rollout copy has a quantized base under the
-/// learner's (shared) adapters; refused for a server (it reads its own).
-#[tokio::test]
-async fn quantized_rollout_weights_follow_lora_updates() {
-    let c = config(&[
-        "worker.rollout.weights=q8_0",
-        "worker.actor.model.lora.rank=4",
-    ]);
-    let (policy, mut learner) = load_local(&c, 10).unwrap();
+/// Loads a run with `worker.rollout.weights=q8_0` and `sets`, updates the learner once, and
+/// checks that the rollout policy then samples exactly what a q8_0 copy made afresh from the
+/// updated learner samples, and that the update changed what it samples. Returns the learner.
+async fn q8_0_rollouts_follow_an_update(sets: &[&str]) -> CandleLearner {
+    let mut all = vec!["worker.rollout.weights=q8_0"];
+    all.extend_from_slice(sets);
+    let (policy, mut learner) = load_local(&config(&all), 10).unwrap();
     assert!(policy.model.model.rollout_summary().quantized > 0);
     let t = rollout(&policy, 1, 5, 8).await;
     let before = rollout(&policy, 1, 7, 8).await;
@@ -378,7 +376,6 @@ async fn quantized_rollout_weights_follow_lora_updates() {
     learner
         .update(&[sample], &arpo_grpo::PolicyLossConfig::default(), 0)
         .unwrap();
-    // The rollout copy after the update is what a copy made from the updated learner is.
     let fresh = learner
         .trainable
         .model
@@ -403,66 +400,32 @@ async fn quantized_rollout_weights_follow_lora_updates() {
         before.turns[0].response.logprobs, after.turns[0].response.logprobs,
         "the update changed what the rollout copy samples"
     );
-    {
-        let (sets, needle) = (
-            vec![
-                "worker.rollout.weights=q4k",
-                "worker.actor.model.lora.rank=4",
-                "worker.rollout.use_external_server=true",
-            ],
-            "serve --weights",
-        );
-        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        let err = Config::from_yaml_str("", &sets).unwrap_err().to_string();
-        assert!(err.contains(needle), "{err}");
-    }
+    learner
 }
 
-/// `worker.rollout.weights: q8_0` under full fine-tuning: after an update the rollout policy
-/// samples exactly what a q8_0 copy made afresh from the updated learner samples (it is stored
-/// again from the learner), and the update changed it.
+/// `worker.rollout.weights: q8_0` with LoRA: the rollout copy has a quantized base under the
+/// learner's (shared) adapters, so it follows an update with no copy; refused for a server
+/// (it reads its own).
+#[tokio::test]
+async fn quantized_rollout_weights_follow_lora_updates() {
+    let learner = q8_0_rollouts_follow_an_update(&["worker.actor.model.lora.rank=4"]).await;
+    assert!(learner.trainable.lora_set().is_some());
+    let sets: Vec<String> = [
+        "worker.rollout.weights=q4k",
+        "worker.actor.model.lora.rank=4",
+        "worker.rollout.use_external_server=true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let err = Config::from_yaml_str("", &sets).unwrap_err().to_string();
+    assert!(err.contains("serve --weights"), "{err}");
+}
+
+/// `worker.rollout.weights: q8_0` under full fine-tuning: the quantized copy is stored again
+/// from the learner after the update.
 #[tokio::test]
 async fn quantized_rollout_weights_follow_full_fine_tuning_updates() {
-    let c = config(&[
-        "worker.rollout.weights=q8_0",
-        "worker.actor.model.lora.rank=0",
-    ]);
-    let (policy, mut learner) = load_local(&c, 10).unwrap();
+    let learner = q8_0_rollouts_follow_an_update(&["worker.actor.model.lora.rank=0"]).await;
     assert!(learner.trainable.lora_set().is_none());
-    assert!(policy.model.model.rollout_summary().quantized > 0);
-    let t = rollout(&policy, 1, 5, 8).await;
-    let before = rollout(&policy, 1, 7, 8).await;
-    let sample = Sample {
-        trajectory: t,
-        advantage: 1.0,
-        old_logprobs: None,
-        injected: false,
-    };
-    learner
-        .update(&[sample], &arpo_grpo::PolicyLossConfig::default(), 0)
-        .unwrap();
-    let fresh = learner
-        .trainable
-        .model
-        .to_rollout(arpo_model::RolloutWeights::Q8_0)
-        .unwrap();
-    let context = before.context_at(0);
-    let chat = arpo_core::protocol::build_messages(&context, &policy.prompt);
-    let request = policy.model.prepare(&chat).unwrap();
-    let greedy = SamplingParams::greedy(8);
-    let (ours, _) = policy
-        .model
-        .model
-        .generate(std::slice::from_ref(&request), &greedy, &[])
-        .unwrap();
-    let (theirs, _) = fresh
-        .generate(std::slice::from_ref(&request), &greedy, &[])
-        .unwrap();
-    assert_eq!(ours[0].token_ids, theirs[0].token_ids);
-    assert_eq!(ours[0].logprobs, theirs[0].logprobs);
-    let after = rollout(&policy, 1, 7, 8).await;
-    assert_ne!(
-        before.turns[0].response.logprobs, after.turns[0].response.logprobs,
-        "the update changed what the rollout copy samples"
-    );
 }
