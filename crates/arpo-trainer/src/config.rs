@@ -268,6 +268,19 @@ pub struct OptimConfig {
     pub weight_decay: f64,
     /// Fraction of the total optimizer steps spent on a linear warmup.
     pub lr_warmup_ratio: f64,
+    /// The rate after the warmup (verl/EasyR1's key): `constant`, or `cosine` down to
+    /// `min_lr_ratio * lr` at the run's last optimizer step.
+    pub warmup_style: WarmupStyle,
+    /// The cosine schedule's floor, as a fraction of `lr` (verl/EasyR1's key; unused by `constant`).
+    pub min_lr_ratio: f64,
+}
+
+/// `worker.actor.optim.warmup_style`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmupStyle {
+    Constant,
+    Cosine,
 }
 
 impl Default for OptimConfig {
@@ -278,6 +291,8 @@ impl Default for OptimConfig {
             eps: 1e-8,
             weight_decay: 1e-2,
             lr_warmup_ratio: 0.0,
+            warmup_style: WarmupStyle::Constant,
+            min_lr_ratio: 0.0,
         }
     }
 }
@@ -745,6 +760,13 @@ impl Config {
             (0.0..=1.0).contains(&o.lr_warmup_ratio),
             "worker.actor.optim.lr_warmup_ratio must be in [0, 1]".into(),
         );
+        check(
+            (0.0..=1.0).contains(&o.min_lr_ratio),
+            format!(
+                "worker.actor.optim.min_lr_ratio must be in [0, 1] (got {})",
+                o.min_lr_ratio
+            ),
+        );
         let ro = &self.worker.rollout;
         check(
             ro.n >= 1,
@@ -1088,6 +1110,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("must be a multiple"), "{err}");
+    }
+
+    #[test]
+    fn cosine_schedule_keys_reach_the_optimizer() {
+        use arpo_model::train::optim::LrSchedule;
+        let c = Config::from_yaml_str(
+            "",
+            &[
+                "worker.actor.optim.warmup_style=cosine".into(),
+                "worker.actor.optim.min_lr_ratio=0.25".into(),
+                "worker.actor.optim.lr_warmup_ratio=0.1".into(),
+            ],
+        )
+        .unwrap();
+        let a = crate::model::adamw_config(&c, 40);
+        assert_eq!(a.warmup_steps, 4);
+        assert_eq!(
+            a.schedule,
+            LrSchedule::Cosine {
+                total_steps: 40,
+                min_lr_ratio: 0.25
+            }
+        );
+        // The default stays constant; a ratio outside [0, 1] is refused by name.
+        let d = Config::from_yaml_str("", &[]).unwrap();
+        assert_eq!(
+            crate::model::adamw_config(&d, 40).schedule,
+            LrSchedule::Constant
+        );
+        let err = Config::from_yaml_str("", &["worker.actor.optim.min_lr_ratio=2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("min_lr_ratio"), "{err}");
     }
 
     #[test]

@@ -18,14 +18,14 @@ use arpo_grpo::{BatchCount, PolicyLossConfig, PolicyLossInputs, policy_loss};
 use arpo_model::processor::decode_screenshot;
 use arpo_model::train::checkpoint::load_safetensors;
 use arpo_model::train::lora::{LoraConfig, LoraSet};
-use arpo_model::train::optim::{AdamW, AdamWConfig};
+use arpo_model::train::optim::{AdamW, AdamWConfig, LrSchedule};
 use arpo_model::train::score::Episode;
 use arpo_model::train::trainable::{MODEL_WEIGHTS, Trainable};
 use arpo_model::{ChatTokenizer, ImageProcessor, LocalPolicy, UiTars};
 use candle_core::{DType, Device, Tensor};
 
 use crate::TrainerError;
-use crate::config::{Config, CoordinateMode};
+use crate::config::{Config, CoordinateMode, WarmupStyle};
 use crate::learner::{Learner, Sample, UpdateStats};
 
 fn learner_err(what: &str, e: impl Into<crate::error::BoxError>) -> TrainerError {
@@ -117,9 +117,10 @@ pub fn prompt_config(config: &Config) -> PromptConfig {
     }
 }
 
-/// The AdamW settings of a run; `total_optimizer_steps` sizes the warmup.
+/// The AdamW settings of a run; `total_optimizer_steps` sizes the warmup and the schedule.
 pub fn adamw_config(config: &Config, total_optimizer_steps: u64) -> AdamWConfig {
     let a = &config.worker.actor;
+    let warmup_steps = (a.optim.lr_warmup_ratio * total_optimizer_steps as f64).round() as u64;
     AdamWConfig {
         lr: a.optim.lr,
         beta1: a.optim.betas[0],
@@ -127,7 +128,16 @@ pub fn adamw_config(config: &Config, total_optimizer_steps: u64) -> AdamWConfig 
         eps: a.optim.eps,
         weight_decay: a.optim.weight_decay,
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
-        warmup_steps: (a.optim.lr_warmup_ratio * total_optimizer_steps as f64).round() as u64,
+        warmup_steps,
+        schedule: match a.optim.warmup_style {
+            WarmupStyle::Constant => LrSchedule::Constant,
+            // A run too short to decay after its warmup keeps the rate constant.
+            WarmupStyle::Cosine if total_optimizer_steps <= warmup_steps => LrSchedule::Constant,
+            WarmupStyle::Cosine => LrSchedule::Cosine {
+                total_steps: total_optimizer_steps,
+                min_lr_ratio: a.optim.min_lr_ratio,
+            },
+        },
     }
 }
 

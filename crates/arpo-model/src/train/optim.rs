@@ -33,8 +33,25 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Global grad-norm clipping threshold; `None` disables clipping (the norm is still reported).
     pub max_grad_norm: Option<f64>,
-    /// Optimizer steps of linear warmup from `lr / warmup_steps` to `lr`; 0 for a constant rate.
+    /// Optimizer steps of linear warmup from `lr / warmup_steps` to `lr`; 0 for none.
     pub warmup_steps: u64,
+    /// What the rate does after the warmup.
+    #[serde(default)]
+    pub schedule: LrSchedule,
+}
+
+/// The learning rate after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// `lr` from the end of the warmup on.
+    #[default]
+    Constant,
+    /// Half a cosine from `lr` down to `min_lr_ratio * lr` at optimizer step `total_steps`
+    /// (transformers' `get_cosine_schedule_with_warmup` with verl's floor): step `s` (1-based)
+    /// after `w` warmup steps takes `lr * (r + (1 - r) * (1 + cos(pi * p)) / 2)` with
+    /// `p = (s - 1 - w) / (total_steps - w)`, at the floor from step `total_steps + 1` on.
+    Cosine { total_steps: u64, min_lr_ratio: f64 },
 }
 
 impl Default for AdamWConfig {
@@ -47,6 +64,7 @@ impl Default for AdamWConfig {
             weight_decay: 1e-2,
             max_grad_norm: Some(1.0),
             warmup_steps: 0,
+            schedule: LrSchedule::Constant,
         }
     }
 }
@@ -79,15 +97,43 @@ impl AdamWConfig {
         {
             return bad(format!("max_grad_norm must be > 0 when set, got {c}"));
         }
+        if let LrSchedule::Cosine {
+            total_steps,
+            min_lr_ratio,
+        } = self.schedule
+        {
+            if !(0.0..=1.0).contains(&min_lr_ratio) {
+                return bad(format!(
+                    "the cosine schedule's min_lr_ratio must be in [0, 1], got {min_lr_ratio}"
+                ));
+            }
+            if total_steps <= self.warmup_steps {
+                return bad(format!(
+                    "the cosine schedule needs more optimizer steps ({total_steps}) than warmup steps ({})",
+                    self.warmup_steps
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// Learning rate of optimizer step `step` (1-based): linear warmup, then constant.
+    /// Learning rate of optimizer step `step` (1-based): linear warmup, then the schedule.
     pub fn lr_at(&self, step: u64) -> f64 {
         if self.warmup_steps > 0 && step < self.warmup_steps {
-            self.lr * step as f64 / self.warmup_steps as f64
-        } else {
-            self.lr
+            return self.lr * step as f64 / self.warmup_steps as f64;
+        }
+        match self.schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Cosine {
+                total_steps,
+                min_lr_ratio,
+            } => {
+                let span = total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let done = step.saturating_sub(1).saturating_sub(self.warmup_steps) as f64;
+                let progress = (done / span).min(1.0);
+                let factor = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                self.lr * (min_lr_ratio + (1.0 - min_lr_ratio) * factor)
+            }
         }
     }
 }
@@ -439,6 +485,7 @@ mod tests {
             weight_decay: 0.0,
             max_grad_norm: Some(1.0),
             warmup_steps: 0,
+            schedule: LrSchedule::Constant,
         };
         let mut opt = AdamW::new(vec![("p".into(), p.clone())], cfg).expect("opt");
         opt.accumulate(&grads_for(&p, &[3.0, 4.0])).expect("acc");
@@ -484,6 +531,7 @@ mod tests {
             weight_decay: 0.0,
             max_grad_norm: None,
             warmup_steps: 0,
+            schedule: LrSchedule::Constant,
         };
         let mut opt = AdamW::new(vec![("p".into(), p.clone())], cfg).expect("opt");
         opt.accumulate(&grads_for(&p, &[1.0])).expect("acc");
@@ -505,6 +553,53 @@ mod tests {
         let want = [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3];
         for (a, b) in lrs.iter().zip(want) {
             assert!((a - b).abs() < 1e-15, "{lrs:?}");
+        }
+    }
+
+    #[test]
+    fn cosine_follows_the_formula_after_the_warmup() {
+        // lr 1e-3, 2 warmup steps (5e-4, 1e-3), cosine over 4 steps to 10%: p = (s - 3) / 4.
+        let cfg = AdamWConfig {
+            lr: 1e-3,
+            warmup_steps: 2,
+            schedule: LrSchedule::Cosine {
+                total_steps: 6,
+                min_lr_ratio: 0.1,
+            },
+            ..AdamWConfig::default()
+        };
+        cfg.validate().expect("valid");
+        // By hand: 0.1 + 0.9 * (1 + cos(pi p)) / 2 at p = 0, 1/4, 1/2, 3/4, then the floor.
+        let c = std::f64::consts::FRAC_1_SQRT_2;
+        let want = [
+            5e-4,
+            1e-3,
+            1e-3,
+            1e-3 * (0.1 + 0.9 * (1.0 + c) / 2.0),
+            1e-3 * (0.1 + 0.9 * 0.5),
+            1e-3 * (0.1 + 0.9 * (1.0 - c) / 2.0),
+            1e-4,
+            1e-4,
+        ];
+        for (s, w) in (1..=8).zip(want) {
+            let got = cfg.lr_at(s);
+            assert!((got - w).abs() < 1e-15, "step {s}: {got} vs {w}");
+        }
+        for bad in [
+            LrSchedule::Cosine {
+                total_steps: 2,
+                min_lr_ratio: 0.0,
+            },
+            LrSchedule::Cosine {
+                total_steps: 6,
+                min_lr_ratio: 1.5,
+            },
+        ] {
+            let cfg = AdamWConfig {
+                schedule: bad,
+                ..cfg.clone()
+            };
+            assert!(matches!(cfg.validate(), Err(TrainError::Config(_))));
         }
     }
 
