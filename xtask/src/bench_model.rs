@@ -140,6 +140,8 @@ fn run_train(args: &Args) -> Result<()> {
         args.dtype == "f32" && args.device == "cpu",
         "--train runs in f32 on the CPU (the dtype of training on CPU)"
     );
+    // A 2B learner, as `cargo xtask train` runs one (`crate::tune_allocator_for`).
+    arpo_alloc::release_idle_memory();
     let (w, h) = parse_image(&args.image)?;
     let bench = TrainBench {
         mode: if args.full {

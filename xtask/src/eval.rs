@@ -153,6 +153,11 @@ pub async fn run_eval(
 
 pub fn run(args: Args) -> Result<()> {
     let config = config(&args.common)?;
+    if let Ok(dir) = arpo_model::weights::resolve_model_dir(
+        &config.worker.actor.model.model_path.to_string_lossy(),
+    ) {
+        crate::tune_allocator_for(&dir);
+    }
     let label = args.label.clone().unwrap_or_else(|| {
         args.common
             .model

@@ -81,6 +81,16 @@ enum Command {
     OsworldCoverage(osworld_coverage::Args),
 }
 
+/// After [`arpo_alloc::tune`]: a process running a model past the small-model bound
+/// (`SAMPLE_PARALLEL_MAX_PARAMETERS`, by the parameters its `config.json` describes) returns
+/// memory it has not reused for a second to the kernel; a small model keeps it (faster).
+fn tune_allocator_for(model_dir: &std::path::Path) {
+    use arpo_trainer::model::{SAMPLE_PARALLEL_MAX_PARAMETERS, estimated_parameters};
+    if estimated_parameters(model_dir).is_some_and(|p| p > SAMPLE_PARALLEL_MAX_PARAMETERS) {
+        arpo_alloc::release_idle_memory();
+    }
+}
+
 fn main() -> Result<()> {
     arpo_alloc::tune();
     // Fault points named in `FAILPOINTS` (the crash tests stop a real run at them); none is

@@ -94,6 +94,9 @@ pub fn run(args: Args) -> Result<()> {
         args.model, args.dtype, args.device
     );
     let started = std::time::Instant::now();
+    if let Ok(dir) = arpo_model::weights::resolve_model_dir(&args.model) {
+        crate::tune_allocator_for(&dir);
+    }
     let engine = ModelEngine::load_named_as(&args.model, &args.dtype, &args.device, args.weights)?
         .with_prefix_cache(args.prefix_cache_mib.saturating_mul(1 << 20));
     let info = engine.info();

@@ -68,6 +68,9 @@ pub fn init_logging(logs_dir: &Path, quiet: bool) -> Result<()> {
 pub fn run(args: Args) -> Result<()> {
     let config = Config::load(&args.config, &args.set)?;
     let model_dir = &config.worker.actor.model.model_path;
+    if let Ok(dir) = arpo_model::weights::resolve_model_dir(&model_dir.to_string_lossy()) {
+        crate::tune_allocator_for(&dir);
+    }
     if std::env::var_os("RAYON_NUM_THREADS").is_none()
         && std::env::var_os("CANDLE_NUM_THREADS").is_none()
         && arpo_trainer::model::prefers_sample_parallel(model_dir)

@@ -34,23 +34,63 @@ macro_rules! global_allocator {
 /// bindings name only the older options.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// How long freed memory that is not reused stays mapped under [`release_idle_memory`].
+pub const LARGE_MODEL_PURGE_DELAY_MS: std::ffi::c_long = 1000;
+
+fn set_option(var: &str, option: libmimalloc_sys::mi_option_t, value: std::ffi::c_long) {
+    if std::env::var_os(var).is_none() {
+        // SAFETY: `mi_option_set` stores an integer in mimalloc's option table; it takes no
+        // pointers and is safe to call at any time.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_option_set(option, value)
+        };
+    }
+}
+
+/// For a process running a large model (billions of parameters): memory freed and not reused
+/// for [`LARGE_MODEL_PURGE_DELAY_MS`] goes back to the kernel, so that peak RSS follows the
+/// memory in use (see the crate docs for the measurement). Takes effect for memory freed from
+/// then on; `MIMALLOC_PURGE_DELAY`, when set, still wins.
+pub fn release_idle_memory() {
+    set_option(
+        "MIMALLOC_PURGE_DELAY",
+        MI_OPTION_PURGE_DELAY,
+        LARGE_MODEL_PURGE_DELAY_MS,
+    );
+}
+
 /// Keeps freed memory mapped for reuse and allows large OS pages. Environment variables
 /// (`MIMALLOC_PURGE_DELAY`, `MIMALLOC_ALLOW_LARGE_OS_PAGES`) still win when set.
 pub fn tune() {
-    let set = |var: &str, option: libmimalloc_sys::mi_option_t, value: std::ffi::c_long| {
-        if std::env::var_os(var).is_none() {
-            // SAFETY: `mi_option_set` stores an integer in mimalloc's option table; it takes no
-            // pointers and is safe to call at any time.
-            #[allow(unsafe_code)]
-            unsafe {
-                libmimalloc_sys::mi_option_set(option, value)
-            };
-        }
-    };
-    set("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1);
-    set(
+    set_option("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, -1);
+    set_option(
         "MIMALLOC_ALLOW_LARGE_OS_PAGES",
         libmimalloc_sys::mi_option_large_os_pages,
         1,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purge_delay() -> std::ffi::c_long {
+        // SAFETY: reads an integer from mimalloc's option table.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY)
+        }
+    }
+
+    #[test]
+    fn small_models_keep_memory_and_large_ones_release_it() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return; // the variable wins by design: nothing of ours to check
+        }
+        tune();
+        assert_eq!(purge_delay(), -1);
+        release_idle_memory();
+        assert_eq!(purge_delay(), LARGE_MODEL_PURGE_DELAY_MS);
+    }
 }
