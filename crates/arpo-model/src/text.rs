@@ -344,11 +344,7 @@ impl TextModel {
                 let chunk = self.recompute_chunk.max(1);
                 let block = crate::train::recompute::block(
                     layer.linears().into_iter().filter_map(|l| l.lora.as_ref()),
-                    move |x: &Tensor| {
-                        let a =
-                            attention_residual(&cfg, &layer_c, x, &cos, &sin, &mask, None, false)?;
-                        chunked_mlp_residual(&layer_c, &a, chunk)
-                    },
+                    move |x: &Tensor| chunked_layer(&cfg, &layer_c, x, &cos, &sin, &mask, chunk),
                 );
                 x = crate::train::recompute::checkpoint(&x, layer.trainable_tensors(), block)?;
                 continue;
@@ -390,6 +386,140 @@ fn attention_residual(
         fused,
     )?;
     x + a
+}
+
+/// A decoder layer recomputed under gradient checkpointing, every position-wise part in
+/// checkpointed chunks of `chunk` rows ([`crate::train::recompute::checkpoint`]), so that its
+/// backward pass holds one chunk's activations of them at a time: the input norm, the q/k/v
+/// projections and the rotary embedding per chunk; the attention core over the whole sequence
+/// (memory-linear, [`crate::attention::causal_attention`]); then the output projection, the
+/// residual and the MLP per chunk. Only with a mask of left padding (the learner's); otherwise,
+/// and for a sequence of one chunk, [`attention_residual`] then [`chunked_mlp_residual`].
+fn chunked_layer(
+    cfg: &TextConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &KeyMask,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (b, l, hidden) = x.dims3()?;
+    let pads = mask.left_pads(b);
+    let Some(pads) = pads.filter(|_| l > chunk) else {
+        let a = attention_residual(cfg, layer, x, cos, sin, mask, None, false)?;
+        return chunked_mlp_residual(layer, &a, chunk);
+    };
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let params_of = |linears: &[&Linear], norm: &RmsNorm| {
+        let mut p: Vec<Tensor> = linears
+            .iter()
+            .flat_map(|l| crate::nn::trainable_of_linear(l))
+            .collect();
+        if norm.weight.is_variable() {
+            p.push(norm.weight.clone());
+        }
+        p
+    };
+    // `block(start, rows)` computes the rows `start..start + rows` from those rows of `input`.
+    let chunks = |input: &Tensor,
+                  params: &[Tensor],
+                  block: &dyn Fn(usize, usize) -> Result<crate::train::recompute::Block>|
+     -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(l.div_ceil(chunk));
+        for start in (0..l).step_by(chunk) {
+            let rows = chunk.min(l - start);
+            parts.push(crate::train::recompute::checkpoint(
+                &input.narrow(1, start, rows)?,
+                params.to_vec(),
+                block(start, rows)?,
+            )?);
+        }
+        Tensor::cat(&parts, 1)
+    };
+    // 1. [q | k | v] per row, rotated: [batch, len, (heads + 2 kv_heads) * head_dim].
+    let qkv_linears = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
+    let qkv = chunks(
+        x,
+        &params_of(&qkv_linears, &layer.input_layernorm),
+        &|start, rows| {
+            let (cfg, layer_c) = (cfg.clone(), layer.clone());
+            let (cos, sin) = (cos.narrow(2, start, rows)?, sin.narrow(2, start, rows)?);
+            Ok(crate::train::recompute::block(
+                qkv_linears.iter().filter_map(|l| l.lora.as_ref()),
+                move |x: &Tensor| rotated_qkv(&cfg, &layer_c, x, &cos, &sin),
+            ))
+        },
+    )?;
+    let heads = |first: usize, n: usize| -> Result<Tensor> {
+        qkv.narrow(2, first * hd, n * hd)?
+            .reshape((b, l, n, hd))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let out = crate::attention::causal_attention(&q, &k, &v, &pads, scale)?
+        .transpose(1, 2)?
+        .reshape((b, l, nh * hd))?;
+    // 2. x + o_proj(out), then the MLP, per row: from [out | x].
+    let joined = Tensor::cat(&[&out, x], 2)?;
+    let rest = [
+        &layer.o_proj,
+        &layer.gate_proj,
+        &layer.up_proj,
+        &layer.down_proj,
+    ];
+    chunks(
+        &joined,
+        &params_of(&rest, &layer.post_attention_layernorm),
+        &|_, _| {
+            let layer_c = layer.clone();
+            Ok(crate::train::recompute::block(
+                rest.iter().filter_map(|l| l.lora.as_ref()),
+                move |j: &Tensor| {
+                    let a = j.narrow(2, 0, nh * hd)?;
+                    let x = j.narrow(2, nh * hd, hidden)?;
+                    mlp_residual(&layer_c, &(x + layer_c.o_proj.forward(&a)?)?)
+                },
+            ))
+        },
+    )
+}
+
+/// The input norm, the q/k/v projections and the rotary embedding of rows `x`
+/// `[batch, rows, hidden]` (`cos`/`sin` of those rows): `[batch, rows, [q | k | v]]`, as
+/// [`attention`] computes them.
+fn rotated_qkv(
+    cfg: &TextConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let (b, rows, _) = x.dims3()?;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let h = layer.input_layernorm.forward(x)?;
+    let dtype = h.dtype();
+    let rotate = |t: Tensor, n: usize| -> Result<Tensor> {
+        let t = t.reshape((b, rows, n, hd))?.transpose(1, 2)?;
+        apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((b, rows, n * hd))
+    };
+    let q = rotate(layer.q_proj.forward(&h)?, nh)?;
+    let k = rotate(layer.k_proj.forward(&h)?, nkv)?;
+    let v = layer.v_proj.forward(&h)?;
+    Tensor::cat(&[&q, &k, &v], 2)
 }
 
 /// `x + mlp(norm(x))`: position-wise, so any split of the rows gives the same rows.

@@ -83,10 +83,11 @@ fn gradients_with_gradient_checkpointing_match_pytorch() {
     full_gradients_match_pytorch(true, None);
 }
 
-/// The MLP of a recomputed layer in checkpointed chunks of rows (here 7, so the golden episode
+/// Every position-wise part of a recomputed layer (the q/k/v projections with the rotary, the
+/// output projection and the MLP) in checkpointed chunks of rows (here 7, so the golden episode
 /// is split into several, the last one short): still PyTorch's gradients for every parameter.
 #[test]
-fn gradients_with_chunked_mlp_recompute_match_pytorch() {
+fn gradients_with_chunked_recompute_match_pytorch() {
     full_gradients_match_pytorch(true, Some(7));
 }
 

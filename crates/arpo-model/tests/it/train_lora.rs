@@ -107,9 +107,10 @@ fn lora_gradients_with_gradient_checkpointing_match_peft() {
     lora_gradients_match_peft(true, None);
 }
 
-/// Checkpointed MLP chunks of 7 rows nested in the recomputed layers: PEFT's gradients too.
+/// Checkpointed chunks of 7 rows (q/k/v with the rotary, the output projection and the MLP)
+/// nested in the recomputed layers: PEFT's gradients too.
 #[test]
-fn lora_gradients_with_chunked_mlp_recompute_match_peft() {
+fn lora_gradients_with_chunked_recompute_match_peft() {
     lora_gradients_match_peft(true, Some(7));
 }
 
