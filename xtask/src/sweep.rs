@@ -26,6 +26,7 @@ use arpo_trainer::setup::load_tasks;
 use arpo_trainer::sweep::{
     Algorithm, BASE_LABEL, RunEval, SWEEP_KEYS, SeededReport, SweepLayout, SweepReport, SweepRun,
     TaskSetSummary, TrainingRecord, final_checkpoint, final_training_success,
+    late_training_success,
 };
 use arpo_trainer::train::latest_checkpoint;
 
@@ -251,6 +252,7 @@ pub fn run(args: Args) -> Result<()> {
                     wall_seconds: None,
                     resumed: false,
                     final_training_success_rate: None,
+                    late_training_success_rate: None,
                     evals,
                 },
                 reports,
@@ -268,6 +270,7 @@ pub fn run(args: Args) -> Result<()> {
                     wall_seconds: record.as_ref().map(|r| r.wall_seconds),
                     resumed: record.as_ref().is_some_and(|r| r.resumed),
                     final_training_success_rate: final_training_success(&config.results_dir()),
+                    late_training_success_rate: late_training_success(&config.results_dir()),
                     evals,
                 },
                 reports,

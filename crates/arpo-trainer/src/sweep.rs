@@ -186,12 +186,34 @@ pub fn final_checkpoint(config: &Config) -> PathBuf {
     ))
 }
 
+/// The success rates of the run's epochs in its `training_metrics.json` (training
+/// temperature; `None` when the file is missing or an epoch lacks the rate).
+fn epoch_success_rates(results_dir: &Path) -> Option<Vec<f64>> {
+    let text = std::fs::read_to_string(results_dir.join("training_metrics.json")).ok()?;
+    let metrics: serde_json::Value = serde_json::from_str(&text).ok()?;
+    metrics
+        .get("epochs")?
+        .as_array()?
+        .iter()
+        .map(|e| e["success_rate"].as_f64())
+        .collect()
+}
+
 /// The success rate of the run's last epoch in its `training_metrics.json` (training
 /// temperature; `None` when the file or the epoch is missing).
 pub fn final_training_success(results_dir: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(results_dir.join("training_metrics.json")).ok()?;
-    let metrics: serde_json::Value = serde_json::from_str(&text).ok()?;
-    metrics.get("epochs")?.as_array()?.last()?["success_rate"].as_f64()
+    epoch_success_rates(results_dir)?.last().copied()
+}
+
+/// Epochs averaged by [`late_training_success`].
+pub const LATE_EPOCHS: usize = 5;
+
+/// The mean success rate of the run's last [`LATE_EPOCHS`] epochs (of all of them when it has
+/// fewer): what a run holds at its end, less noisy than the last epoch alone.
+pub fn late_training_success(results_dir: &Path) -> Option<f64> {
+    let rates = epoch_success_rates(results_dir)?;
+    let late = &rates[rates.len().saturating_sub(LATE_EPOCHS)..];
+    (!late.is_empty()).then(|| late.iter().sum::<f64>() / late.len() as f64)
 }
 
 /// `runs/<exp>/run.json`: how the training process of a run went.
@@ -481,6 +503,9 @@ pub struct SweepRun {
     pub resumed: bool,
     /// The last training epoch's success rate (training temperature).
     pub final_training_success_rate: Option<f64>,
+    /// The mean success rate of the last [`LATE_EPOCHS`] training epochs.
+    #[serde(default)]
+    pub late_training_success_rate: Option<f64>,
     pub evals: Vec<RunEval>,
 }
 
@@ -526,11 +551,13 @@ impl SweepReport {
                 .join(", "),
             self.attempts
         );
-        out += "| run | seed | training wall time | final training success |";
+        out += &format!(
+            "| run | seed | training wall time | final training success | last {LATE_EPOCHS} epochs' training success |"
+        );
         for t in &self.task_sets {
             out += &format!(" {t} |");
         }
-        out += "\n|---|---:|---:|---:|";
+        out += "\n|---|---:|---:|---:|---:|";
         out += &"---:|".repeat(self.task_sets.len());
         out.push('\n');
         for r in &self.runs {
@@ -543,6 +570,11 @@ impl SweepReport {
                     |s| format!("{s:.0} s{}", if r.resumed { " (resumed)" } else { "" })
                 ),
                 r.final_training_success_rate
+                    .map_or_else(|| "-".to_string(), |s| format!("{:.1}%", 100.0 * s))
+            );
+            out += &format!(
+                " {} |",
+                r.late_training_success_rate
                     .map_or_else(|| "-".to_string(), |s| format!("{:.1}%", 100.0 * s))
             );
             for t in &self.task_sets {

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use arpo_trainer::compare::load_reports;
 use arpo_trainer::eval::{EvalReport, TaskEval, wilson_interval};
 use arpo_trainer::sweep::{
-    Algorithm, RunEval, SeededReport, SweepReport, SweepRun, TaskSetSummary, paired_t_test,
+    Algorithm, RunEval, SeededReport, SweepReport, SweepRun, TaskSetSummary,
+    final_training_success, late_training_success, paired_t_test,
 };
 
 fn close(x: f64, want: f64, tol: f64) -> bool {
@@ -19,6 +20,41 @@ fn close(x: f64, want: f64, tol: f64) -> bool {
 ///   sd = √(0.025 / 4) = 0.0790569415042, se = sd / √5 = 0.0353553390593, t = 0.1 / se = 2√2
 ///   = 2.82842712475 on 4 df; two-sided p = 2 (1 − F_t4(2√2)) = 0.0474206555843;
 ///   t(0.975, 4) = 2.7764451052, 95% CI 0.1 ± 2.7764451052 · se = 0.00183784192612..0.198162158074.
+#[test]
+fn late_training_success_is_the_mean_of_the_last_five_epochs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(late_training_success(dir.path()), None, "no metrics file");
+    let write = |rates: &[f64]| {
+        let epochs: Vec<_> = rates
+            .iter()
+            .map(|r| serde_json::json!({ "success_rate": r }))
+            .collect();
+        let metrics = serde_json::json!({ "experiment": "x", "steps": [], "epochs": epochs });
+        std::fs::write(
+            dir.path().join("training_metrics.json"),
+            metrics.to_string(),
+        )
+        .expect("write");
+    };
+    // By hand: (0.3 + 0.4 + 0.5 + 0.6 + 0.8) / 5 = 0.52; the last epoch 0.8.
+    write(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]);
+    assert!(close(
+        late_training_success(dir.path()).expect("rate"),
+        0.52,
+        1e-12
+    ));
+    assert_eq!(final_training_success(dir.path()), Some(0.8));
+    // Fewer than five epochs: all of them, (0.2 + 0.4 + 0.9) / 3 = 0.5.
+    write(&[0.2, 0.4, 0.9]);
+    assert!(close(
+        late_training_success(dir.path()).expect("rate"),
+        0.5,
+        1e-12
+    ));
+    write(&[]);
+    assert_eq!(late_training_success(dir.path()), None, "no epoch yet");
+}
+
 #[test]
 fn paired_t_test_matches_the_hand_computed_values() {
     let a = [0.30, 0.25, 0.40, 0.35, 0.50];
@@ -215,6 +251,7 @@ fn a_sweep_report_from_eval_report_files_gives_the_hand_computed_tables() {
                 wall_seconds: (r.report.label != "base").then_some(512.3),
                 resumed: false,
                 final_training_success_rate: (r.report.label != "base").then_some(0.703),
+                late_training_success_rate: (r.report.label != "base").then_some(0.8156),
                 evals: vec![RunEval {
                     tasks: r.report.tasks_spec.clone(),
                     report: format!("{}_s{}.json", r.report.label, r.seed).into(),
@@ -228,15 +265,15 @@ fn a_sweep_report_from_eval_report_files_gives_the_hand_computed_tables() {
     };
     let text = sweep.markdown(std::slice::from_ref(&summary));
     assert!(
-        text.contains("| run | seed | training wall time | final training success | configs/colour_label_unseen.json |"),
+        text.contains("| run | seed | training wall time | final training success | last 5 epochs' training success | configs/colour_label_unseen.json |"),
         "{text}"
     );
     assert!(
-        text.contains("| arpo | 1 | 512 s | 70.3% | 37.5% (12/32) |"),
+        text.contains("| arpo | 1 | 512 s | 70.3% | 81.6% | 37.5% (12/32) |"),
         "{text}"
     );
     assert!(
-        text.contains("| base | 3 | - | - | 15.6% (5/32) |"),
+        text.contains("| base | 3 | - | - | - | 15.6% (5/32) |"),
         "{text}"
     );
     assert!(text.contains(&md), "{text}");
