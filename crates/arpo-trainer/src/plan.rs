@@ -104,14 +104,13 @@ mod tests {
         ]);
         assert_eq!(steps_per_epoch(&c, 10), 3);
         assert_eq!(total_optimizer_steps(&c, 10), 30);
-        // 8 tasks, 8 per step, 4 per mini-batch, 1 PPO epoch, 45 epochs: 2 × 45 = 90 (the
-        // embedded default's 90 updates).
+        // 8 tasks, 8 per step, 4 per mini-batch, 1 PPO epoch, 80 epochs: 2 × 80 = 160.
         let c = config(&[
             "data.rollout_batch_size=8",
             "worker.actor.global_batch_size=4",
-            "trainer.total_episodes=45",
+            "trainer.total_episodes=80",
         ]);
-        assert_eq!(total_optimizer_steps(&c, 8), 90);
+        assert_eq!(total_optimizer_steps(&c, 8), 160);
     }
 
     #[test]
