@@ -74,6 +74,18 @@ pub struct Args {
     pub temperature: Option<f64>,
 }
 
+/// This executable, to start each training run with. On Linux `/proc/self/exe`, which names
+/// the running image even after a rebuild has replaced the file the sweep started from (the
+/// path itself then names the new build, or nothing while it is being written); elsewhere that
+/// path.
+fn running_executable() -> Result<PathBuf> {
+    let own = Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && own.exists() {
+        return Ok(own.to_path_buf());
+    }
+    std::env::current_exe().context("finding this executable")
+}
+
 /// The validated command: everything checked before the first run starts.
 struct Plan {
     args: Args,
@@ -349,7 +361,7 @@ fn train(
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("finding this executable")?;
+    let exe = running_executable()?;
     let started = Instant::now();
     let status = Command::new(exe)
         .args(["train", "--quiet", "--resume", "--config"])
