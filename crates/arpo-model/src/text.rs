@@ -415,38 +415,13 @@ fn chunked_layer(
         cfg.num_key_value_heads,
         cfg.head_dim(),
     );
-    let params_of = |linears: &[&Linear], norm: &RmsNorm| {
-        let mut p: Vec<Tensor> = linears
-            .iter()
-            .flat_map(|l| crate::nn::trainable_of_linear(l))
-            .collect();
-        if norm.weight.is_variable() {
-            p.push(norm.weight.clone());
-        }
-        p
-    };
-    // `block(start, rows)` computes the rows `start..start + rows` from those rows of `input`.
-    let chunks = |input: &Tensor,
-                  params: &[Tensor],
-                  block: &dyn Fn(usize, usize) -> Result<crate::train::recompute::Block>|
-     -> Result<Tensor> {
-        let mut parts = Vec::with_capacity(l.div_ceil(chunk));
-        for start in (0..l).step_by(chunk) {
-            let rows = chunk.min(l - start);
-            parts.push(crate::train::recompute::checkpoint(
-                &input.narrow(1, start, rows)?,
-                params.to_vec(),
-                block(start, rows)?,
-            )?);
-        }
-        Tensor::cat(&parts, 1)
-    };
     // 1. [q | k | v] per row, rotated: [batch, len, (heads + 2 kv_heads) * head_dim].
     let qkv_linears = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
-    let qkv = chunks(
+    let qkv = checkpointed_chunks(
         x,
-        &params_of(&qkv_linears, &layer.input_layernorm),
-        &|start, rows| {
+        chunk,
+        &trainable_of(&qkv_linears, &layer.input_layernorm),
+        |start, rows| {
             let (cfg, layer_c) = (cfg.clone(), layer.clone());
             let (cos, sin) = (cos.narrow(2, start, rows)?, sin.narrow(2, start, rows)?);
             Ok(crate::train::recompute::block(
@@ -474,10 +449,11 @@ fn chunked_layer(
         &layer.up_proj,
         &layer.down_proj,
     ];
-    chunks(
+    checkpointed_chunks(
         &joined,
-        &params_of(&rest, &layer.post_attention_layernorm),
-        &|_, _| {
+        chunk,
+        &trainable_of(&rest, &layer.post_attention_layernorm),
+        |_, _| {
             let layer_c = layer.clone();
             Ok(crate::train::recompute::block(
                 rest.iter().filter_map(|l| l.lora.as_ref()),
@@ -536,33 +512,56 @@ fn mlp_residual(layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
 /// checkpointed ([`crate::train::recompute::checkpoint`]): nested in a recomputed layer, the
 /// layer's backward pass holds one chunk's MLP activations at a time.
 fn chunked_mlp_residual(layer: &DecoderLayer, x: &Tensor, chunk: usize) -> Result<Tensor> {
-    let len = x.dim(1)?;
-    if len <= chunk {
+    if x.dim(1)? <= chunk {
         return mlp_residual(layer, x);
     }
     let mlp = [&layer.gate_proj, &layer.up_proj, &layer.down_proj];
-    let mut params: Vec<Tensor> = mlp
-        .iter()
-        .flat_map(|l| crate::nn::trainable_of_linear(l))
-        .collect();
-    if layer.post_attention_layernorm.weight.is_variable() {
-        params.push(layer.post_attention_layernorm.weight.clone());
-    }
+    checkpointed_chunks(
+        x,
+        chunk,
+        &trainable_of(&mlp, &layer.post_attention_layernorm),
+        |_, _| {
+            let layer_c = layer.clone();
+            Ok(crate::train::recompute::block(
+                mlp.iter().filter_map(|l| l.lora.as_ref()),
+                move |x: &Tensor| mlp_residual(&layer_c, x),
+            ))
+        },
+    )
+}
+
+/// `input` `[batch, len, ..]` in chunks of `chunk` rows, each one
+/// [`crate::train::recompute::checkpoint`]ed with the trainable `params` of the block that
+/// `block(start, rows)` makes for the rows `start..start + rows`; the chunks' outputs joined.
+fn checkpointed_chunks(
+    input: &Tensor,
+    chunk: usize,
+    params: &[Tensor],
+    block: impl Fn(usize, usize) -> Result<crate::train::recompute::Block>,
+) -> Result<Tensor> {
+    let len = input.dim(1)?;
     let mut parts = Vec::with_capacity(len.div_ceil(chunk));
     for start in (0..len).step_by(chunk) {
         let rows = chunk.min(len - start);
-        let layer_c = layer.clone();
-        let block = crate::train::recompute::block(
-            mlp.iter().filter_map(|l| l.lora.as_ref()),
-            move |x: &Tensor| mlp_residual(&layer_c, x),
-        );
         parts.push(crate::train::recompute::checkpoint(
-            &x.narrow(1, start, rows)?,
-            params.clone(),
-            block,
+            &input.narrow(1, start, rows)?,
+            params.to_vec(),
+            block(start, rows)?,
         )?);
     }
     Tensor::cat(&parts, 1)
+}
+
+/// The trainable tensors of `linears` (weights, biases or LoRA adapters) and of `norm`.
+fn trainable_of(linears: &[&Linear], norm: &RmsNorm) -> Vec<Tensor> {
+    let mut params: Vec<Tensor> = linears
+        .iter()
+        .flat_map(|l| crate::nn::trainable_of_linear(l))
+        .collect();
+    if norm.weight.is_variable() {
+        params.push(norm.weight.clone());
+    }
+    params
 }
 
 #[allow(clippy::too_many_arguments)]
