@@ -33,6 +33,14 @@ impl TextConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
+    /// `(query heads, key/value heads, head_dim)`.
+    pub fn heads(&self) -> (usize, usize, usize) {
+        (
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim(),
+        )
+    }
 }
 
 /// Which vision tower: the blocks' norm and MLP, and where attention is windowed.

@@ -410,11 +410,7 @@ fn chunked_layer(
         let a = attention_residual(cfg, layer, x, cos, sin, mask, None, false)?;
         return chunked_mlp_residual(layer, &a, chunk);
     };
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim(),
-    );
+    let (nh, nkv, hd) = cfg.heads();
     // 1. [q | k | v] per row, rotated: [batch, len, (heads + 2 kv_heads) * head_dim].
     let qkv_linears = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
     let qkv = checkpointed_chunks(
@@ -478,24 +474,31 @@ fn rotated_qkv(
     sin: &Tensor,
 ) -> Result<Tensor> {
     let (b, rows, _) = x.dims3()?;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim(),
-    );
+    let (nh, nkv, hd) = cfg.heads();
     let h = layer.input_layernorm.forward(x)?;
-    let dtype = h.dtype();
-    let rotate = |t: Tensor, n: usize| -> Result<Tensor> {
-        let t = t.reshape((b, rows, n, hd))?.transpose(1, 2)?;
-        apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?
-            .to_dtype(dtype)?
-            .transpose(1, 2)?
-            .reshape((b, rows, n * hd))
-    };
-    let q = rotate(layer.q_proj.forward(&h)?, nh)?;
-    let k = rotate(layer.k_proj.forward(&h)?, nkv)?;
+    let rows_of = |t: Tensor, n: usize| t.transpose(1, 2)?.reshape((b, rows, n * hd));
+    let q = rows_of(rotated_heads(&layer.q_proj, &h, nh, hd, cos, sin)?, nh)?;
+    let k = rows_of(rotated_heads(&layer.k_proj, &h, nkv, hd, cos, sin)?, nkv)?;
     let v = layer.v_proj.forward(&h)?;
     Tensor::cat(&[&q, &k, &v], 2)
+}
+
+/// `proj(x)` for `x` `[batch, len, hidden]` as `heads` heads `[batch, heads, len, head_dim]`,
+/// rotated by `cos`/`sin` (in f32, back in `x`'s dtype).
+fn rotated_heads(
+    proj: &Linear,
+    x: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let (b, l, _) = x.dims3()?;
+    let t = proj
+        .forward(x)?
+        .reshape((b, l, heads, head_dim))?
+        .transpose(1, 2)?;
+    apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?.to_dtype(x.dtype())
 }
 
 /// `x + mlp(norm(x))`: position-wise, so any split of the rows gives the same rows.
@@ -576,31 +579,15 @@ fn attention(
     fused: bool,
 ) -> Result<Tensor> {
     let (b, l, _) = x.dims3()?;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim(),
-    );
+    let (nh, nkv, hd) = cfg.heads();
     let dtype = x.dtype();
-    let q = layer
-        .q_proj
-        .forward(x)?
-        .reshape((b, l, nh, hd))?
-        .transpose(1, 2)?;
-    let k = layer
-        .k_proj
-        .forward(x)?
-        .reshape((b, l, nkv, hd))?
-        .transpose(1, 2)?;
+    let q = rotated_heads(&layer.q_proj, x, nh, hd, cos, sin)?;
+    let k = rotated_heads(&layer.k_proj, x, nkv, hd, cos, sin)?.contiguous()?;
     let v = layer
         .v_proj
         .forward(x)?
         .reshape((b, l, nkv, hd))?
         .transpose(1, 2)?
-        .contiguous()?;
-    let q = apply_rotary(&q.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?;
-    let k = apply_rotary(&k.to_dtype(DType::F32)?, cos, sin)?
-        .to_dtype(dtype)?
         .contiguous()?;
     let (k, v) = match cache {
         Some(c) => {
