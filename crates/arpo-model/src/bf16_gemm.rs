@@ -284,7 +284,7 @@ impl Bf16Weight {
 }
 
 /// Runs `f` on `t`'s values as a contiguous f32 slice, without a copy when `t` is one already.
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     if t.dtype() != DType::F32 || !t.is_contiguous() {
         let t = t.to_dtype(DType::F32)?.contiguous()?;
         return with_f32_slice(&t, f);
@@ -292,12 +292,12 @@ fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         bail!(
-            "bf16 linear: the packed weights are on the CPU, the tensor is on {:?}",
+            "packed CPU linear (bf16 or q4): the weights are on the CPU, the input is on {:?}",
             t.device()
         )
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("bf16 linear: a contiguous tensor without contiguous offsets")
+        bail!("packed CPU linear: a contiguous tensor without contiguous offsets")
     };
     f(&cpu.as_slice::<f32>()?[start..end])
 }

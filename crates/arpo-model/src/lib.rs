@@ -49,6 +49,7 @@ pub mod nn;
 pub mod policy;
 pub mod prefix_cache;
 pub mod processor;
+pub mod q4_gemm;
 pub mod quantized;
 pub mod rope;
 pub mod text;

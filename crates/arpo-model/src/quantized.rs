@@ -3,7 +3,8 @@
 //! Decoding reads every weight once per token, so on a CPU its speed is the memory bandwidth
 //! divided by the bytes of the weights. [`Qwen2Vl::to_rollout`] builds an inference copy of a
 //! (learner's) model whose linear layers hold their weights as candle `QTensor`s: `q8_0` (8-bit,
-//! blocks of 32 with an f16 scale: 8.5 bits a weight), `q4k` (4-bit k-quants: 4.5 bits) or
+//! blocks of 32 with an f16 scale: 8.5 bits a weight), `q4k` (4-bit k-quants: 4.5 bits; on a
+//! CPU with AVX-512 VNNI tiled once for our own product, [`crate::q4_gemm`], 4.625 bits) or
 //! `bf16` (16 bits: on the CPU packed for AVX-512 BF16 dot products, [`crate::bf16_gemm`],
 //! every linear including the 1176-wide patch embedding). Embeddings and norms stay as they
 //! are (f32); under `q8_0`/`q4k` a linear whose input width is not a multiple of the format's
@@ -40,6 +41,7 @@ use crate::device::SpecError;
 use crate::error::{ModelError, Result};
 use crate::model::Qwen2Vl;
 use crate::nn::Linear;
+use crate::q4_gemm::{Q4Kernel, Q4Weight};
 
 /// The storage of the rollout copy's linear weights (`worker.rollout.weights`, `--weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -133,11 +135,12 @@ pub struct QuantizedWeight {
 enum Product {
     Candle(QMatMul),
     Bf16(Bf16Weight),
+    Q4(Q4Weight),
 }
 
 impl QuantizedWeight {
     /// Quantizes `weight` `[out, in]` (any float dtype) to `format` (`BF16` on the CPU: packed
-    /// for [`Bf16Weight`]).
+    /// for [`Bf16Weight`]; `Q4K` on a CPU with AVX-512 VNNI: tiled for [`Q4Weight`]).
     pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
         let (product, bytes) = Product::new(weight, format)?;
         Ok(Self {
@@ -169,7 +172,7 @@ impl QuantizedWeight {
     }
 
     /// Bytes of the quantized storage (candle may add a repacked copy on first use; a
-    /// [`Bf16Weight`]'s includes its padding to whole panels).
+    /// [`Bf16Weight`]'s and a [`Q4Weight`]'s include their padding to whole panels or tiles).
     pub fn storage_bytes(&self) -> usize {
         self.bytes
     }
@@ -187,6 +190,7 @@ impl QuantizedWeight {
         match &*self.product() {
             Product::Candle(q) => q.forward(&x.contiguous()?),
             Product::Bf16(w) => w.forward(x),
+            Product::Q4(w) => w.forward(x),
         }
     }
 }
@@ -198,6 +202,14 @@ impl Product {
             let w = Bf16Weight::from_tensor(weight)?;
             let bytes = w.storage_bytes();
             return Ok((Self::Bf16(w), bytes));
+        }
+        if format == GgmlDType::Q4K
+            && weight.device().is_cpu()
+            && Q4Kernel::best() == Q4Kernel::Avx512Vnni
+        {
+            let w = Q4Weight::from_tensor(weight)?;
+            let bytes = w.storage_bytes();
+            return Ok((Self::Q4(w), bytes));
         }
         let q = QTensor::quantize(weight, format)?;
         let bytes = q.storage_size_in_bytes();

@@ -1,0 +1,869 @@
+//! 4-bit linear weights on the CPU: `x W^T` with AVX-512 VNNI integer dot products
+//! (`vpdpbusd`) over candle's `q4k` weights, held in one layout made for the product.
+//!
+//! candle 0.11 stores a `q4k` weight as k-quant blocks (4.5 bits a weight) and, on its first
+//! product on an AVX-512 VNNI CPU, adds a second copy tiled for `vpdpbusd` with every sub-block
+//! scale and minimum unpacked to f32 (6 bits a weight). It keeps both: the 2B model's 4-bit
+//! linears took 1.09 GB + 1.45 GB, and a decoded token read the 6-bit copy. A [`Q4Weight`] is
+//! the same quantization (candle's own `q4k` quantizer makes the blocks; the values
+//! [`Q4Weight::to_rows`] gives back are candle's dequantized ones, bit for bit) in a single
+//! layout of 4.625 bits a weight, which the product reads as it is:
+//!
+//! - the output rows are cut into tiles of [`TILE_ROWS`] (16, one zmm of i32 or f32 lanes); the
+//!   last tile is padded with zero rows;
+//! - per tile and super-block of 256 inputs, one 2,368-byte [`Tile`]: for each group of 8
+//!   inputs `8g..8g + 8` and each row, 4 bytes whose low nibbles are the row's quants of inputs
+//!   `8g..8g + 4` and high nibbles those of `8g + 4..8g + 8` (one 64-byte load feeds two
+//!   `vpdpbusd` for 16 rows); then the 6-bit scale and minimum of each sub-block of 32 inputs
+//!   and row as bytes, and each row's f16 super-block scales `d` and `dmin`.
+//!
+//! A weight is `w = d * sc * q - dmin * m` (`q` in 0..16). The product rounds each row of `x`
+//! per super-block to 8 bits (`x ≈ dx * qx`, `dx = max|x| / 127`, `qx` rounded to nearest,
+//! ties to even). Per super-block and output it sums exactly in integers over each sub-block
+//! `s` the products `D_s = Σ_i q_i qx_i` (|D_s| < 2^16, so exact in f32 too), then in f32 with
+//! fused multiply-adds, sub-block by sub-block, `S = Σ_s sc_s D_s` and `M = Σ_s m_s Σ_i qx_i`
+//! (`M` exact: below 2^24), and `y += (d dx) S`, `y -= (dmin dx) M`. Both kernels (the AVX-512
+//! VNNI one and the portable one) do exactly these operations in this order, so they agree to
+//! the bit. The rounding of `x` is the only approximation beyond the weights' own and a few
+//! f32 roundings (candle's `q4k` product rounds `x` the same way, to its `q8k`).
+//!
+//! The threads share the tiles (each reads only its own weights, once per block of 256 rows of
+//! `x`); a decoded token (one row) reads each weight once, 4.625 bits of it. The work runs on
+//! candle's persistent thread pool, as candle's own quantized products do.
+//!
+//! ```
+//! use arpo_model::q4_gemm::{Q4Kernel, Q4Weight};
+//! use candle_core::{Device, Tensor};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let w = Tensor::randn(0f32, 0.02, (40, 512), &dev)?; // [out 40, in 512]
+//! let q = Q4Weight::from_tensor(&w)?;
+//! assert_eq!(q.dims(), (40, 512));
+//! let x = Tensor::randn(0f32, 1.0, (1, 3, 512), &dev)?;
+//! let best = q.forward(&x)?;
+//! let portable = q.forward_with(&x, Q4Kernel::Portable)?;
+//! assert_eq!(best.dims(), &[1, 3, 40]);
+//! // The kernels agree to the bit.
+//! assert_eq!(
+//!     best.flatten_all()?.to_vec1::<f32>()?,
+//!     portable.flatten_all()?.to_vec1::<f32>()?
+//! );
+//! # Ok(())
+//! # }
+//! ```
+
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Result, Tensor, bail};
+
+use crate::bf16_gemm::with_f32_slice;
+
+/// Output rows per tile (one zmm register of 16 lanes).
+pub const TILE_ROWS: usize = 16;
+/// Inputs per super-block (`q4k`'s block).
+pub const SUPER_BLOCK: usize = 256;
+/// Sub-blocks of 32 inputs per super-block, each with its own scale and minimum.
+const SUBS: usize = 8;
+/// Groups of 8 inputs per super-block.
+const GROUPS: usize = SUPER_BLOCK / 8;
+/// Bytes of one candle `q4k` block: f16 `d`, f16 `dmin`, 12 bytes of 6-bit scales and minimums,
+/// 128 bytes of quants.
+const Q4K_BLOCK_BYTES: usize = 144;
+/// Rows of `x` that pass over a tile together (each nibble unpacked once for all of them).
+const ROW_GROUP: usize = 4;
+/// Rows of `x` per cache block: their 8-bit values stay in L2 while a thread's tiles pass.
+const MC: usize = 256;
+/// Products smaller than this many multiply-adds run on the calling thread alone.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// 16 output rows by one super-block of 256 inputs (see the module doc). 37 cache lines.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Tile {
+    /// `[group 32][row 16][4 bytes]`: byte `j` is `q[8g + j] | q[8g + 4 + j] << 4`.
+    qs: [u8; GROUPS * TILE_ROWS * 4],
+    /// `[sub-block 8][row 16]`, 0..64.
+    scales: [u8; SUBS * TILE_ROWS],
+    /// `[sub-block 8][row 16]`, 0..64.
+    mins: [u8; SUBS * TILE_ROWS],
+    /// f16 bits per row.
+    d: [u16; TILE_ROWS],
+    /// f16 bits per row.
+    dmin: [u16; TILE_ROWS],
+}
+
+const _: () = assert!(std::mem::size_of::<Tile>() == 37 * 64);
+
+const ZERO_TILE: Tile = Tile {
+    qs: [0; GROUPS * TILE_ROWS * 4],
+    scales: [0; SUBS * TILE_ROWS],
+    mins: [0; SUBS * TILE_ROWS],
+    d: [0; TILE_ROWS],
+    dmin: [0; TILE_ROWS],
+};
+
+/// Which kernel computes the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Q4Kernel {
+    /// `vpdpbusd` on x86-64 CPUs with AVX-512 VNNI (Ice Lake, Zen 4 and later).
+    Avx512Vnni,
+    /// Any CPU: the same integer sums in scalar code (slow; for other CPUs and for tests).
+    Portable,
+}
+
+impl Q4Kernel {
+    /// The fastest kernel this CPU runs (detected once).
+    pub fn best() -> Self {
+        static BEST: OnceLock<Q4Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            if Self::Avx512Vnni.is_available() {
+                Self::Avx512Vnni
+            } else {
+                Self::Portable
+            }
+        })
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => vnni::Vnni::detect().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Avx512Vnni => false,
+        }
+    }
+}
+
+/// A linear weight `[out, in]` in candle's `q4k` quantization, tiled for [`Q4Weight::forward`]
+/// (see the module doc). `in` must be a multiple of 256. Cloning shares the tiles.
+#[derive(Clone)]
+pub struct Q4Weight {
+    out_features: usize,
+    in_features: usize,
+    /// `in_features / 256`.
+    supers: usize,
+    /// Tile `(t, b)` (output rows `16t..16t + 16`, inputs `256b..256b + 256`) at `t * supers + b`.
+    tiles: Arc<[Tile]>,
+}
+
+impl std::fmt::Debug for Q4Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Q4Weight")
+            .field("out_features", &self.out_features)
+            .field("in_features", &self.in_features)
+            .field("storage_bytes", &self.storage_bytes())
+            .finish()
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum from a `q4k` block's 12 packed bytes: sub-blocks
+/// 0-3 keep theirs in the low 6 bits of bytes `j` and `j + 4`; sub-blocks 4-7 have their low 4
+/// bits in the nibbles of byte `j + 4` and their top 2 bits in the spare top bits of bytes
+/// `j - 4` (scale) and `j` (minimum).
+fn scale_and_min(j: usize, packed: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 0x3f, packed[j + 4] & 0x3f)
+    } else {
+        (
+            (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4),
+            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+        )
+    }
+}
+
+fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+impl Q4Weight {
+    /// Quantizes `weight` `[out, in]` (any float dtype, CPU) with candle's `q4k` quantizer and
+    /// tiles the blocks; `in` must be a multiple of 256.
+    pub fn from_tensor(weight: &Tensor) -> Result<Self> {
+        let (out, inp) = weight.dims2()?;
+        if inp == 0 || !inp.is_multiple_of(SUPER_BLOCK) {
+            bail!("q4 linear: {inp} inputs is not a multiple of the {SUPER_BLOCK}-wide super-block")
+        }
+        let w = weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
+        Self::from_q4k_blocks(&q.data()?, out, inp)
+    }
+
+    /// Tiles the bytes of a `[out, in]` candle `q4k` tensor (`QTensor::data`: row-major blocks
+    /// of 144 bytes, `in / 256` per row).
+    pub fn from_q4k_blocks(bytes: &[u8], out_features: usize, in_features: usize) -> Result<Self> {
+        if in_features == 0 || !in_features.is_multiple_of(SUPER_BLOCK) {
+            bail!("q4 linear: {in_features} inputs is not a multiple of {SUPER_BLOCK}")
+        }
+        let supers = in_features / SUPER_BLOCK;
+        let expected = out_features
+            .checked_mul(supers)
+            .and_then(|b| b.checked_mul(Q4K_BLOCK_BYTES));
+        if expected != Some(bytes.len()) {
+            bail!(
+                "q4 linear: {} bytes of q4k blocks for a [{out_features}, {in_features}] weight \
+                 (expected {out_features} x {supers} blocks of {Q4K_BLOCK_BYTES} bytes)",
+                bytes.len()
+            )
+        }
+        let tile_rows = out_features.div_ceil(TILE_ROWS);
+        let mut tiles = vec![ZERO_TILE; tile_rows * supers];
+        let mut q = [0u8; SUPER_BLOCK];
+        for (i, block) in bytes.chunks_exact(Q4K_BLOCK_BYTES).enumerate() {
+            let (row, b) = (i / supers, i % supers);
+            let (t, r) = (row / TILE_ROWS, row % TILE_ROWS);
+            let tile = &mut tiles[t * supers + b];
+            tile.d[r] = u16::from_le_bytes([block[0], block[1]]);
+            tile.dmin[r] = u16::from_le_bytes([block[2], block[3]]);
+            let (packed, quants) = (&block[4..16], &block[16..]);
+            for s in 0..SUBS {
+                let (sc, m) = scale_and_min(s, packed);
+                tile.scales[s * TILE_ROWS + r] = sc;
+                tile.mins[s * TILE_ROWS + r] = m;
+            }
+            // Each 32 bytes hold 64 inputs: the first 32 in the low nibbles, the next 32 in
+            // the high ones.
+            for (c, chunk) in quants.chunks_exact(32).enumerate() {
+                for (j, &byte) in chunk.iter().enumerate() {
+                    q[c * 64 + j] = byte & 0x0f;
+                    q[c * 64 + 32 + j] = byte >> 4;
+                }
+            }
+            for g in 0..GROUPS {
+                for j in 0..4 {
+                    tile.qs[(g * TILE_ROWS + r) * 4 + j] = q[8 * g + j] | (q[8 * g + 4 + j] << 4);
+                }
+            }
+        }
+        Ok(Self {
+            out_features,
+            in_features,
+            supers,
+            tiles: tiles.into(),
+        })
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+
+    /// Bytes of the tiles (padding rows included).
+    pub fn storage_bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// The weight's values as a row-major `[out, in]` f32 matrix, computed as candle
+    /// dequantizes a `q4k` block (`(d * sc) * q - dmin * m`).
+    pub fn to_rows(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.out_features * self.in_features];
+        for (row, values) in out.chunks_exact_mut(self.in_features).enumerate() {
+            let (t, r) = (row / TILE_ROWS, row % TILE_ROWS);
+            for (b, chunk) in values.chunks_exact_mut(SUPER_BLOCK).enumerate() {
+                let tile = &self.tiles[t * self.supers + b];
+                let (d, dmin) = (f16_to_f32(tile.d[r]), f16_to_f32(tile.dmin[r]));
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let (g, j) = (i / 8, i % 8);
+                    let byte = tile.qs[(g * TILE_ROWS + r) * 4 + j % 4];
+                    let q = if j < 4 { byte & 0x0f } else { byte >> 4 };
+                    let s = i / 32;
+                    let scale = d * tile.scales[s * TILE_ROWS + r] as f32;
+                    let min = dmin * tile.mins[s * TILE_ROWS + r] as f32;
+                    *v = scale * q as f32 - min;
+                }
+            }
+        }
+        out
+    }
+
+    /// `x W^T` for `x` `[.., in]` with the best kernel of this CPU (output in `x`'s dtype).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Q4Kernel::best())
+    }
+
+    /// `x W^T` with `kernel` (an error if this CPU lacks it).
+    pub fn forward_with(&self, x: &Tensor, kernel: Q4Kernel) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            bail!(
+                "q4 linear: x is a scalar, expected [.., {}]",
+                self.in_features
+            )
+        };
+        if k != self.in_features {
+            bail!(
+                "q4 linear: x {:?} against a weight [{}, {}]",
+                dims,
+                self.out_features,
+                self.in_features
+            )
+        }
+        let m: usize = lead.iter().product();
+        let y = with_f32_slice(x, |xs| self.matmul(xs, m, kernel))?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features);
+        Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())
+    }
+
+    /// `x W^T` for a row-major `[m, in]` f32 matrix: a row-major `[m, out]` matrix.
+    pub fn matmul(&self, x: &[f32], m: usize, kernel: Q4Kernel) -> Result<Vec<f32>> {
+        if Some(x.len()) != m.checked_mul(self.in_features) {
+            bail!(
+                "q4 linear: {} values of x for {m} rows of {}",
+                x.len(),
+                self.in_features
+            )
+        }
+        match kernel {
+            Q4Kernel::Portable => Ok(matmul_with(&Portable, self, x, m)),
+            #[cfg(target_arch = "x86_64")]
+            Q4Kernel::Avx512Vnni => match vnni::Vnni::detect() {
+                Some(k) => Ok(matmul_with(&k, self, x, m)),
+                None => bail!("q4 linear: this CPU has no AVX-512 VNNI: use the portable kernel"),
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            Q4Kernel::Avx512Vnni => {
+                bail!("q4 linear: AVX-512 VNNI needs an x86-64 CPU: use the portable kernel")
+            }
+        }
+    }
+}
+
+/// Rows of `x` rounded to 8 bits per super-block: `x[i] ≈ d[row, b] * q[i]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Rows {
+    /// `[m, k]`, in -127..=127.
+    pub q: Vec<i8>,
+    /// `[m, k / 256]`: `max|x| / 127` of the super-block (0 for an all-zero one).
+    pub d: Vec<f32>,
+    /// `[m, k / 256, 8]`: the sum of `q` over each sub-block of 32.
+    pub sums: Vec<i32>,
+}
+
+/// Rounds each row (`k` wide, a multiple of 256) of `x` to 8 bits per super-block: `qx =
+/// round(x * (127 / max|x|))`, ties to even, and `dx = max|x| / 127`. A super-block of zeros
+/// gets `dx = 0`; a non-finite value gives zeros (its output is meaningless either way).
+pub fn quantize_rows(x: &[f32], k: usize) -> Q8Rows {
+    let supers = k / SUPER_BLOCK;
+    let blocks = x.len() / SUPER_BLOCK;
+    let mut out = Q8Rows {
+        q: vec![0; blocks * SUPER_BLOCK],
+        d: vec![0.0; blocks],
+        sums: vec![0; blocks * SUBS],
+    };
+    debug_assert_eq!(blocks, x.len() / k.max(1) * supers);
+    for (i, (xs, qs)) in x
+        .chunks_exact(SUPER_BLOCK)
+        .zip(out.q.chunks_exact_mut(SUPER_BLOCK))
+        .enumerate()
+    {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if !(amax > 0.0 && amax.is_finite()) {
+            continue;
+        }
+        let inv = 127.0 / amax;
+        out.d[i] = amax / 127.0;
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            // |v * inv| <= 127 up to one rounding, which `round_ties_even` absorbs.
+            *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        for (s, sub) in qs.chunks_exact(32).enumerate() {
+            out.sums[i * SUBS + s] = sub.iter().map(|&q| q as i32).sum();
+        }
+    }
+    out
+}
+
+/// One kernel call: `rows` (1..=4) rows of `x` against one tile column (all super-blocks of
+/// 16 output rows); row `r`'s first `cols` outputs go to `out[r * ldc..]`.
+struct Job<'a> {
+    tiles: &'a [Tile],
+    /// The rows' 8-bit values, `k` apart.
+    q: &'a [i8],
+    /// Their scales, `supers` apart.
+    d: &'a [f32],
+    /// Their sub-block sums, `8 * supers` apart.
+    sums: &'a [i32],
+    rows: usize,
+    out: &'a mut [f32],
+    ldc: usize,
+    cols: usize,
+}
+
+impl Job<'_> {
+    /// The bounds every kernel relies on.
+    fn check(&self) {
+        let supers = self.tiles.len();
+        let k = supers * SUPER_BLOCK;
+        assert!((1..=ROW_GROUP).contains(&self.rows) && (1..=TILE_ROWS).contains(&self.cols));
+        assert!(self.q.len() >= self.rows * k);
+        assert!(self.d.len() >= self.rows * supers);
+        assert!(self.sums.len() >= self.rows * supers * SUBS);
+        assert!(self.out.len() >= (self.rows - 1) * self.ldc + self.cols);
+    }
+}
+
+trait Microkernel: Sync {
+    fn run(&self, job: Job<'_>);
+}
+
+/// The product is cut into units of a run of tile columns by one block of up to `MC` rows of
+/// `x` (about 8 units per thread), dealt to candle's persistent thread pool (the one its own
+/// quantized products use: no thread is started per call); each unit writes its own block of
+/// outputs, copied into place after.
+fn matmul_with<K: Microkernel>(kernel: &K, w: &Q4Weight, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k, supers) = (w.out_features, w.in_features, w.supers);
+    let mut c = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return c;
+    }
+    let xq = quantize_rows(x, k);
+    let threads = candle_core::utils::get_num_threads();
+    let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
+    let tile_cols = n.div_ceil(TILE_ROWS);
+    let row_blocks = m.div_ceil(MC);
+    let runs = if parallel {
+        (8 * threads).div_ceil(row_blocks).min(tile_cols)
+    } else {
+        1
+    };
+    let per_run = tile_cols.div_ceil(runs);
+    let runs = tile_cols.div_ceil(per_run);
+    // Unit `u`: tile columns `t0..t1` of row block `u / runs` (rows `r0..r0 + rows`), outputs
+    // `col0..col0 + width`.
+    let place = |u: usize| {
+        let t0 = u % runs * per_run;
+        let t1 = (t0 + per_run).min(tile_cols);
+        let r0 = u / runs * MC;
+        let col0 = t0 * TILE_ROWS;
+        (
+            t0..t1,
+            r0,
+            MC.min(m - r0),
+            col0,
+            (t1 * TILE_ROWS).min(n) - col0,
+        )
+    };
+    let units = runs * row_blocks;
+    let slots: Vec<Mutex<Vec<f32>>> = (0..units).map(|_| Mutex::new(Vec::new())).collect();
+    let unit = |u: usize| {
+        let (tiles_run, r0, rows, col0, width) = place(u);
+        let mut out = vec![0f32; rows * width];
+        for t in tiles_run {
+            let tiles = &w.tiles[t * supers..(t + 1) * supers];
+            let at = t * TILE_ROWS - col0;
+            for g0 in (0..rows).step_by(ROW_GROUP) {
+                let r = r0 + g0;
+                kernel.run(Job {
+                    tiles,
+                    q: &xq.q[r * k..],
+                    d: &xq.d[r * supers..],
+                    sums: &xq.sums[r * supers * SUBS..],
+                    rows: ROW_GROUP.min(rows - g0),
+                    out: &mut out[g0 * width + at..],
+                    ldc: width,
+                    cols: TILE_ROWS.min(width - at),
+                });
+            }
+        }
+        *slots[u].lock().unwrap_or_else(PoisonError::into_inner) = out;
+    };
+    if parallel {
+        candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(unit));
+    } else {
+        (0..units).for_each(unit);
+    }
+    for (u, slot) in slots.into_iter().enumerate() {
+        let (_, r0, _, col0, width) = place(u);
+        let out = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        for (i, src) in out.chunks_exact(width).enumerate() {
+            let at = (r0 + i) * n + col0;
+            c[at..at + width].copy_from_slice(src);
+        }
+    }
+    c
+}
+
+/// The sums in scalar code, in the order and roundings of the module doc.
+#[derive(Debug)]
+struct Portable;
+
+impl Microkernel for Portable {
+    fn run(&self, job: Job<'_>) {
+        job.check();
+        let supers = job.tiles.len();
+        let k = supers * SUPER_BLOCK;
+        for r in 0..job.rows {
+            let mut acc = [0f32; TILE_ROWS];
+            for (b, tile) in job.tiles.iter().enumerate() {
+                let qx = &job.q[r * k + b * SUPER_BLOCK..][..SUPER_BLOCK];
+                let dx = job.d[r * supers + b];
+                let sums = &job.sums[(r * supers + b) * SUBS..][..SUBS];
+                for (row, acc) in acc.iter_mut().enumerate() {
+                    let (mut total, mut mins) = (0f32, 0f32);
+                    for (s, &sum) in sums.iter().enumerate() {
+                        let mut dot = 0i32;
+                        for g in 4 * s..4 * s + 4 {
+                            let bytes = &tile.qs[(g * TILE_ROWS + row) * 4..][..4];
+                            for (j, &byte) in bytes.iter().enumerate() {
+                                dot += (byte & 0x0f) as i32 * qx[8 * g + j] as i32;
+                                dot += (byte >> 4) as i32 * qx[8 * g + 4 + j] as i32;
+                            }
+                        }
+                        let (sc, mn) = (
+                            tile.scales[s * TILE_ROWS + row],
+                            tile.mins[s * TILE_ROWS + row],
+                        );
+                        total = (dot as f32).mul_add(sc as f32, total);
+                        mins = (mn as f32).mul_add(sum as f32, mins);
+                    }
+                    let scale = f16_to_f32(tile.d[row]) * dx;
+                    let min = f16_to_f32(tile.dmin[row]) * dx;
+                    *acc = scale.mul_add(total, *acc);
+                    *acc = (-min).mul_add(mins, *acc);
+                }
+            }
+            job.out[r * job.ldc..r * job.ldc + job.cols].copy_from_slice(&acc[..job.cols]);
+        }
+    }
+}
+
+// The AVX-512 intrinsics are stable from Rust 1.89, the workspace's rust-version.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod vnni {
+    //! The `vpdpbusd` kernel. Every function with `#[target_feature]` is reached only through
+    //! a [`Vnni`] value, which exists only where the CPU reports the features.
+
+    use std::arch::x86_64::*;
+
+    use super::{Job, Microkernel, ROW_GROUP, SUBS, SUPER_BLOCK, TILE_ROWS};
+
+    /// How many tiles ahead of the one being multiplied the kernel prefetches.
+    const PREFETCH_TILES: usize = 4;
+
+    /// Proof that this CPU has AVX-512 F, BW and VNNI (private field: made by `detect`).
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Vnni(());
+
+    impl Vnni {
+        pub(super) fn detect() -> Option<Self> {
+            let ok = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni");
+            ok.then_some(Self(()))
+        }
+    }
+
+    impl Microkernel for Vnni {
+        fn run(&self, job: Job<'_>) {
+            job.check();
+            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
+            // `job.check()` holds.
+            unsafe {
+                match job.rows {
+                    1 => rows_x16::<1>(job),
+                    2 => rows_x16::<2>(job),
+                    3 => rows_x16::<3>(job),
+                    _ => rows_x16::<ROW_GROUP>(job),
+                }
+            }
+        }
+    }
+
+    /// `R` rows of `x` against one tile column: per group of 8 inputs, one 64-byte load of
+    /// 16 rows' nibbles, unpacked to two registers of quants, each multiplied against a
+    /// broadcast quad of each row's 8-bit `x` by `vpdpbusd` (u8 x i8, 4 products a lane).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn rows_x16<const R: usize>(job: Job<'_>) {
+        let supers = job.tiles.len();
+        let k = supers * SUPER_BLOCK;
+        let low = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); R];
+        // Pointer steps and slices set up outside the loops keep the inner loop free of index
+        // arithmetic (and of its overflow checks in debug builds).
+        let rows: [*const i8; R] = std::array::from_fn(|r| job.q.as_ptr().wrapping_add(r * k));
+        for (b, tile) in job.tiles.iter().enumerate() {
+            // The weights stream from memory once per token: ask for the tile `PREFETCH_TILES`
+            // ahead now (the tiles of a run of columns lie one after the other in memory; a
+            // prefetch past the end is dropped, never a fault).
+            let ahead = (tile as *const super::Tile)
+                .wrapping_add(PREFETCH_TILES)
+                .cast::<i8>();
+            for line in 0..std::mem::size_of::<super::Tile>() / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+            }
+            let sums: [&[i32]; R] =
+                std::array::from_fn(|r| &job.sums[(r * supers + b) * SUBS..][..SUBS]);
+            let mut x: [*const i8; R] =
+                std::array::from_fn(|r| rows[r].wrapping_add(b * SUPER_BLOCK));
+            let mut qs = tile.qs.as_ptr().cast::<__m512i>();
+            let mut total = [_mm512_setzero_ps(); R];
+            let mut mins = [_mm512_setzero_ps(); R];
+            for s in 0..SUBS {
+                let mut dot = [_mm512_setzero_si512(); R];
+                for _ in 0..4 {
+                    // SAFETY: `qs` walks the tile's 32 aligned zmm-sized lines (the tile is 64-byte
+                    // aligned), one per group.
+                    let w = unsafe { _mm512_load_si512(qs) };
+                    qs = qs.wrapping_add(1);
+                    let lo = _mm512_and_si512(w, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                    for (dot, p) in dot.iter_mut().zip(x.iter_mut()) {
+                        // SAFETY: `job.check()`: each row's pointer walks its super-block's 256
+                        // values of `q`, 8 per group.
+                        // (`_mm_loadu_si32`, not `read_unaligned`: no precondition check runs
+                        // in debug builds, where the tests and `cargo xtask` run this.)
+                        let (xa, xb) = unsafe {
+                            (
+                                _mm_cvtsi128_si32(_mm_loadu_si32(p.cast())),
+                                _mm_cvtsi128_si32(_mm_loadu_si32(p.wrapping_add(4).cast())),
+                            )
+                        };
+                        *p = p.wrapping_add(8);
+                        *dot = _mm512_dpbusd_epi32(*dot, lo, _mm512_set1_epi32(xa));
+                        *dot = _mm512_dpbusd_epi32(*dot, hi, _mm512_set1_epi32(xb));
+                    }
+                }
+                // SAFETY: 16 bytes at `16 s` of the 128-byte arrays, `s < 8`.
+                let (sc, mn) = unsafe {
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tile.scales.as_ptr().wrapping_add(TILE_ROWS * s).cast(),
+                        ))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tile.mins.as_ptr().wrapping_add(TILE_ROWS * s).cast(),
+                        ))),
+                    )
+                };
+                for r in 0..R {
+                    total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), sc, total[r]);
+                    mins[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sums[r][s] as f32), mins[r]);
+                }
+            }
+            // SAFETY: 16 f16 values each.
+            let (dv, dminv) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr().cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(tile.dmin.as_ptr().cast())),
+                )
+            };
+            for r in 0..R {
+                let dx = _mm512_set1_ps(job.d[r * supers + b]);
+                let scale = _mm512_mul_ps(dv, dx);
+                let min = _mm512_mul_ps(dminv, dx);
+                acc[r] = _mm512_fmadd_ps(scale, total[r], acc[r]);
+                acc[r] = _mm512_fnmadd_ps(min, mins[r], acc[r]);
+            }
+        }
+        let mask: __mmask16 = if job.cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << job.cols) - 1
+        };
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: `job.check()`: row `r < rows` has `cols` values at `r * ldc`; the mask
+            // covers only those lanes.
+            unsafe {
+                _mm512_mask_storeu_ps(job.out.as_mut_ptr().wrapping_add(r * job.ldc), mask, *acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_to_eight_bits_per_super_block() {
+        // max|x| = 7.9375 = 127/16: qx = 16 x exactly, dx = 1/16. 1.03125 -> 16.5 and
+        // 0.03125 -> 0.5 are ties (to even: 16 and 0), 1.09375 -> 17.5 (to 18).
+        let mut x = vec![0f32; 512];
+        x[0] = 1.03125;
+        x[1] = -7.9375;
+        x[2] = 0.03125;
+        x[3] = 1.09375;
+        x[40] = 0.5;
+        let q = quantize_rows(&x, 512);
+        assert_eq!(q.d, vec![0.0625, 0.0]);
+        assert_eq!(&q.q[..4], &[16, -127, 0, 18]);
+        assert_eq!(q.q[40], 8);
+        assert!(q.q[256..].iter().all(|&v| v == 0));
+        assert_eq!(&q.sums[..2], &[16 - 127 + 18, 8]);
+        assert!(q.sums[2..].iter().all(|&s| s == 0));
+    }
+
+    #[test]
+    fn packed_scales_unpack_as_the_format_says() {
+        // Sub-block 5: low 4 bits of its scale in byte 9's low nibble, top 2 bits in byte 1's
+        // top bits; its minimum's low 4 in byte 9's high nibble, top 2 in byte 5's top bits.
+        let mut packed = [0u8; 12];
+        packed[9] = 0xa3;
+        packed[1] = 0b10 << 6 | 7;
+        packed[5] = 0b01 << 6 | 9;
+        assert_eq!(scale_and_min(5, &packed), (0x23, 0x1a));
+        assert_eq!(scale_and_min(1, &packed), (7, 9));
+    }
+    /// Deterministic values in [-1, 1) (a 64-bit LCG; the tests need no RNG crate state).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn weight(n: usize, k: usize, seed: u64) -> Tensor {
+        let w: Vec<f32> = values(n * k, seed).iter().map(|v| v * 0.05).collect();
+        Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn tiles_hold_candles_q4k_values_bit_for_bit() {
+        // 40 rows: two whole tiles and one padded; 2 super-blocks.
+        let w = weight(40, 512, 1);
+        let q = Q4Weight::from_tensor(&w).unwrap();
+        let candle = QTensor::quantize(&w, GgmlDType::Q4K)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let ours = q.to_rows();
+        assert_eq!(ours.len(), candle.len());
+        for (i, (a, b)) in ours.iter().zip(&candle).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "value {i}: {a} vs candle's {b}");
+        }
+        assert_eq!(q.storage_bytes(), 3 * 2 * 2368);
+    }
+
+    /// Against exact products (f64). With `x` rounded as the format says (`qx = round(x * 127 /
+    /// max|x|)` per super-block, `dx = max|x| / 127` in f32), the exact value is
+    /// `Σ_b dx (d S - dmin M)` with the sums of the module doc; the kernel's f32 arithmetic (up
+    /// to 8 roundings of the partial sums of `S`, then a product and a fused multiply-add, twice
+    /// per super-block) is off by at most `2^-20 Σ_b dx (d Σ_s |sc_s D_s| + dmin |M|)`. Against
+    /// the exact product with `x` itself, the rounding of `x` adds at most
+    /// `Σ_b dx / 2 Σ_(i in b) |w_i|`.
+    #[test]
+    fn the_product_is_exact_but_for_the_rounding_of_x() {
+        let (m, n, k) = (5, 40, 768);
+        let w = weight(n, k, 2);
+        let q = Q4Weight::from_tensor(&w).unwrap();
+        let wq = q.to_rows();
+        let mut x = values(m * k, 3);
+        x[7] = 3.0; // one large input: its super-block's dx is coarse
+        let y = q.matmul(&x, m, Q4Kernel::Portable).unwrap();
+        let supers = k / SUPER_BLOCK;
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            for o in 0..n {
+                let wr = &wq[o * k..(o + 1) * k];
+                let exact: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let (t, row) = (o / TILE_ROWS, o % TILE_ROWS);
+                let (mut rounded, mut magnitude, mut x_rounding) = (0f64, 0f64, 0f64);
+                for b in 0..supers {
+                    let xs = &xr[b * SUPER_BLOCK..(b + 1) * SUPER_BLOCK];
+                    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let (dx, inv) = ((amax / 127.0) as f64, 127.0 / amax);
+                    let tile = &q.tiles[t * supers + b];
+                    // Per sub-block: sc_s D_s and m_s Σ qx.
+                    let (mut sd, mut mq) = ([0i64; SUBS], [0i64; SUBS]);
+                    for (i, &xi) in xs.iter().enumerate() {
+                        let qx = (xi * inv).round_ties_even() as i64;
+                        let (g, j, s) = (i / 8, i % 8, i / 32);
+                        let byte = tile.qs[(g * TILE_ROWS + row) * 4 + j % 4];
+                        let qw = if j < 4 { byte & 0x0f } else { byte >> 4 } as i64;
+                        sd[s] += tile.scales[s * TILE_ROWS + row] as i64 * qw * qx;
+                        mq[s] += tile.mins[s * TILE_ROWS + row] as i64 * qx;
+                        x_rounding += 0.5001 * dx * (wr[b * SUPER_BLOCK + i] as f64).abs();
+                    }
+                    let (d, dmin) = (
+                        f16_to_f32(tile.d[row]) as f64,
+                        f16_to_f32(tile.dmin[row]) as f64,
+                    );
+                    let (big_s, big_m): (i64, i64) = (sd.iter().sum(), mq.iter().sum());
+                    rounded += dx * (d * big_s as f64 - dmin * big_m as f64);
+                    let terms: i64 = sd.iter().map(|v| v.abs()).sum();
+                    magnitude += dx * (d * terms as f64 + dmin * big_m.abs() as f64);
+                }
+                let arithmetic = 2f64.powi(-20) * magnitude;
+                let got = y[r * n + o] as f64;
+                assert!(
+                    (got - rounded).abs() <= arithmetic,
+                    "row {r} output {o}: {got} vs {rounded} with x rounded (bound {arithmetic:e})"
+                );
+                assert!(
+                    (got - exact).abs() <= x_rounding + arithmetic,
+                    "row {r} output {o}: {got} vs exact {exact} (bound {:e})",
+                    x_rounding + arithmetic
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_vnni_kernel_equals_the_portable_one_to_the_bit() {
+        if !Q4Kernel::Avx512Vnni.is_available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        // Rows 1-4 (each group size), 5 and 9 (a partial group), 300 (past one block of 256
+        // rows, and large enough to share among threads); a padded tile (40 rows).
+        for (m, n, k) in [
+            (1, 16, 256),
+            (2, 40, 512),
+            (3, 40, 256),
+            (4, 16, 768),
+            (5, 40, 512),
+            (9, 16, 256),
+            (300, 40, 768),
+        ] {
+            let q = Q4Weight::from_tensor(&weight(n, k, m as u64)).unwrap();
+            let x = values(m * k, 100 + m as u64);
+            let fast = q.matmul(&x, m, Q4Kernel::Avx512Vnni).unwrap();
+            let slow = q.matmul(&x, m, Q4Kernel::Portable).unwrap();
+            let differ = fast
+                .iter()
+                .zip(&slow)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "[{m}, {k}] x [{n}, {k}]^T: {differ} outputs differ"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_what_was_wrong() {
+        let err = Q4Weight::from_tensor(&weight(4, 100, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("100 inputs") && err.contains("256"), "{err}");
+        let err = Q4Weight::from_q4k_blocks(&[0u8; 143], 1, 256)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("143 bytes"), "{err}");
+        let q = Q4Weight::from_tensor(&weight(16, 256, 1)).unwrap();
+        let x = Tensor::zeros((2, 255), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(q.forward(&x).unwrap_err().to_string().contains("255"));
+        assert!(q.matmul(&[0.0; 10], 1, Q4Kernel::Portable).is_err());
+        assert_eq!(
+            q.matmul(&[], 0, Q4Kernel::Portable).unwrap(),
+            Vec::<f32>::new()
+        );
+    }
+}
