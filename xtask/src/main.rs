@@ -81,6 +81,25 @@ enum Command {
     OsworldCoverage(osworld_coverage::Args),
 }
 
+/// Fixes the thread count candle and our kernels use for the rest of the process: sets
+/// `RAYON_NUM_THREADS` to candle's own choice when neither it nor `CANDLE_NUM_THREADS` is
+/// set. The count is the same; what changes is that candle stops working it out again on every
+/// matmul (`get_num_threads` reads `/proc/cpuinfo` when the variable is unset). Called while
+/// the process has one thread: before any runtime or pool starts.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none()
+        && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
+        let threads = candle_core::utils::get_num_threads().max(1);
+        // SAFETY: called from `main` (or a command's first lines) before any other thread
+        // exists: no runtime, no logger, no candle or rayon pool yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string())
+        };
+    }
+}
+
 /// After [`arpo_alloc::tune`]: a process running a model past the small-model bound
 /// (`SAMPLE_PARALLEL_MAX_PARAMETERS`, by the parameters its `config.json` describes) returns
 /// memory it has not reused for a second to the kernel; a small model keeps it (faster).
@@ -97,6 +116,14 @@ fn main() -> Result<()> {
     // active unless that variable names it.
     let _fail_points = fail::FailScenario::setup();
     let cli = Cli::parse();
+    // `train` and `sft` first choose one thread per op for small models (they pin after);
+    // `sweep` only starts those commands as processes, which choose for themselves.
+    if !matches!(
+        cli.command,
+        Command::Train(_) | Command::Sft(_) | Command::Sweep(_)
+    ) {
+        pin_thread_count();
+    }
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),

@@ -74,6 +74,7 @@ pub fn run(args: Args) -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", "1")
         };
     }
+    crate::pin_thread_count();
     let config = Config::load(&args.config, &[])?;
     let prompt = prompt_config(&config);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -83,6 +83,7 @@ pub fn run(args: Args) -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", "1")
         };
     }
+    crate::pin_thread_count();
     init_logging(&config.trainer.logs_path, args.quiet)?;
     if let Some(addr) = args.dashboard {
         let addr = arpo_dashboard::serve_in_background(config.results_dir(), addr)?;

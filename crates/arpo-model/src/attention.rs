@@ -398,7 +398,16 @@ fn split_rows<'a>(plan: &Plan, buf: &'a mut [f32], width: usize) -> Vec<&'a mut 
     parts.into_iter().map(Option::unwrap_or_default).collect()
 }
 
-/// Runs `work` on every item of `items` over `get_num_threads()` threads, each with its own
+/// The threads the CPU kernels share their work among: candle's `get_num_threads()` (the
+/// `RAYON_NUM_THREADS` variable, else the physical cores), read once. candle reads it from the
+/// environment and `/proc/cpuinfo` on every call: over the ~250 products and attentions of a
+/// decoded 2B token that cost milliseconds per token.
+pub(crate) fn num_threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
+/// Runs `work` on every item of `items` over [`num_threads`] threads, each with its own
 /// scratch from `scratch()`; items are taken largest `cost` first.
 pub(crate) fn run_parallel<T: Send, S>(
     mut items: Vec<T>,
@@ -407,7 +416,7 @@ pub(crate) fn run_parallel<T: Send, S>(
     work: impl Fn(T, &mut S) + Sync,
 ) -> Result<()> {
     items.sort_by_key(&cost);
-    let threads = candle_core::utils::get_num_threads().clamp(1, items.len().max(1));
+    let threads = num_threads().clamp(1, items.len().max(1));
     let queue = Mutex::new(items);
     let worker = || -> Result<()> {
         let mut s = scratch();
@@ -464,7 +473,7 @@ fn forward(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Ve
             lse,
         })
         .collect();
-    let threads = candle_core::utils::get_num_threads().clamp(1, items.len().max(1));
+    let threads = num_threads().clamp(1, items.len().max(1));
     let cost = |u: &FwdUnit<'_>| {
         let (_, i0, i1) = plan.blocks[u.blk];
         (i1 - i0) * (keys[u.blk].1 - keys[u.blk].0)
@@ -544,7 +553,7 @@ fn backward(
     let nb = plan.blocks.len();
     let keys: Vec<(usize, usize)> = (0..nb).map(|blk| plan.keys(blk)).collect();
     let block = plan.block_scratch();
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = num_threads();
     // Work items own one KV head's gradients. With fewer KV heads than threads to share out
     // evenly, each KV head's query blocks are dealt round-robin to `parts` items, each with
     // its own partial dK/dV (summed at the end).

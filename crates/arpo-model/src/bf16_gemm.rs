@@ -358,7 +358,7 @@ fn matmul_with<K: Microkernel>(
     if m == 0 || n == 0 || k == 0 {
         return Ok(c);
     }
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = crate::attention::num_threads();
     let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
     if m >= ROW_SPLIT_MIN_ROWS {
         // Items of at most `MC` rows (each block of `MC` rows reads all of `W` anyway), at least
