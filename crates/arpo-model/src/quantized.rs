@@ -57,7 +57,8 @@ pub enum RolloutWeights {
     /// 8-bit: blocks of 32 weights with one f16 scale.
     Q8_0,
     /// 4-bit k-quants (super-blocks of 256); the output projection (`lm_head`) and linears
-    /// whose width is not a multiple of 256 take `q8_0`.
+    /// whose width is not a multiple of 256 take `q8_0`. On a CPU with AVX-512 VNNI the
+    /// product is our own ([`crate::q4_gemm`]), elsewhere candle's.
     Q4K,
 }
 
