@@ -11,7 +11,7 @@
 //!
 //! - the output rows are cut into tiles of [`TILE_ROWS`] (16, one zmm of i32 or f32 lanes); the
 //!   last tile is padded with zero rows;
-//! - per tile and super-block of 256 inputs, one 2,368-byte [`Tile`]: for each group of 8
+//! - per tile and super-block of 256 inputs, one 2,368-byte tile: for each group of 8
 //!   inputs `8g..8g + 8` and each row, 4 bytes whose low nibbles are the row's quants of inputs
 //!   `8g..8g + 4` and high nibbles those of `8g + 4..8g + 8` (one 64-byte load feeds two
 //!   `vpdpbusd` for 16 rows); then the 6-bit scale and minimum of each sub-block of 32 inputs
