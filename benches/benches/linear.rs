@@ -57,74 +57,40 @@ fn bench_linear(c: &mut Criterion) {
     }
     // A decoded token streams every weight from memory: 8 weights of each format, more than the
     // L3 cache holds, run one after the other.
-    const STREAMED: usize = 8;
-    let ws: Vec<Tensor> = (0..STREAMED)
-        .map(|_| Tensor::randn(0f32, 0.02, (OUT, IN), &dev).expect("weight"))
-        .collect();
-    let candle: Vec<QMatMul> = ws
-        .iter()
-        .map(|w| {
-            QMatMul::from_qtensor(QTensor::quantize(w, GgmlDType::Q4K).expect("q4k"))
-                .expect("q4k matmul")
-        })
-        .collect();
-    let ours: Vec<Q4Weight> = ws
-        .iter()
-        .map(|w| Q4Weight::from_tensor(w).expect("q4"))
-        .collect();
-    drop(ws);
-    let x = Tensor::randn(0f32, 1.0, (1, 1, IN), &dev).expect("x");
-    streamed(
-        c,
-        &format!("linear_{IN}x{OUT}_rows_1_streamed_x{STREAMED}"),
-        &candle,
-        &ours,
-        &x,
-    );
-    let (out, inp) = WIDE;
-    let ws: Vec<Tensor> = (0..STREAMED)
-        .map(|_| Tensor::randn(0f32, 0.02, (out, inp), &dev).expect("weight"))
-        .collect();
-    let candle: Vec<QMatMul> = ws
-        .iter()
-        .map(|w| {
-            QMatMul::from_qtensor(QTensor::quantize(w, GgmlDType::Q4K).expect("q4k"))
-                .expect("q4k matmul")
-        })
-        .collect();
-    let ours: Vec<Q4Weight> = ws
-        .iter()
-        .map(|w| Q4Weight::from_tensor(w).expect("q4"))
-        .collect();
-    let x = Tensor::randn(0f32, 1.0, (1, 1, inp), &dev).expect("x");
-    streamed(
-        c,
-        &format!("linear_{inp}x{out}_rows_1_streamed_x{STREAMED}"),
-        &candle,
-        &ours,
-        &x,
-    );
+    streamed(c, (OUT, IN));
+    streamed(c, WIDE);
 }
 
-/// One row against each weight in turn, candle's q4k and ours.
-fn streamed(c: &mut Criterion, name: &str, candle: &[QMatMul], ours: &[Q4Weight], x: &Tensor) {
-    let (out, inp) = ours[0].dims();
-    let mut g = c.benchmark_group(name);
+/// Weights streamed from memory: one row against each of `STREAMED` `[out, in]` weights in
+/// turn, candle's q4k and ours.
+fn streamed(c: &mut Criterion, (out, inp): (usize, usize)) {
+    const STREAMED: usize = 8;
+    let dev = Device::Cpu;
+    let mut candle = Vec::new();
+    let mut ours = Vec::new();
+    for _ in 0..STREAMED {
+        let w = Tensor::randn(0f32, 0.02, (out, inp), &dev).expect("weight");
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).expect("q4k");
+        candle.push(QMatMul::from_qtensor(q).expect("q4k matmul"));
+        ours.push(Q4Weight::from_tensor(&w).expect("q4"));
+    }
+    let x = Tensor::randn(0f32, 1.0, (1, 1, inp), &dev).expect("x");
+    let mut g = c.benchmark_group(format!("linear_{inp}x{out}_rows_1_streamed_x{STREAMED}"));
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
-        .throughput(Throughput::Elements((ours.len() * out * inp) as u64));
+        .throughput(Throughput::Elements((STREAMED * out * inp) as u64));
     g.bench_function("candle_q4k", |b| {
         b.iter(|| {
-            for q in candle {
-                black_box(q.forward(x).expect("q4k"));
+            for q in &candle {
+                black_box(q.forward(&x).expect("q4k"));
             }
         })
     });
     g.bench_function("ours_q4k_tiles", |b| {
         b.iter(|| {
-            for q in ours {
-                black_box(q.forward(x).expect("q4"));
+            for q in &ours {
+                black_box(q.forward(&x).expect("q4"));
             }
         })
     });

@@ -237,26 +237,8 @@ impl Bf16Weight {
     /// `x W^T` with `kernel` (an error if this CPU lacks it): `x` rounded to bf16, products
     /// accumulated in f32.
     pub fn forward_with(&self, x: &Tensor, kernel: Bf16Kernel) -> Result<Tensor> {
-        let dims = x.dims();
-        let Some((&k, lead)) = dims.split_last() else {
-            bail!(
-                "bf16 linear: x is a scalar, expected [.., {}]",
-                self.in_features
-            )
-        };
-        if k != self.in_features {
-            bail!(
-                "bf16 linear: x {:?} against a weight [{}, {}]",
-                dims,
-                self.out_features,
-                self.in_features
-            )
-        }
-        let m: usize = lead.iter().product();
-        let y = with_f32_slice(x, |xs| self.matmul(xs, m, kernel))?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.out_features);
-        Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())
+        let dims = (self.out_features, self.in_features);
+        packed_forward("bf16", x, dims, |xs, m| self.matmul(xs, m, kernel))
     }
 
     /// `x W^T` for a row-major `[m, in]` f32 matrix: a row-major `[m, out]` matrix.
@@ -283,8 +265,32 @@ impl Bf16Weight {
     }
 }
 
+/// `x W^T` for `x` `[.., in]` through `matmul` (row-major `[m, in]` f32 in, `[m, out]` out),
+/// for a packed CPU weight of `(out, in)` features named `what`: the shape checked, `x` read as
+/// f32 without a copy where it is one, the output in `x`'s dtype. Shared by [`Bf16Weight`] and
+/// [`crate::q4_gemm::Q4Weight`].
+pub(crate) fn packed_forward(
+    what: &str,
+    x: &Tensor,
+    (out_features, in_features): (usize, usize),
+    matmul: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        bail!("{what} linear: x is a scalar, expected [.., {in_features}]")
+    };
+    if k != in_features {
+        bail!("{what} linear: x {dims:?} against a weight [{out_features}, {in_features}]")
+    }
+    let m: usize = lead.iter().product();
+    let y = with_f32_slice(x, |xs| matmul(xs, m))?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out_features);
+    Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())
+}
+
 /// Runs `f` on `t`'s values as a contiguous f32 slice, without a copy when `t` is one already.
-pub(crate) fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     if t.dtype() != DType::F32 || !t.is_contiguous() {
         let t = t.to_dtype(DType::F32)?.contiguous()?;
         return with_f32_slice(&t, f);

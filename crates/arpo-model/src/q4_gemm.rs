@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
 
-use crate::bf16_gemm::with_f32_slice;
+use crate::bf16_gemm::packed_forward;
 
 /// Output rows per tile (one zmm register of 16 lanes).
 pub const TILE_ROWS: usize = 16;
@@ -288,26 +288,8 @@ impl Q4Weight {
 
     /// `x W^T` with `kernel` (an error if this CPU lacks it).
     pub fn forward_with(&self, x: &Tensor, kernel: Q4Kernel) -> Result<Tensor> {
-        let dims = x.dims();
-        let Some((&k, lead)) = dims.split_last() else {
-            bail!(
-                "q4 linear: x is a scalar, expected [.., {}]",
-                self.in_features
-            )
-        };
-        if k != self.in_features {
-            bail!(
-                "q4 linear: x {:?} against a weight [{}, {}]",
-                dims,
-                self.out_features,
-                self.in_features
-            )
-        }
-        let m: usize = lead.iter().product();
-        let y = with_f32_slice(x, |xs| self.matmul(xs, m, kernel))?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.out_features);
-        Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())
+        let dims = (self.out_features, self.in_features);
+        packed_forward("q4", x, dims, |xs, m| self.matmul(xs, m, kernel))
     }
 
     /// `x W^T` for a row-major `[m, in]` f32 matrix: a row-major `[m, out]` matrix.
@@ -341,32 +323,31 @@ pub struct Q8Rows {
     pub q: Vec<i8>,
     /// `[m, k / 256]`: `max|x| / 127` of the super-block (0 for an all-zero one).
     pub d: Vec<f32>,
-    /// `[m, k / 256, 8]`: the sum of `q` over each sub-block of 32.
+    /// `[m, k / 256, 8]`: the sum of `q` over each sub-block of 32 (`x` holds `m` rows of `k`).
     pub sums: Vec<i32>,
 }
 
-/// Rounds each row (`k` wide, a multiple of 256) of `x` to 8 bits per super-block: `qx =
+/// Rounds `x` (rows whose width is a multiple of 256, so no super-block spans two rows) to 8
+/// bits per super-block of 256 values: `qx =
 /// round(x * (127 / max|x|))`, ties to even, and `dx = max|x| / 127`. A super-block of zeros
 /// gets `dx = 0`; a non-finite value gives zeros (its output is meaningless either way).
-pub fn quantize_rows(x: &[f32], k: usize) -> Q8Rows {
+pub fn quantize_rows(x: &[f32]) -> Q8Rows {
     #[cfg(target_arch = "x86_64")]
     if let Some(v) = vnni::Vnni::detect() {
-        return v.quantize_rows(x, k);
+        return v.quantize_rows(x);
     }
-    quantize_rows_inline(x, k)
+    quantize_rows_inline(x)
 }
 
 /// [`quantize_rows`]' body, inlined into each instruction set's copy.
 #[inline(always)]
-fn quantize_rows_inline(x: &[f32], k: usize) -> Q8Rows {
-    let supers = k / SUPER_BLOCK;
+fn quantize_rows_inline(x: &[f32]) -> Q8Rows {
     let blocks = x.len() / SUPER_BLOCK;
     let mut out = Q8Rows {
         q: vec![0; blocks * SUPER_BLOCK],
         d: vec![0.0; blocks],
         sums: vec![0; blocks * SUBS],
     };
-    debug_assert_eq!(blocks, x.len() / k.max(1) * supers);
     for (i, (xs, qs)) in x
         .chunks_exact(SUPER_BLOCK)
         .zip(out.q.chunks_exact_mut(SUPER_BLOCK))
@@ -432,7 +413,7 @@ fn matmul_with<K: Microkernel>(kernel: &K, w: &Q4Weight, x: &[f32], m: usize) ->
     if m == 0 || n == 0 {
         return c;
     }
-    let xq = quantize_rows(x, k);
+    let xq = quantize_rows(x);
     let threads = crate::attention::num_threads();
     let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
     let tile_cols = n.div_ceil(TILE_ROWS);
@@ -574,15 +555,15 @@ mod vnni {
         /// [`super::quantize_rows`] compiled for AVX-512: the rounding to nearest even is one
         /// vector instruction instead of a libm call per value (it took 4% of a decoded
         /// token's time on the main thread).
-        pub(super) fn quantize_rows(self, x: &[f32], k: usize) -> super::Q8Rows {
+        pub(super) fn quantize_rows(self, x: &[f32]) -> super::Q8Rows {
             // SAFETY: `self` exists only on a CPU with these features.
-            unsafe { quantize_rows_512(x, k) }
+            unsafe { quantize_rows_512(x) }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn quantize_rows_512(x: &[f32], k: usize) -> super::Q8Rows {
-        super::quantize_rows_inline(x, k)
+    fn quantize_rows_512(x: &[f32]) -> super::Q8Rows {
+        super::quantize_rows_inline(x)
     }
 
     impl Microkernel for Vnni {
@@ -718,7 +699,7 @@ mod tests {
         x[2] = 0.03125;
         x[3] = 1.09375;
         x[40] = 0.5;
-        let q = quantize_rows(&x, 512);
+        let q = quantize_rows(&x);
         assert_eq!(q.d, vec![0.0625, 0.0]);
         assert_eq!(&q.q[..4], &[16, -127, 0, 18]);
         assert_eq!(q.q[40], 8);
