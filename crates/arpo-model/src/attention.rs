@@ -828,7 +828,7 @@ fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
 /// call does not, and exponentials are a third of the block work). Arguments below -87 give
 /// `e^-87` (a softmax over rows whose largest term is 1 does not see the difference).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -234,11 +234,18 @@ impl Bf16Weight {
         self.forward_with(x, Bf16Kernel::best())
     }
 
+    /// `x W^T + bias` (`bias` `[out]`, added in place to the product's output).
+    pub fn forward_biased(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dims = (self.out_features, self.in_features);
+        let kernel = Bf16Kernel::best();
+        packed_forward("bf16", x, dims, bias, |xs, m| self.matmul(xs, m, kernel))
+    }
+
     /// `x W^T` with `kernel` (an error if this CPU lacks it): `x` rounded to bf16, products
     /// accumulated in f32.
     pub fn forward_with(&self, x: &Tensor, kernel: Bf16Kernel) -> Result<Tensor> {
         let dims = (self.out_features, self.in_features);
-        packed_forward("bf16", x, dims, |xs, m| self.matmul(xs, m, kernel))
+        packed_forward("bf16", x, dims, None, |xs, m| self.matmul(xs, m, kernel))
     }
 
     /// `x W^T` for a row-major `[m, in]` f32 matrix: a row-major `[m, out]` matrix.
@@ -265,16 +272,27 @@ impl Bf16Weight {
     }
 }
 
-/// `x W^T` for `x` `[.., in]` through `matmul` (row-major `[m, in]` f32 in, `[m, out]` out),
-/// for a packed CPU weight of `(out, in)` features named `what`: the shape checked, `x` read as
-/// f32 without a copy where it is one, the output in `x`'s dtype. Shared by [`Bf16Weight`] and
-/// [`crate::q4_gemm::Q4Weight`].
+/// `x W^T (+ bias)` for `x` `[.., in]` through `matmul` (row-major `[m, in]` f32 in, `[m, out]`
+/// out), for a packed CPU weight of `(out, in)` features named `what`: the shapes checked, `x`
+/// read as f32 without a copy where it is one, the bias added in place, the output in `x`'s
+/// dtype. Shared by [`Bf16Weight`] and [`crate::q4_gemm::Q4Weight`].
 pub(crate) fn packed_forward(
     what: &str,
     x: &Tensor,
     (out_features, in_features): (usize, usize),
+    bias: Option<&Tensor>,
     matmul: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
 ) -> Result<Tensor> {
+    let bias = match bias {
+        Some(b) if b.dims() != [out_features] => {
+            bail!(
+                "{what} linear: a bias {:?} for {out_features} outputs",
+                b.dims()
+            )
+        }
+        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
     let dims = x.dims();
     let Some((&k, lead)) = dims.split_last() else {
         bail!("{what} linear: x is a scalar, expected [.., {in_features}]")
@@ -283,7 +301,10 @@ pub(crate) fn packed_forward(
         bail!("{what} linear: x {dims:?} against a weight [{out_features}, {in_features}]")
     }
     let m: usize = lead.iter().product();
-    let y = with_f32_slice(x, |xs| matmul(xs, m))?;
+    let mut y = with_f32_slice(x, |xs| matmul(xs, m))?;
+    if let Some(b) = &bias {
+        crate::fused::add_bias(&mut y, b);
+    }
     let mut out_dims = lead.to_vec();
     out_dims.push(out_features);
     Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())

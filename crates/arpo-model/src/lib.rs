@@ -43,6 +43,7 @@ pub mod chat;
 pub mod config;
 mod device;
 mod error;
+mod fused;
 pub mod generate;
 pub mod model;
 pub mod nn;

@@ -62,13 +62,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.quantized {
-            Some(q) => {
-                let y = q.forward(x)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+            Some(q) => q.forward_biased(x, self.bias.as_ref())?,
             None => crate::train::ops::linear(x, &self.weight, self.bias.as_ref())?,
         };
         match &self.lora {
@@ -106,15 +100,24 @@ impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
         Self { weight, eps }
     }
-}
 
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The differentiable composition (any device and dtype); [`Module::forward`] takes the
+    /// one-pass kernel ([`crate::fused`]) where nothing tracks a gradient.
+    pub(crate) fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::usable(&[x, &self.weight]) {
+            return crate::fused::rms_norm(x, &self.weight, self.eps);
+        }
+        self.forward_composite(x)
     }
 }
 
@@ -130,10 +133,10 @@ impl LayerNorm {
     pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
         Self { weight, bias, eps }
     }
-}
 
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The differentiable composition (any device and dtype); [`Module::forward`] takes the
+    /// one-pass kernel ([`crate::fused`]) where nothing tracks a gradient.
+    pub(crate) fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let mean = xf.mean_keepdim(D::Minus1)?;
@@ -147,9 +150,29 @@ impl Module for LayerNorm {
     }
 }
 
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::usable(&[x, &self.weight, &self.bias]) {
+            return crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
+        self.forward_composite(x)
+    }
+}
+
 /// QuickGELU, `x * sigmoid(1.702 x)` (the ViT MLP's activation).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if crate::fused::usable(&[x]) {
+        return crate::fused::quick_gelu(x);
+    }
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// `silu(gate) * up`, the gated MLP's product.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::fused::usable(&[gate, up]) {
+        return crate::fused::silu_mul(gate, up);
+    }
+    candle_nn::ops::silu(gate)? * up
 }
 
 /// `rotate_half`: `[x1, x2] -> [-x2, x1]` over the last dimension.

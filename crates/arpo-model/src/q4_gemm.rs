@@ -286,10 +286,17 @@ impl Q4Weight {
         self.forward_with(x, Q4Kernel::best())
     }
 
+    /// `x W^T + bias` (`bias` `[out]`, added in place to the product's output).
+    pub fn forward_biased(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dims = (self.out_features, self.in_features);
+        let kernel = Q4Kernel::best();
+        packed_forward("q4", x, dims, bias, |xs, m| self.matmul(xs, m, kernel))
+    }
+
     /// `x W^T` with `kernel` (an error if this CPU lacks it).
     pub fn forward_with(&self, x: &Tensor, kernel: Q4Kernel) -> Result<Tensor> {
         let dims = (self.out_features, self.in_features);
-        packed_forward("q4", x, dims, |xs, m| self.matmul(xs, m, kernel))
+        packed_forward("q4", x, dims, None, |xs, m| self.matmul(xs, m, kernel))
     }
 
     /// `x W^T` for a row-major `[m, in]` f32 matrix: a row-major `[m, out]` matrix.

@@ -33,7 +33,7 @@ use std::str::FromStr;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::bf16_gemm::Bf16Weight;
@@ -188,10 +188,22 @@ impl QuantizedWeight {
 
     /// `x W^T` for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_biased(x, None)
+    }
+
+    /// `x W^T + bias` (`bias` `[out]`): our CPU products add it in place to their output, a
+    /// candle product through a broadcast add.
+    pub fn forward_biased(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         match &*self.product() {
-            Product::Candle(q) => q.forward(&x.contiguous()?),
-            Product::Bf16(w) => w.forward(x),
-            Product::Q4(w) => w.forward(x),
+            Product::Candle(q) => {
+                let y = q.forward(&x.contiguous()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            Product::Bf16(w) => w.forward_biased(x, bias),
+            Product::Q4(w) => w.forward_biased(x, bias),
         }
     }
 }
@@ -215,7 +227,18 @@ impl Product {
         let q = QTensor::quantize(weight, format)?;
         let bytes = q.storage_size_in_bytes();
         // Not `QMatMul::from_qtensor`: it would widen bf16 back to an f32 tensor.
-        Ok((Self::Candle(QMatMul::QTensor(Arc::new(q))), bytes))
+        let product = QMatMul::QTensor(Arc::new(q));
+        if weight.device().is_cpu() {
+            // candle repacks a CPU weight for its kernels on the first product (0.3 s for the
+            // 2B `lm_head`): done here, with the quantizing, not in a request's first token.
+            let in_features = weight.dim(1)?;
+            product.forward(&Tensor::zeros(
+                (1, in_features),
+                DType::F32,
+                weight.device(),
+            )?)?;
+        }
+        Ok((Self::Candle(product), bytes))
     }
 }
 

@@ -504,10 +504,10 @@ fn rotated_heads(
 /// `x + mlp(norm(x))`: position-wise, so any split of the rows gives the same rows.
 fn mlp_residual(layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
     let h = layer.post_attention_layernorm.forward(x)?;
-    let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
+    let gate = layer.gate_proj.forward(&h)?;
     let m = layer
         .down_proj
-        .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+        .forward(&crate::nn::silu_mul(&gate, &layer.up_proj.forward(&h)?)?)?;
     x + m
 }
 

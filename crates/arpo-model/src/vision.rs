@@ -11,7 +11,7 @@ use candle_core::{D, DType, Module, Result, Tensor};
 
 use crate::config::{VisionArch, VisionConfig};
 use crate::error::Result as ModelResult;
-use crate::nn::{LayerNorm, Linear, RmsNorm, apply_rotary, quick_gelu};
+use crate::nn::{LayerNorm, Linear, RmsNorm, apply_rotary, quick_gelu, silu_mul};
 use crate::weights::Weights;
 
 /// Softmax over the last dimension: the fused kernel on inference paths, the differentiable
@@ -78,10 +78,7 @@ impl Module for VisionMlp {
                 gate_proj,
                 up_proj,
                 down_proj,
-            } => {
-                let gate = candle_nn::ops::silu(&gate_proj.forward(x)?)?;
-                down_proj.forward(&(gate * up_proj.forward(x)?)?)
-            }
+            } => down_proj.forward(&silu_mul(&gate_proj.forward(x)?, &up_proj.forward(x)?)?),
         }
     }
 }
@@ -533,14 +530,16 @@ fn attention(
         .squeeze(1)?
         .transpose(0, 1)?
         .contiguous()?;
-    // A bf16 rollout copy (`RolloutWeights::Bf16`) also takes the attention products in bf16.
+    // A bf16 rollout copy (`RolloutWeights::Bf16`) also takes the attention products in bf16;
+    // so do the 8- and 4-bit copies where the CPU has AVX-512 BF16 (their linears already round
+    // the activations to 8 bits; candle's f32 products and softmax took a quarter of their
+    // vision time).
     let bf16 = fused
         && x.device().is_cpu()
-        && block
-            .qkv
-            .quantized
-            .as_ref()
-            .is_some_and(|w| w.format() == candle_core::quantized::GgmlDType::BF16);
+        && block.qkv.quantized.as_ref().is_some_and(|w| {
+            w.format() == candle_core::quantized::GgmlDType::BF16
+                || crate::bf16_gemm::Bf16Kernel::best() == crate::bf16_gemm::Bf16Kernel::Avx512Bf16
+        });
     let out = if bf16 {
         attend_chunks_bf16(&q, &k_all, &v, chunks, QUERY_BLOCK)?
     } else {
