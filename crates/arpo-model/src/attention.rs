@@ -407,41 +407,42 @@ pub(crate) fn num_threads() -> usize {
     *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
-/// Runs `work` on every item of `items` over [`num_threads`] threads, each with its own
-/// scratch from `scratch()`; items are taken largest `cost` first.
-pub(crate) fn run_parallel<T: Send, S>(
+/// Runs `work` on every item of `items` on candle's persistent threads (its barrier pool, the
+/// one its own kernels and [`crate::q4_gemm`] use), each run of items with a scratch from
+/// `scratch()` (kept for the next run: at most one per thread is made); items are taken
+/// largest `cost` first. Spawning threads per call instead cost about a millisecond per
+/// decoded 2B token (an attention per layer, and every bf16 product).
+pub(crate) fn run_parallel<T: Send, S: Send>(
     mut items: Vec<T>,
     cost: impl Fn(&T) -> usize,
     scratch: impl Fn() -> S + Sync,
     work: impl Fn(T, &mut S) + Sync,
 ) -> Result<()> {
-    items.sort_by_key(&cost);
-    let threads = num_threads().clamp(1, items.len().max(1));
-    let queue = Mutex::new(items);
-    let worker = || -> Result<()> {
+    items.sort_by_key(|t| std::cmp::Reverse(cost(t)));
+    if items.len() <= 1 || num_threads() <= 1 {
         let mut s = scratch();
-        loop {
-            let item = match queue.lock() {
-                Ok(mut q) => q.pop(),
-                Err(_) => bail!("attention: a worker thread panicked"),
-            };
-            match item {
-                Some(item) => work(item, &mut s),
-                None => return Ok(()),
+        items.into_iter().for_each(|item| work(item, &mut s));
+        return Ok(());
+    }
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    let spare: Mutex<Vec<S>> = Mutex::new(Vec::new());
+    let take = |m: &Mutex<Vec<S>>| m.lock().ok().and_then(|mut v| v.pop());
+    candle_core::utils::barrier_pool().execute_chunked(slots.len(), |range| {
+        let mut s = take(&spare).unwrap_or_else(&scratch);
+        for slot in &slots[range] {
+            if let Some(item) = slot.lock().ok().and_then(|mut t| t.take()) {
+                work(item, &mut s);
             }
         }
-    };
-    std::thread::scope(|sc| {
-        let others: Vec<_> = (1..threads).map(|_| sc.spawn(worker)).collect();
-        let mine = worker();
-        for o in others {
-            match o.join() {
-                Ok(r) => r?,
-                Err(_) => bail!("attention: a worker thread panicked"),
-            }
+        if let Ok(mut v) = spare.lock() {
+            v.push(s);
         }
-        mine
-    })
+    });
+    // A slot still full: its work was never run (a lock poisoned by a panicking worker).
+    if slots.iter().any(|s| s.lock().map_or(true, |t| t.is_some())) {
+        bail!("attention: a worker thread panicked")
+    }
+    Ok(())
 }
 
 /// Output, log-sum-exps and the scratch bytes used.
