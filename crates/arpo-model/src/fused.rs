@@ -208,6 +208,62 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, gate.shape(), gate.device())
 }
 
+/// The rotary embedding of the queries (`part` 0) or keys (1) of a vision block's fused
+/// projection `qkv` `[n, 3, heads, d]`, by `cos`/`sin` `[n, 1, d]`: `x cos + rotate_half(x) sin`
+/// as [`crate::nn::apply_rotary`] computes it (the same roundings: the same values), returned
+/// head-major `[heads, n, d]`, the layout the attention reads. One pass instead of the six of
+/// the composition and its transpose.
+pub(crate) fn rotary_heads(
+    qkv: &Tensor,
+    part: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let (n, three, heads, d) = qkv.dims4()?;
+    if three != 3 || part > 1 || d % 2 != 0 || cos.dims() != [n, 1, d] || sin.dims() != [n, 1, d] {
+        bail!(
+            "rotary: qkv {:?} (part {part}) with cos {:?} and sin {:?}: expected [n, 3, heads, d] \
+             with d even and [n, 1, d] twice",
+            qkv.dims(),
+            cos.dims(),
+            sin.dims()
+        )
+    }
+    let half = d / 2;
+    let mut out = vec![0f32; heads * n * d];
+    values(qkv, |x| {
+        values(cos, |c| {
+            values(sin, |s| {
+                let per_head: Vec<Mutex<&mut [f32]>> =
+                    out.chunks_mut((n * d).max(1)).map(Mutex::new).collect();
+                let head = |j: usize| {
+                    let mut dst = per_head[j]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for i in 0..n {
+                        let src = &x[((i * 3 + part) * heads + j) * d..][..d];
+                        let (c, s) = (&c[i * d..][..d], &s[i * d..][..d]);
+                        let o = &mut dst[i * d..][..d];
+                        for t in 0..half {
+                            let (a, b) = (src[t], src[t + half]);
+                            o[t] = a * c[t] - b * s[t];
+                            o[t + half] = b * c[t + half] + a * s[t + half];
+                        }
+                    }
+                };
+                if n * d * heads < 2 * UNIT {
+                    (0..heads).for_each(head);
+                } else {
+                    candle_core::utils::barrier_pool()
+                        .execute_chunked(heads, |range| range.for_each(head));
+                }
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (heads, n, d), qkv.device())
+}
+
 /// Adds `bias` (one value per column) to every row of `y` in place.
 pub(crate) fn add_bias(y: &mut [f32], bias: &[f32]) {
     par_rows_mut(y, bias.len(), |run| {
@@ -321,6 +377,42 @@ mod tests {
         let want = (candle_nn::ops::silu(&x)? * &up)?;
         assert!(worst(&silu_mul(&x, &up)?, &want)? < 1e-6);
         assert!(silu_mul(&x, &up.narrow(1, 0, 10)?).is_err());
+        Ok(())
+    }
+
+    /// The same values as the composition, bit for bit.
+    #[test]
+    fn rotary_heads_equal_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, heads, d) in [(3, 2, 4), (256, 16, 80)] {
+            let qkv = Tensor::from_vec(
+                values_near(n * 3 * heads * d, 0.0, 1.0, 5),
+                (n, 3, heads, d),
+                &dev,
+            )?;
+            let angles = Tensor::from_vec(values_near(n * d, 0.0, 3.0, 9), (n, 1, d), &dev)?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            for part in 0..2 {
+                let x = qkv.narrow(1, part, 1)?.squeeze(1)?;
+                let want = crate::nn::apply_rotary(&x, &cos, &sin)?.transpose(0, 1)?;
+                let got = rotary_heads(&qkv, part, &cos, &sin)?;
+                assert_eq!(got.dims(), &[heads, n, d]);
+                let (got, want) = (
+                    got.flatten_all()?.to_vec1::<f32>()?,
+                    want.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+                );
+                assert_eq!(got, want, "{n}x{heads}x{d} part {part}");
+            }
+        }
+        assert!(
+            rotary_heads(
+                &Tensor::zeros((2, 3, 1, 3), DType::F32, &dev)?,
+                0,
+                &Tensor::zeros((2, 1, 3), DType::F32, &dev)?,
+                &Tensor::zeros((2, 1, 3), DType::F32, &dev)?
+            )
+            .is_err()
+        );
         Ok(())
     }
 

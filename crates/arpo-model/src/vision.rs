@@ -519,12 +519,21 @@ fn attention(
     let rot = |t: Tensor| -> Result<Tensor> {
         apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)
     };
-    let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
-        .transpose(0, 1)?
-        .contiguous()?;
-    let k_all = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
-        .transpose(0, 1)?
-        .contiguous()?;
+    let (q, k_all) = if crate::fused::usable(&[&qkv, cos, sin]) {
+        (
+            crate::fused::rotary_heads(&qkv, 0, cos, sin)?,
+            crate::fused::rotary_heads(&qkv, 1, cos, sin)?,
+        )
+    } else {
+        (
+            rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
+                .transpose(0, 1)?
+                .contiguous()?,
+            rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
+                .transpose(0, 1)?
+                .contiguous()?,
+        )
+    };
     let v = qkv
         .narrow(1, 2, 1)?
         .squeeze(1)?
