@@ -279,7 +279,7 @@ pub(crate) fn add_bias(y: &mut [f32], bias: &[f32]) {
 mod tests {
     use super::*;
     use crate::nn::{LayerNorm, RmsNorm};
-    use candle_core::{Device, Module};
+    use candle_core::Device;
 
     /// Largest `|a - b| / (1 + |b|)`.
     fn worst(a: &Tensor, b: &Tensor) -> Result<f32> {
