@@ -411,7 +411,9 @@ pub(crate) fn num_threads() -> usize {
 /// one its own kernels and [`crate::q4_gemm`] use), each run of items with a scratch from
 /// `scratch()` (kept for the next run: at most one per thread is made); items are taken
 /// largest `cost` first. Spawning threads per call instead cost about a millisecond per
-/// decoded 2B token (an attention per layer, and every bf16 product).
+/// decoded 2B token (an attention per layer, and every bf16 product). `work` must not use the
+/// pool itself: on the calling thread, which takes part holding the pool's lock, a nested call
+/// would wait on that lock forever (candle runs nested calls inline only on its workers).
 pub(crate) fn run_parallel<T: Send, S: Send>(
     mut items: Vec<T>,
     cost: impl Fn(&T) -> usize,

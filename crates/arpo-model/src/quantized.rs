@@ -329,10 +329,10 @@ impl Qwen2Vl {
             .filter_map(|(name, l)| l.quantized.clone().map(|q| (name, q)))
             .collect();
         on_cores(jobs, |(name, q)| {
-            q.prepare().map_err(|e| ModelError::Quantize {
-                name,
-                weights: RolloutWeights::F32,
-                reason: format!("preparing the stored weight: {e}"),
+            q.prepare().map_err(|e| {
+                ModelError::Tensor(candle_core::Error::msg(format!(
+                    "preparing the stored weight of {name} for candle's kernels: {e}"
+                )))
             })
         })
     }
