@@ -292,8 +292,10 @@ fn slice_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> 
 }
 
 /// Runs `f` over the f32 values of `tensors` (on the CPU), read in place where they are
-/// already contiguous f32 (no copy of the op's large inputs).
-fn with_values<R, const N: usize>(
+/// already contiguous f32 (no copy of a large input); others are converted first. Shared by
+/// this op's backward, the packed products ([`crate::bf16_gemm`], [`crate::q4_gemm`]) and the
+/// fused kernels ([`crate::fused`]).
+pub(crate) fn with_values<R, const N: usize>(
     tensors: [&Tensor; N],
     f: impl FnOnce([&[f32]; N]) -> Result<R>,
 ) -> Result<R> {
@@ -303,10 +305,13 @@ fn with_values<R, const N: usize>(
     }
     let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
     let mut slices = [&[][..]; N];
-    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+    for ((slot, (storage, layout)), t) in slices.iter_mut().zip(&guards).zip(&owned) {
         *slot = match &**storage {
-            Storage::Cpu(c) => slice_of(c, layout, "a gradient input")?,
-            _ => bail!("attention: the cpu op's backward got a tensor on another device"),
+            Storage::Cpu(c) => slice_of(c, layout, "an input")?,
+            _ => bail!(
+                "a CPU kernel got a tensor on {:?}: move it to the CPU (or run the model there)",
+                t.device()
+            ),
         };
     }
     f(slices)

@@ -46,8 +46,8 @@
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-use crate::attention::run_parallel;
-use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+use crate::attention::{run_parallel, with_values};
+use candle_core::{DType, Device, Result, Tensor, bail};
 
 /// Output columns per packed panel (two zmm registers of 16 f32 accumulators).
 pub const PANEL_COLUMNS: usize = 32;
@@ -168,7 +168,7 @@ impl Bf16Weight {
     /// Packs `weight` `[out, in]` (any float dtype, CPU), rounded to bf16.
     pub fn from_tensor(weight: &Tensor) -> Result<Self> {
         let (out, inp) = weight.dims2()?;
-        with_f32_slice(weight, |w| Ok(Self::from_rows(w, out, inp)))
+        with_values([weight], |[w]| Ok(Self::from_rows(w, out, inp)))
     }
 
     /// Packs a row-major `[out, in]` f32 matrix, rounded to bf16.
@@ -301,32 +301,13 @@ pub(crate) fn packed_forward(
         bail!("{what} linear: x {dims:?} against a weight [{out_features}, {in_features}]")
     }
     let m: usize = lead.iter().product();
-    let mut y = with_f32_slice(x, |xs| matmul(xs, m))?;
+    let mut y = with_values([x], |[xs]| matmul(xs, m))?;
     if let Some(b) = &bias {
         crate::fused::add_bias(&mut y, b);
     }
     let mut out_dims = lead.to_vec();
     out_dims.push(out_features);
     Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())
-}
-
-/// Runs `f` on `t`'s values as a contiguous f32 slice, without a copy when `t` is one already.
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    if t.dtype() != DType::F32 || !t.is_contiguous() {
-        let t = t.to_dtype(DType::F32)?.contiguous()?;
-        return with_f32_slice(&t, f);
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!(
-            "packed CPU linear (bf16 or q4): the weights are on the CPU, the input is on {:?}",
-            t.device()
-        )
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("packed CPU linear: a contiguous tensor without contiguous offsets")
-    };
-    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// One register tile: rows `0..rows` of `c` (row `r` at `r * ldc`, columns `0..cols`) get

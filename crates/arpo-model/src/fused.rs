@@ -9,7 +9,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Result, Storage, Tensor, bail};
+use candle_core::{DType, Result, Tensor, bail};
+
+use crate::attention::with_values;
 
 /// Values per unit of work handed to a thread: below two units the work stays on the caller.
 const UNIT: usize = 1 << 14;
@@ -20,21 +22,6 @@ pub(crate) fn usable(operands: &[&Tensor]) -> bool {
     operands.iter().all(|t| {
         t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && !t.track_op()
     })
-}
-
-/// Runs `f` on `t`'s values (a contiguous f32 CPU tensor, as [`usable`] checked).
-fn values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!(
-            "fused op: expected a CPU tensor, got one on {:?}",
-            t.device()
-        )
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("fused op: expected a contiguous tensor")
-    };
-    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// Rows of `cols` values of `dst` (and of each source, the same length), in runs of whole
@@ -67,30 +54,11 @@ fn par_rows<const N: usize>(
     });
 }
 
-/// [`par_rows`] in place.
-fn par_rows_mut(data: &mut [f32], cols: usize, f: impl Fn(&mut [f32]) + Sync) {
-    if cols == 0 || data.is_empty() {
-        return;
-    }
-    let per_run = UNIT.div_ceil(cols).max(1) * cols;
-    if data.len() < 2 * per_run {
-        return f(data);
-    }
-    let runs: Vec<Mutex<&mut [f32]>> = data.chunks_mut(per_run).map(Mutex::new).collect();
-    candle_core::utils::barrier_pool().execute_chunked(runs.len(), |range| {
-        for run in &runs[range] {
-            f(&mut run
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner));
-        }
-    });
-}
-
 /// A new tensor of `x`'s shape whose rows (last dimension) are `f(row of x, row out)`.
 fn map_rows(x: &Tensor, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Result<Tensor> {
     let cols = x.dims().last().copied().unwrap_or(1);
     let mut out = vec![0f32; x.elem_count()];
-    values(x, |xs| {
+    with_values([x], |[xs]| {
         par_rows([xs], &mut out, cols, |[src], dst| {
             for (s, d) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(cols)) {
                 f(s, d);
@@ -192,18 +160,15 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.dims()
         )
     }
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let cols = gate.dims().last().copied().unwrap_or(1);
     let mut out = vec![0f32; gate.elem_count()];
-    values(&gate, |g| {
-        values(&up, |u| {
-            par_rows([g, u], &mut out, cols, |[g, u], o| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
-            });
-            Ok(())
-        })
+    with_values([gate, up], |[g, u]| {
+        par_rows([g, u], &mut out, cols, |[g, u], o| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        Ok(())
     })?;
     Tensor::from_vec(out, gate.shape(), gate.device())
 }
@@ -231,42 +196,37 @@ pub(crate) fn rotary_heads(
     }
     let half = d / 2;
     let mut out = vec![0f32; heads * n * d];
-    values(qkv, |x| {
-        values(cos, |c| {
-            values(sin, |s| {
-                let per_head: Vec<Mutex<&mut [f32]>> =
-                    out.chunks_mut((n * d).max(1)).map(Mutex::new).collect();
-                let head = |j: usize| {
-                    let mut dst = per_head[j]
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for i in 0..n {
-                        let src = &x[((i * 3 + part) * heads + j) * d..][..d];
-                        let (c, s) = (&c[i * d..][..d], &s[i * d..][..d]);
-                        let o = &mut dst[i * d..][..d];
-                        for t in 0..half {
-                            let (a, b) = (src[t], src[t + half]);
-                            o[t] = a * c[t] - b * s[t];
-                            o[t + half] = b * c[t + half] + a * s[t + half];
-                        }
-                    }
-                };
-                if n * d * heads < 2 * UNIT {
-                    (0..heads).for_each(head);
-                } else {
-                    candle_core::utils::barrier_pool()
-                        .execute_chunked(heads, |range| range.for_each(head));
+    with_values([qkv, cos, sin], |[x, c, s]| {
+        let per_head: Vec<Mutex<&mut [f32]>> =
+            out.chunks_mut((n * d).max(1)).map(Mutex::new).collect();
+        let head = |j: usize| {
+            let mut dst = per_head[j]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for i in 0..n {
+                let src = &x[((i * 3 + part) * heads + j) * d..][..d];
+                let (c, s) = (&c[i * d..][..d], &s[i * d..][..d]);
+                let o = &mut dst[i * d..][..d];
+                for t in 0..half {
+                    let (a, b) = (src[t], src[t + half]);
+                    o[t] = a * c[t] - b * s[t];
+                    o[t + half] = b * c[t + half] + a * s[t + half];
                 }
-                Ok(())
-            })
-        })
+            }
+        };
+        if n * d * heads < 2 * UNIT {
+            (0..heads).for_each(head);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(heads, |range| range.for_each(head));
+        }
+        Ok(())
     })?;
     Tensor::from_vec(out, (heads, n, d), qkv.device())
 }
 
 /// Adds `bias` (one value per column) to every row of `y` in place.
 pub(crate) fn add_bias(y: &mut [f32], bias: &[f32]) {
-    par_rows_mut(y, bias.len(), |run| {
+    par_rows([], y, bias.len(), |[], run| {
         for row in run.chunks_exact_mut(bias.len()) {
             for (v, &b) in row.iter_mut().zip(bias) {
                 *v += b;
