@@ -51,6 +51,7 @@ pub mod policy;
 pub mod prefix_cache;
 pub mod processor;
 pub mod q4_gemm;
+pub mod q8_gemm;
 pub mod quantized;
 pub mod rope;
 pub mod text;

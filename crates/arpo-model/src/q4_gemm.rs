@@ -323,14 +323,15 @@ impl Q4Weight {
     }
 }
 
-/// Rows of `x` rounded to 8 bits per super-block: `x[i] ≈ d[row, b] * q[i]`.
+/// Rows of `x` rounded to 8 bits per block (a [`Q4Weight`]'s super-block of 256, a
+/// [`crate::q8_gemm::Q8Weight`]'s block of 32): `x[i] ≈ d[row, b] * q[i]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Q8Rows {
     /// `[m, k]`, in -127..=127.
     pub q: Vec<i8>,
-    /// `[m, k / 256]`: `max|x| / 127` of the super-block (0 for an all-zero one).
+    /// `[m, k / block]`: `max|x| / 127` of the block (0 for an all-zero one).
     pub d: Vec<f32>,
-    /// `[m, k / 256, 8]`: the sum of `q` over each sub-block of 32 (`x` holds `m` rows of `k`).
+    /// `[m, k / 32]`: the sum of `q` over each run of 32 (`x` holds `m` rows of `k`).
     pub sums: Vec<i32>,
 }
 
@@ -339,25 +340,32 @@ pub struct Q8Rows {
 /// round(x * (127 / max|x|))`, ties to even, and `dx = max|x| / 127`. A super-block of zeros
 /// gets `dx = 0`; a non-finite value gives zeros (its output is meaningless either way).
 pub fn quantize_rows(x: &[f32]) -> Q8Rows {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(v) = vnni::Vnni::detect() {
-        return v.quantize_rows(x);
-    }
-    quantize_rows_inline(x)
+    quantize_rows_by::<SUPER_BLOCK>(x)
 }
 
-/// [`quantize_rows`]' body, inlined into each instruction set's copy.
+/// [`quantize_rows`] with blocks of `BLOCK` values (a multiple of 32 that divides the rows'
+/// width).
+pub(crate) fn quantize_rows_by<const BLOCK: usize>(x: &[f32]) -> Q8Rows {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = vnni::Vnni::detect() {
+        return v.quantize_rows::<BLOCK>(x);
+    }
+    quantize_rows_inline::<BLOCK>(x)
+}
+
+/// [`quantize_rows_by`]' body, inlined into each instruction set's copy.
 #[inline(always)]
-fn quantize_rows_inline(x: &[f32]) -> Q8Rows {
-    let blocks = x.len() / SUPER_BLOCK;
+fn quantize_rows_inline<const BLOCK: usize>(x: &[f32]) -> Q8Rows {
+    const { assert!(BLOCK > 0 && BLOCK.is_multiple_of(32)) };
+    let blocks = x.len() / BLOCK;
     let mut out = Q8Rows {
-        q: vec![0; blocks * SUPER_BLOCK],
+        q: vec![0; blocks * BLOCK],
         d: vec![0.0; blocks],
-        sums: vec![0; blocks * SUBS],
+        sums: vec![0; blocks * (BLOCK / 32)],
     };
     for (i, (xs, qs)) in x
-        .chunks_exact(SUPER_BLOCK)
-        .zip(out.q.chunks_exact_mut(SUPER_BLOCK))
+        .chunks_exact(BLOCK)
+        .zip(out.q.chunks_exact_mut(BLOCK))
         .enumerate()
     {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -371,7 +379,7 @@ fn quantize_rows_inline(x: &[f32]) -> Q8Rows {
             *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
         }
         for (s, sub) in qs.chunks_exact(32).enumerate() {
-            out.sums[i * SUBS + s] = sub.iter().map(|&q| q as i32).sum();
+            out.sums[i * (BLOCK / 32) + s] = sub.iter().map(|&q| q as i32).sum();
         }
     }
     out
@@ -410,19 +418,34 @@ trait Microkernel: Sync {
     fn run(&self, job: Job<'_>);
 }
 
-/// The product is cut into units of a run of tile columns by one block of up to `MC` rows of
-/// `x` (about 8 units per thread), dealt to candle's persistent thread pool (the one its own
-/// quantized products use: no thread is started per call); each unit writes its own block of
-/// outputs, copied into place after.
-fn matmul_with<K: Microkernel>(kernel: &K, w: &Q4Weight, x: &[f32], m: usize) -> Vec<f32> {
-    let (n, k, supers) = (w.out_features, w.in_features, w.supers);
+/// What one unit of a tiled product computes: tile columns `tiles` (output columns
+/// `col0..col0 + width`, 16 to a tile) for rows `rows` of `x`, into a row-major block
+/// `[rows.len(), width]`.
+pub(crate) struct Unit {
+    pub tiles: std::ops::Range<usize>,
+    pub rows: std::ops::Range<usize>,
+    pub col0: usize,
+    pub width: usize,
+}
+
+/// The `[m, n]` output of a product over tiles of [`TILE_ROWS`] output columns (a
+/// [`Q4Weight`]'s or a [`crate::q8_gemm::Q8Weight`]'s), `k` inputs deep, cut into units of a
+/// run of tile columns by one block of up to `MC` rows of `x` (about 8 units per thread),
+/// dealt to candle's persistent thread pool (the one its own quantized products use: no
+/// thread is started per call). Each unit writes its own block of outputs, copied into place
+/// after; a product of one unit writes straight into the output.
+pub(crate) fn by_tile_columns(
+    m: usize,
+    n: usize,
+    k: usize,
+    unit: impl Fn(&Unit, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return c;
     }
-    let xq = quantize_rows(x);
     let threads = crate::attention::num_threads();
-    let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
+    let parallel = threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
     let tile_cols = n.div_ceil(TILE_ROWS);
     let row_blocks = m.div_ceil(MC);
     let runs = if parallel {
@@ -432,59 +455,69 @@ fn matmul_with<K: Microkernel>(kernel: &K, w: &Q4Weight, x: &[f32], m: usize) ->
     };
     let per_run = tile_cols.div_ceil(runs);
     let runs = tile_cols.div_ceil(per_run);
-    // Unit `u`: tile columns `t0..t1` of row block `u / runs` (rows `r0..r0 + rows`), outputs
-    // `col0..col0 + width`.
     let place = |u: usize| {
         let t0 = u % runs * per_run;
         let t1 = (t0 + per_run).min(tile_cols);
         let r0 = u / runs * MC;
         let col0 = t0 * TILE_ROWS;
-        (
-            t0..t1,
-            r0,
-            MC.min(m - r0),
+        Unit {
+            tiles: t0..t1,
+            rows: r0..MC.min(m - r0) + r0,
             col0,
-            (t1 * TILE_ROWS).min(n) - col0,
-        )
+            width: (t1 * TILE_ROWS).min(n) - col0,
+        }
     };
     let units = runs * row_blocks;
+    if units == 1 {
+        unit(&place(0), &mut c);
+        return c;
+    }
     let slots: Vec<Mutex<Vec<f32>>> = (0..units).map(|_| Mutex::new(Vec::new())).collect();
-    let unit = |u: usize| {
-        let (tiles_run, r0, rows, col0, width) = place(u);
-        let mut out = vec![0f32; rows * width];
-        for t in tiles_run {
+    let one = |u: usize| {
+        let p = place(u);
+        let mut out = vec![0f32; p.rows.len() * p.width];
+        unit(&p, &mut out);
+        *slots[u].lock().unwrap_or_else(PoisonError::into_inner) = out;
+    };
+    if parallel {
+        candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(one));
+    } else {
+        (0..units).for_each(one);
+    }
+    for (u, slot) in slots.into_iter().enumerate() {
+        let p = place(u);
+        let out = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        for (i, src) in out.chunks_exact(p.width).enumerate() {
+            let at = (p.rows.start + i) * n + p.col0;
+            c[at..at + p.width].copy_from_slice(src);
+        }
+    }
+    c
+}
+
+/// [`by_tile_columns`] with `kernel` over a [`Q4Weight`]'s tiles.
+fn matmul_with<K: Microkernel>(kernel: &K, w: &Q4Weight, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k, supers) = (w.out_features, w.in_features, w.supers);
+    let xq = quantize_rows(x);
+    by_tile_columns(m, n, k, |p, out| {
+        for t in p.tiles.clone() {
             let tiles = &w.tiles[t * supers..(t + 1) * supers];
-            let at = t * TILE_ROWS - col0;
-            for g0 in (0..rows).step_by(ROW_GROUP) {
-                let r = r0 + g0;
+            let at = t * TILE_ROWS - p.col0;
+            for g0 in (0..p.rows.len()).step_by(ROW_GROUP) {
+                let r = p.rows.start + g0;
                 kernel.run(Job {
                     tiles,
                     q: &xq.q[r * k..],
                     d: &xq.d[r * supers..],
                     sums: &xq.sums[r * supers * SUBS..],
-                    rows: ROW_GROUP.min(rows - g0),
-                    out: &mut out[g0 * width + at..],
-                    ldc: width,
-                    cols: TILE_ROWS.min(width - at),
+                    rows: ROW_GROUP.min(p.rows.len() - g0),
+                    out: &mut out[g0 * p.width + at..],
+                    ldc: p.width,
+                    cols: TILE_ROWS.min(p.width - at),
                 });
             }
         }
-        *slots[u].lock().unwrap_or_else(PoisonError::into_inner) = out;
-    };
-    if parallel {
-        candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(unit));
-    } else {
-        (0..units).for_each(unit);
-    }
-    for (u, slot) in slots.into_iter().enumerate() {
-        let (_, r0, _, col0, width) = place(u);
-        let out = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
-        for (i, src) in out.chunks_exact(width).enumerate() {
-            let at = (r0 + i) * n + col0;
-            c[at..at + width].copy_from_slice(src);
-        }
-    }
-    c
+    })
 }
 
 /// The sums in scalar code, in the order and roundings of the module doc.
@@ -534,7 +567,7 @@ impl Microkernel for Portable {
 // The AVX-512 intrinsics are stable from Rust 1.89, the workspace's rust-version.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod vnni {
+pub(crate) mod vnni {
     //! The `vpdpbusd` kernel. Every function with `#[target_feature]` is reached only through
     //! a [`Vnni`] value, which exists only where the CPU reports the features.
 
@@ -547,10 +580,10 @@ mod vnni {
 
     /// Proof that this CPU has AVX-512 F, BW and VNNI (private field: made by `detect`).
     #[derive(Debug, Clone, Copy)]
-    pub(super) struct Vnni(());
+    pub(crate) struct Vnni(());
 
     impl Vnni {
-        pub(super) fn detect() -> Option<Self> {
+        pub(crate) fn detect() -> Option<Self> {
             let ok = is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni");
@@ -562,15 +595,15 @@ mod vnni {
         /// [`super::quantize_rows`] compiled for AVX-512: the rounding to nearest even is one
         /// vector instruction instead of a libm call per value (it took 4% of a decoded
         /// token's time on the main thread).
-        pub(super) fn quantize_rows(self, x: &[f32]) -> super::Q8Rows {
+        pub(super) fn quantize_rows<const BLOCK: usize>(self, x: &[f32]) -> super::Q8Rows {
             // SAFETY: `self` exists only on a CPU with these features.
-            unsafe { quantize_rows_512(x) }
+            unsafe { quantize_rows_512::<BLOCK>(x) }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn quantize_rows_512(x: &[f32]) -> super::Q8Rows {
-        super::quantize_rows_inline(x)
+    fn quantize_rows_512<const BLOCK: usize>(x: &[f32]) -> super::Q8Rows {
+        super::quantize_rows_inline::<BLOCK>(x)
     }
 
     impl Microkernel for Vnni {
@@ -693,7 +726,7 @@ mod vnni {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -727,7 +760,7 @@ mod tests {
         assert_eq!(scale_and_min(1, &packed), (7, 9));
     }
     /// Deterministic values in [-1, 1) (a 64-bit LCG; the tests need no RNG crate state).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {
@@ -739,7 +772,7 @@ mod tests {
             .collect()
     }
 
-    fn weight(n: usize, k: usize, seed: u64) -> Tensor {
+    pub(crate) fn weight(n: usize, k: usize, seed: u64) -> Tensor {
         let w: Vec<f32> = values(n * k, seed).iter().map(|v| v * 0.05).collect();
         Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap()
     }

@@ -3,8 +3,9 @@
 //! Decoding reads every weight once per token, so on a CPU its speed is the memory bandwidth
 //! divided by the bytes of the weights. [`Qwen2Vl::to_rollout`] builds an inference copy of a
 //! (learner's) model whose linear layers hold their weights as candle `QTensor`s: `q8_0` (8-bit,
-//! blocks of 32 with an f16 scale: 8.5 bits a weight), `q4k` (4-bit k-quants: 4.5 bits; on a
-//! CPU with AVX-512 VNNI tiled once for our own product, [`crate::q4_gemm`], 4.625 bits) or
+//! blocks of 32 with an f16 scale: 8.5 bits a weight; on a CPU with AVX-512 VNNI tiled once
+//! for our own product, [`crate::q8_gemm`], in as many bits), `q4k` (4-bit k-quants: 4.5 bits;
+//! on a CPU with AVX-512 VNNI tiled once for our own product, [`crate::q4_gemm`], 4.625 bits) or
 //! `bf16` (16 bits: on the CPU packed for AVX-512 BF16 dot products, [`crate::bf16_gemm`],
 //! every linear including the 1176-wide patch embedding). Embeddings and norms stay as they
 //! are (f32); under `q8_0`/`q4k` a linear whose input width is not a multiple of the format's
@@ -42,6 +43,7 @@ use crate::error::{ModelError, Result};
 use crate::model::Qwen2Vl;
 use crate::nn::Linear;
 use crate::q4_gemm::{Q4Kernel, Q4Weight};
+use crate::q8_gemm::{Q8Kernel, Q8Weight};
 
 /// The storage of the rollout copy's linear weights (`worker.rollout.weights`, `--weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -54,7 +56,8 @@ pub enum RolloutWeights {
     /// BF16 `vdpbf16ps` where the CPU has it, a portable kernel elsewhere); on a GPU candle's
     /// bf16 `QTensor`. Every width fits (an odd one is padded).
     Bf16,
-    /// 8-bit: blocks of 32 weights with one f16 scale.
+    /// 8-bit: blocks of 32 weights with one f16 scale. On a CPU with AVX-512 VNNI the
+    /// product is our own ([`crate::q8_gemm`]), elsewhere candle's.
     Q8_0,
     /// 4-bit k-quants (super-blocks of 256); the output projection (`lm_head`) and linears
     /// whose width is not a multiple of 256 take `q8_0`. On a CPU with AVX-512 VNNI the
@@ -137,11 +140,13 @@ enum Product {
     Candle(QMatMul),
     Bf16(Bf16Weight),
     Q4(Q4Weight),
+    Q8(Q8Weight),
 }
 
 impl QuantizedWeight {
     /// Quantizes `weight` `[out, in]` (any float dtype) to `format` (`BF16` on the CPU: packed
-    /// for [`Bf16Weight`]; `Q4K` on a CPU with AVX-512 VNNI: tiled for [`Q4Weight`]).
+    /// for [`Bf16Weight`]; `Q4K` and `Q8_0` on a CPU with AVX-512 VNNI: tiled for
+    /// [`Q4Weight`], [`Q8Weight`]).
     pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
         let (product, bytes) = Product::new(weight, format)?;
         Ok(Self {
@@ -192,11 +197,36 @@ impl QuantizedWeight {
         Ok(())
     }
 
-    /// The candle `QTensor` behind the product (to read rows of a tied embedding from it).
+    /// The candle `QTensor` behind the product, if candle computes it.
     pub fn qtensor(&self) -> Option<Arc<QTensor>> {
         match &*self.product() {
             Product::Candle(QMatMul::QTensor(q)) => Some(q.clone()),
             _ => None,
+        }
+    }
+
+    /// Whether [`Self::embedding`] can read rows of this weight (a `q8_0` weight: a tied
+    /// model's token embeddings held once, in its output projection).
+    pub fn has_rows(&self) -> bool {
+        self.format == GgmlDType::Q8_0
+            && matches!(
+                &*self.product(),
+                Product::Candle(QMatMul::QTensor(_)) | Product::Q8(_)
+            )
+    }
+
+    /// Rows `ids` (`[len]` u32) of a `q8_0` weight in f32, `[len, in]` (candle's dequantized
+    /// values).
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match &*self.product() {
+            Product::Candle(QMatMul::QTensor(q)) if self.format == GgmlDType::Q8_0 => {
+                q.embedding(ids)
+            }
+            Product::Q8(w) => w.embedding(&ids.to_vec1::<u32>()?),
+            _ => candle_core::bail!(
+                "a compact embedding table must be a q8_0 weight, not {:?}",
+                self.format
+            ),
         }
     }
 
@@ -218,6 +248,7 @@ impl QuantizedWeight {
             }
             Product::Bf16(w) => w.forward_biased(x, bias),
             Product::Q4(w) => w.forward_biased(x, bias),
+            Product::Q8(w) => w.forward_biased(x, bias),
         }
     }
 }
@@ -237,6 +268,14 @@ impl Product {
             let w = Q4Weight::from_tensor(weight)?;
             let bytes = w.storage_bytes();
             return Ok((Self::Q4(w), bytes));
+        }
+        if format == GgmlDType::Q8_0
+            && weight.device().is_cpu()
+            && Q8Kernel::best() == Q8Kernel::Avx512Vnni
+        {
+            let w = Q8Weight::from_tensor(weight)?;
+            let bytes = w.storage_bytes();
+            return Ok((Self::Q8(w), bytes));
         }
         let q = QTensor::quantize(weight, format)?;
         let bytes = q.storage_size_in_bytes();
@@ -272,7 +311,7 @@ fn embedding_rows_in_lm_head(text: &crate::text::TextModel) -> Option<&Quantized
     text.lm_head
         .quantized
         .as_ref()
-        .filter(|q| text.tied && q.format() == GgmlDType::Q8_0 && q.qtensor().is_some())
+        .filter(|q| text.tied && q.has_rows())
 }
 
 /// What [`Qwen2Vl::to_rollout`] made of the model's linear layers.

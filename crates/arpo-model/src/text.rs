@@ -308,10 +308,7 @@ impl TextModel {
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.embed_tokens.device())?;
         match &self.embed_compact {
-            Some(CompactEmbedding::Quantized(q)) => match q.qtensor() {
-                Some(q) => q.embedding(&idx),
-                None => candle_core::bail!("a compact embedding table must be a candle QTensor"),
-            },
+            Some(CompactEmbedding::Quantized(q)) => q.embedding(&idx),
             Some(CompactEmbedding::Bf16(t)) => t
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
