@@ -293,8 +293,8 @@ fn slice_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> 
 
 /// Runs `f` over the f32 values of `tensors` (on the CPU), read in place where they are
 /// already contiguous f32 (no copy of a large input); others are converted first. Shared by
-/// this op's backward, the packed products ([`crate::bf16_gemm`], [`crate::q4_gemm`]) and the
-/// fused kernels ([`crate::fused`]).
+/// this op's backward, the packed products ([`crate::bf16_gemm`], [`crate::q4_gemm`],
+/// [`crate::q8_gemm`]) and the fused kernels ([`crate::fused`]).
 pub(crate) fn with_values<R, const N: usize>(
     tensors: [&Tensor; N],
     f: impl FnOnce([&[f32]; N]) -> Result<R>,
@@ -413,7 +413,7 @@ pub(crate) fn num_threads() -> usize {
 }
 
 /// Runs `work` on every item of `items` on candle's persistent threads (its barrier pool, the
-/// one its own kernels and [`crate::q4_gemm`] use), each run of items with a scratch from
+/// one its own kernels and [`crate::q4_gemm`], [`crate::q8_gemm`] use), each run of items with a scratch from
 /// `scratch()` (kept for the next run: at most one per thread is made); items are taken
 /// largest `cost` first. Spawning threads per call instead cost about a millisecond per
 /// decoded 2B token (an attention per layer, and every bf16 product). `work` must not use the

@@ -275,7 +275,8 @@ impl Bf16Weight {
 /// `x W^T (+ bias)` for `x` `[.., in]` through `matmul` (row-major `[m, in]` f32 in, `[m, out]`
 /// out), for a packed CPU weight of `(out, in)` features named `what`: the shapes checked, `x`
 /// read as f32 without a copy where it is one, the bias added in place, the output in `x`'s
-/// dtype. Shared by [`Bf16Weight`] and [`crate::q4_gemm::Q4Weight`].
+/// dtype. Shared by [`Bf16Weight`], [`crate::q4_gemm::Q4Weight`] and
+/// [`crate::q8_gemm::Q8Weight`].
 pub(crate) fn packed_forward(
     what: &str,
     x: &Tensor,

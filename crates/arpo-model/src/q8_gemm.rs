@@ -47,7 +47,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
 
 use crate::bf16_gemm::packed_forward;
@@ -138,18 +137,48 @@ impl std::fmt::Debug for Q8Weight {
 }
 
 impl Q8Weight {
-    /// Quantizes `weight` `[out, in]` (any float dtype, CPU) with candle's `q8_0` quantizer and
-    /// tiles the blocks; `in` must be a multiple of 32.
+    /// Quantizes `weight` `[out, in]` (any float dtype) as candle's `q8_0` quantizer does,
+    /// straight into tiles: per block of 32, `d = max|w| / 127`, `q = round(w / d)` (half away
+    /// from zero, computed as `w * (1 / d)`), `d` stored as f16. No copy of candle's blocks is
+    /// made on the way (a 2B model's tied output projection is 0.25 GB of them). `in` must be
+    /// a multiple of 32.
     pub fn from_tensor(weight: &Tensor) -> Result<Self> {
         let (out, inp) = weight.dims2()?;
         if inp == 0 || !inp.is_multiple_of(BLOCK) {
             bail!("q8 linear: {inp} inputs is not a multiple of the {BLOCK}-wide block")
         }
-        let w = weight
-            .to_device(&Device::Cpu)?
-            .to_dtype(candle_core::DType::F32)?;
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        Self::from_q8_0_blocks(&q.data()?, out, inp)
+        let w = weight.to_device(&Device::Cpu)?;
+        crate::attention::with_values([&w], |[values]| Ok(Self::from_rows(values, out, inp)))
+    }
+
+    /// [`Self::from_tensor`] over row-major values.
+    fn from_rows(values: &[f32], out_features: usize, in_features: usize) -> Self {
+        let blocks = in_features / BLOCK;
+        let count = out_features.div_ceil(TILE_ROWS) * blocks;
+        let mut tiles = vec![ZERO_TILE; count];
+        let mut scales = vec![[0u16; TILE_ROWS]; count];
+        for (row, xs) in values.chunks_exact(in_features).enumerate() {
+            let (t, r) = (row / TILE_ROWS, row % TILE_ROWS);
+            for (b, block) in xs.chunks_exact(BLOCK).enumerate() {
+                let at = t * blocks + b;
+                let amax = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                scales[at][r] = half::f16::from_f32(d).to_bits();
+                for (j, &x) in block.iter().enumerate() {
+                    // `as` saturates (and takes NaN to 0), as candle's cast does.
+                    let q = (x * id).round() as i8;
+                    tiles[at].0[(j / 4 * TILE_ROWS + r) * 4 + j % 4] = (q as i32 + OFFSET) as u8;
+                }
+            }
+        }
+        Self {
+            out_features,
+            in_features,
+            blocks,
+            tiles: tiles.into(),
+            scales: scales.into(),
+        }
     }
 
     /// Tiles the bytes of a `[out, in]` candle `q8_0` tensor (`QTensor::data`: row-major
@@ -478,11 +507,21 @@ mod vnni {
 mod tests {
     use super::*;
     use crate::q4_gemm::tests::{values, weight};
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     #[test]
     fn tiles_hold_candles_q8_0_values_bit_for_bit() {
-        // 40 rows: two whole tiles and one padded; 3 blocks.
-        let w = weight(40, 96, 1);
+        // 40 rows: two whole tiles and one padded; 3 blocks. Row 0's first block has
+        // d = 1 and halves (2.5 rounds away from zero to 3, not to even 2); row 1's second
+        // block is zeros (d = 0).
+        let mut v = weight(40, 96, 1)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v[..4].copy_from_slice(&[127.0, 2.5, -2.5, 0.5]);
+        v[96 + 32..96 + 64].fill(0.0);
+        let w = Tensor::from_vec(v, (40, 96), &Device::Cpu).unwrap();
         let q = Q8Weight::from_tensor(&w).unwrap();
         let candle = QTensor::quantize(&w, GgmlDType::Q8_0)
             .unwrap()
@@ -493,6 +532,20 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         let ours = q.to_rows();
+        // Our quantizer makes candle's blocks: the same tiles as tiling candle's own bytes.
+        let blocks = QTensor::quantize(&w, GgmlDType::Q8_0)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec();
+        let tiled = Q8Weight::from_q8_0_blocks(&blocks, 40, 96).unwrap();
+        assert!(
+            q.tiles
+                .iter()
+                .zip(tiled.tiles.iter())
+                .all(|(a, b)| a.0 == b.0)
+        );
+        assert_eq!(q.scales, tiled.scales);
         assert_eq!(ours.len(), candle.len());
         for (i, (a, b)) in ours.iter().zip(&candle).enumerate() {
             assert_eq!(a.to_bits(), b.to_bits(), "value {i}: {a} vs candle's {b}");
