@@ -5,8 +5,9 @@
 //! output it calls a 256-bit dot product over the row's blocks, with a horizontal sum at the
 //! end. At the embedded default's widths (96 to 384 inputs) those calls are most of the time:
 //! 8-bit rollouts made `cargo xtask train` 1.5x slower than f32 ones. A [`Q8Weight`] holds the
-//! same quantization (candle's own quantizer makes the blocks; [`Q8Weight::to_rows`] gives back
-//! candle's dequantized values, bit for bit) in tiles the product reads 16 outputs at a time:
+//! same quantization (quantized by candle's `q8_0` rule, the values its quantizer makes;
+//! [`Q8Weight::to_rows`] gives back candle's dequantized values, bit for bit) in tiles the
+//! product reads 16 outputs at a time:
 //!
 //! - the output rows are cut into tiles of [`TILE_ROWS`] (16, one zmm of lanes); the last tile
 //!   is padded with zero rows;
