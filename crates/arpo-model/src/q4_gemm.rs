@@ -864,13 +864,9 @@ pub(crate) mod tests {
 
     #[test]
     fn the_vnni_kernel_equals_the_portable_one_to_the_bit() {
-        if !Q4Kernel::Avx512Vnni.is_available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
-        }
         // Rows 1-4 (each group size), 5 and 9 (a partial group), 300 (past one block of 256
         // rows, and large enough to share among threads); a padded tile (40 rows).
-        for (m, n, k) in [
+        let cases = [
             (1, 16, 256),
             (2, 40, 512),
             (3, 40, 256),
@@ -878,11 +874,28 @@ pub(crate) mod tests {
             (5, 40, 512),
             (9, 16, 256),
             (300, 40, 768),
-        ] {
+        ];
+        assert_kernels_agree(&cases, |m, n, k, kernel| {
             let q = Q4Weight::from_tensor(&weight(n, k, m as u64)).unwrap();
             let x = values(m * k, 100 + m as u64);
-            let fast = q.matmul(&x, m, Q4Kernel::Avx512Vnni).unwrap();
-            let slow = q.matmul(&x, m, Q4Kernel::Portable).unwrap();
+            q.matmul(&x, m, kernel).unwrap()
+        });
+    }
+
+    /// Asserts, for each `(m, n, k)` (`x` `[m, k]` against a weight `[n, k]`), that `run` gives
+    /// the same bits with the AVX-512 VNNI kernel as with the portable one (skipped on a CPU
+    /// without VNNI).
+    pub(crate) fn assert_kernels_agree(
+        cases: &[(usize, usize, usize)],
+        run: impl Fn(usize, usize, usize, Q4Kernel) -> Vec<f32>,
+    ) {
+        if !Q4Kernel::Avx512Vnni.is_available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        for &(m, n, k) in cases {
+            let fast = run(m, n, k, Q4Kernel::Avx512Vnni);
+            let slow = run(m, n, k, Q4Kernel::Portable);
             let differ = fast
                 .iter()
                 .zip(&slow)

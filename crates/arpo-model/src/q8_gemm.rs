@@ -46,12 +46,12 @@
 //! # }
 //! ```
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{Device, Result, Tensor, bail};
 
 use crate::bf16_gemm::packed_forward;
-use crate::q4_gemm::{Q8Rows, TILE_ROWS, by_tile_columns, quantize_rows_by};
+use crate::q4_gemm::{TILE_ROWS, by_tile_columns, quantize_rows_by};
 
 /// Inputs per block (`q8_0`'s block).
 pub const BLOCK: usize = 32;
@@ -78,39 +78,9 @@ type Scales = [u16; TILE_ROWS];
 /// A padding row's quants are 0 (stored as 128), with a scale of 0.
 const ZERO_TILE: Tile = Tile([OFFSET as u8; GROUPS * TILE_ROWS * 4]);
 
-/// Which kernel computes the product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Q8Kernel {
-    /// `vpdpbusd` on x86-64 CPUs with AVX-512 VNNI (Ice Lake, Zen 4 and later).
-    Avx512Vnni,
-    /// Any CPU: the same integer sums in scalar code (slow; for other CPUs and for tests).
-    Portable,
-}
-
-impl Q8Kernel {
-    /// The fastest kernel this CPU runs (detected once).
-    pub fn best() -> Self {
-        static BEST: OnceLock<Q8Kernel> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            if Self::Avx512Vnni.is_available() {
-                Self::Avx512Vnni
-            } else {
-                Self::Portable
-            }
-        })
-    }
-
-    /// Whether this CPU can run the kernel.
-    pub fn is_available(self) -> bool {
-        match self {
-            Self::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512Vnni => crate::q4_gemm::Q4Kernel::Avx512Vnni.is_available(),
-            #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx512Vnni => false,
-        }
-    }
-}
+/// Which kernel computes the product: the same choice as the 4-bit product's (both run
+/// `vpdpbusd`, or the portable sums).
+pub type Q8Kernel = crate::q4_gemm::Q4Kernel;
 
 /// A linear weight `[out, in]` in candle's `q8_0` quantization, tiled for
 /// [`Q8Weight::forward`] (see the module doc). `in` must be a multiple of 32. Cloning shares
@@ -316,7 +286,7 @@ impl Q8Weight {
 
 /// One kernel call: `rows` (1..=4) rows of `x` against one tile column (all blocks of 16
 /// output rows); row `r`'s first `cols` outputs go to `out[r * ldc..]`.
-pub(crate) struct Job<'a> {
+struct Job<'a> {
     /// One tile per block of 32 inputs.
     tiles: &'a [Tile],
     scales: &'a [Scales],
@@ -346,14 +316,14 @@ impl Job<'_> {
     }
 }
 
-pub(crate) trait Microkernel: Sync {
+trait Microkernel: Sync {
     fn run(&self, job: Job<'_>);
 }
 
 /// [`by_tile_columns`] with `kernel` over `w`'s tiles.
 fn matmul_with<K: Microkernel>(kernel: &K, w: &Q8Weight, x: &[f32], m: usize) -> Vec<f32> {
     let (n, k, blocks) = (w.out_features, w.in_features, w.blocks);
-    let xq: Q8Rows = quantize_rows_by::<BLOCK>(x);
+    let xq = quantize_rows_by::<BLOCK>(x);
     by_tile_columns(m, n, k, |p, out| {
         for t in p.tiles.clone() {
             let column = t * blocks..(t + 1) * blocks;
@@ -507,7 +477,7 @@ mod vnni {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::q4_gemm::tests::{values, weight};
+    use crate::q4_gemm::tests::{assert_kernels_agree, values, weight};
     use candle_core::quantized::{GgmlDType, QTensor};
 
     #[test]
@@ -617,14 +587,10 @@ mod tests {
 
     #[test]
     fn the_vnni_kernel_equals_the_portable_one_to_the_bit() {
-        if !Q8Kernel::Avx512Vnni.is_available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
-        }
         // Rows 1-4 (each group size), 5 and 9 (a partial group), 300 (past one block of 256
         // rows, and large enough to share among threads); a padded tile (40 rows); odd block
         // counts (96, 160 inputs).
-        for (m, n, k) in [
+        let cases = [
             (1, 16, 32),
             (2, 40, 96),
             (3, 40, 64),
@@ -632,22 +598,13 @@ mod tests {
             (5, 40, 160),
             (9, 16, 128),
             (300, 40, 384),
-        ] {
+        ];
+        assert_kernels_agree(&cases, |m, n, k, kernel| {
             let q = Q8Weight::from_tensor(&weight(n, k, m as u64)).unwrap();
             let mut x = values(m * k, 100 + m as u64);
             x[..BLOCK].fill(0.0); // a block of zeros: dx = 0
-            let fast = q.matmul(&x, m, Q8Kernel::Avx512Vnni).unwrap();
-            let slow = q.matmul(&x, m, Q8Kernel::Portable).unwrap();
-            let differ = fast
-                .iter()
-                .zip(&slow)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(
-                differ, 0,
-                "[{m}, {k}] x [{n}, {k}]^T: {differ} outputs differ"
-            );
-        }
+            q.matmul(&x, m, kernel).unwrap()
+        });
     }
 
     #[test]

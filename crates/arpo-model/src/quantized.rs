@@ -43,7 +43,7 @@ use crate::error::{ModelError, Result};
 use crate::model::Qwen2Vl;
 use crate::nn::Linear;
 use crate::q4_gemm::{Q4Kernel, Q4Weight};
-use crate::q8_gemm::{Q8Kernel, Q8Weight};
+use crate::q8_gemm::Q8Weight;
 
 /// The storage of the rollout copy's linear weights (`worker.rollout.weights`, `--weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -197,32 +197,14 @@ impl QuantizedWeight {
         Ok(())
     }
 
-    /// The candle `QTensor` behind the product, if candle computes it.
-    pub fn qtensor(&self) -> Option<Arc<QTensor>> {
+    /// Rows `ids` of a `q8_0` weight in f32, `[len, in]` (candle's dequantized values): a tied
+    /// model's token embeddings, held once in its output projection.
+    pub fn embedding(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         match &*self.product() {
-            Product::Candle(QMatMul::QTensor(q)) => Some(q.clone()),
-            _ => None,
-        }
-    }
-
-    /// Whether [`Self::embedding`] can read rows of this weight (a `q8_0` weight: a tied
-    /// model's token embeddings held once, in its output projection).
-    pub fn has_rows(&self) -> bool {
-        self.format == GgmlDType::Q8_0
-            && matches!(
-                &*self.product(),
-                Product::Candle(QMatMul::QTensor(_)) | Product::Q8(_)
-            )
-    }
-
-    /// Rows `ids` (`[len]` u32) of a `q8_0` weight in f32, `[len, in]` (candle's dequantized
-    /// values).
-    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        match &*self.product() {
+            Product::Q8(w) => w.embedding(ids),
             Product::Candle(QMatMul::QTensor(q)) if self.format == GgmlDType::Q8_0 => {
-                q.embedding(ids)
+                q.embedding(&Tensor::from_slice(ids, ids.len(), &q.device())?)
             }
-            Product::Q8(w) => w.embedding(&ids.to_vec1::<u32>()?),
             _ => candle_core::bail!(
                 "a compact embedding table must be a q8_0 weight, not {:?}",
                 self.format
@@ -261,21 +243,20 @@ impl Product {
             let bytes = w.storage_bytes();
             return Ok((Self::Bf16(w), bytes));
         }
-        if format == GgmlDType::Q4K
-            && weight.device().is_cpu()
-            && Q4Kernel::best() == Q4Kernel::Avx512Vnni
-        {
-            let w = Q4Weight::from_tensor(weight)?;
-            let bytes = w.storage_bytes();
-            return Ok((Self::Q4(w), bytes));
-        }
-        if format == GgmlDType::Q8_0
-            && weight.device().is_cpu()
-            && Q8Kernel::best() == Q8Kernel::Avx512Vnni
-        {
-            let w = Q8Weight::from_tensor(weight)?;
-            let bytes = w.storage_bytes();
-            return Ok((Self::Q8(w), bytes));
+        if weight.device().is_cpu() && Q4Kernel::best() == Q4Kernel::Avx512Vnni {
+            match format {
+                GgmlDType::Q4K => {
+                    let w = Q4Weight::from_tensor(weight)?;
+                    let bytes = w.storage_bytes();
+                    return Ok((Self::Q4(w), bytes));
+                }
+                GgmlDType::Q8_0 => {
+                    let w = Q8Weight::from_tensor(weight)?;
+                    let bytes = w.storage_bytes();
+                    return Ok((Self::Q8(w), bytes));
+                }
+                _ => {}
+            }
         }
         let q = QTensor::quantize(weight, format)?;
         let bytes = q.storage_size_in_bytes();
@@ -311,7 +292,7 @@ fn embedding_rows_in_lm_head(text: &crate::text::TextModel) -> Option<&Quantized
     text.lm_head
         .quantized
         .as_ref()
-        .filter(|q| text.tied && q.has_rows())
+        .filter(|q| text.tied && q.format() == GgmlDType::Q8_0)
 }
 
 /// What [`Qwen2Vl::to_rollout`] made of the model's linear layers.

@@ -306,15 +306,15 @@ impl TextModel {
     /// Token embeddings `[len, hidden]` (differentiable in the embedding table unless it is
     /// stored compact).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.embed_tokens.device())?;
+        let idx = || Tensor::from_slice(ids, ids.len(), self.embed_tokens.device());
         match &self.embed_compact {
-            Some(CompactEmbedding::Quantized(q)) => q.embedding(&idx),
+            Some(CompactEmbedding::Quantized(q)) => q.embedding(ids),
             Some(CompactEmbedding::Bf16(t)) => t
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .index_select(&idx, 0)?
+                .index_select(&idx()?, 0)?
                 .to_dtype(DType::F32),
-            None => self.embed_tokens.index_select(&idx, 0),
+            None => self.embed_tokens.index_select(&idx()?, 0),
         }
     }
 
