@@ -176,6 +176,7 @@ pub fn run(args: Args) -> Result<()> {
             "weights": args.weights.to_string(),
             "cache": !args.no_cache,
             "threads": candle_core::utils::get_num_threads(),
+            "cpu_kernels": crate::bench_model::cpu_kernels(),
             "screen": args.screen.to_string(),
             "resized": format!("{w}x{h}"),
             "image_tokens": image_tokens,

@@ -290,6 +290,7 @@ pub fn run(args: Args) -> Result<()> {
         "image": format!("{width}x{height}"),
         "image_tokens": image_tokens,
         "threads": candle_core::utils::get_num_threads(),
+        "cpu_kernels": cpu_kernels(),
         "init_s": init_s,
     });
     if let (Some(obj), serde_json::Value::Object(more)) = (json.as_object_mut(), rollout_json) {
@@ -451,4 +452,13 @@ fn rollout_copy(
         "linear_weights_gb": s.linear_bytes as f64 / 1e9,
     });
     Ok((rollout, json))
+}
+
+/// Which of our CPU products this machine runs (they are picked at run time from its
+/// features), for the record of a series.
+pub(crate) fn cpu_kernels() -> serde_json::Value {
+    serde_json::json!({
+        "int8": format!("{:?}", arpo_model::q4_gemm::Q4Kernel::best()),
+        "bf16": format!("{:?}", arpo_model::bf16_gemm::Bf16Kernel::best()),
+    })
 }

@@ -1,5 +1,6 @@
-//! 4-bit linear weights on the CPU: `x W^T` with AVX-512 VNNI integer dot products
-//! (`vpdpbusd`) over candle's `q4k` weights, held in one layout made for the product.
+//! 4-bit linear weights on the CPU: `x W^T` with integer dot products (AVX-512 VNNI's
+//! `vpdpbusd`, or AVX2's `vpmaddubsw` on CPUs without it) over candle's `q4k` weights, held in
+//! one layout made for the product.
 //!
 //! candle 0.11 stores a `q4k` weight as k-quant blocks (4.5 bits a weight) and, on its first
 //! product on an AVX-512 VNNI CPU, adds a second copy tiled for `vpdpbusd` with every sub-block
@@ -22,9 +23,9 @@
 //! ties to even). Per super-block and output it sums exactly in integers over each sub-block
 //! `s` the products `D_s = Σ_i q_i qx_i` (|D_s| < 2^16, so exact in f32 too), then in f32 with
 //! fused multiply-adds, sub-block by sub-block, `S = Σ_s sc_s D_s` and `M = Σ_s m_s Σ_i qx_i`
-//! (`M` exact: below 2^24), and `y += (d dx) S`, `y -= (dmin dx) M`. Both kernels (the AVX-512
-//! VNNI one and the portable one) do exactly these operations in this order, so they agree to
-//! the bit. The rounding of `x` is the only approximation beyond the weights' own and a few
+//! (`M` exact: below 2^24), and `y += (d dx) S`, `y -= (dmin dx) M`. All three kernels (AVX-512
+//! VNNI, AVX2 and the portable one) do exactly these operations in this order, so they agree
+//! to the bit. The rounding of `x` is the only approximation beyond the weights' own and a few
 //! f32 roundings (candle's `q4k` product rounds `x` the same way, to its `q8k`).
 //!
 //! The threads share the tiles (each reads only its own weights, once per block of 256 rows of
@@ -109,6 +110,9 @@ const ZERO_TILE: Tile = Tile {
 pub enum Q4Kernel {
     /// `vpdpbusd` on x86-64 CPUs with AVX-512 VNNI (Ice Lake, Zen 4 and later).
     Avx512Vnni,
+    /// `vpmaddubsw` on x86-64 CPUs with AVX2, FMA and F16C (Haswell and later, Zen 1-3: most
+    /// laptops without AVX-512), 8 output rows a register.
+    Avx2,
     /// Any CPU: the same integer sums in scalar code (slow; for other CPUs and for tests).
     Portable,
 }
@@ -118,11 +122,10 @@ impl Q4Kernel {
     pub fn best() -> Self {
         static BEST: OnceLock<Q4Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
-            if Self::Avx512Vnni.is_available() {
-                Self::Avx512Vnni
-            } else {
-                Self::Portable
-            }
+            [Self::Avx512Vnni, Self::Avx2]
+                .into_iter()
+                .find(|k| k.is_available())
+                .unwrap_or(Self::Portable)
         })
     }
 
@@ -132,8 +135,10 @@ impl Q4Kernel {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Vnni => vnni::Vnni::detect().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::Avx2::detect().is_some(),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx512Vnni => false,
+            Self::Avx512Vnni | Self::Avx2 => false,
         }
     }
 }
@@ -315,9 +320,16 @@ impl Q4Weight {
                 Some(k) => Ok(matmul_with(&k, self, x, m)),
                 None => bail!("q4 linear: this CPU has no AVX-512 VNNI: use the portable kernel"),
             },
+            #[cfg(target_arch = "x86_64")]
+            Q4Kernel::Avx2 => match avx2::Avx2::detect() {
+                Some(k) => Ok(matmul_with(&k, self, x, m)),
+                None => {
+                    bail!("q4 linear: this CPU lacks AVX2, FMA or F16C: use the portable kernel")
+                }
+            },
             #[cfg(not(target_arch = "x86_64"))]
-            Q4Kernel::Avx512Vnni => {
-                bail!("q4 linear: AVX-512 VNNI needs an x86-64 CPU: use the portable kernel")
+            Q4Kernel::Avx512Vnni | Q4Kernel::Avx2 => {
+                bail!("q4 linear: {kernel:?} needs an x86-64 CPU: use the portable kernel")
             }
         }
     }
@@ -348,6 +360,8 @@ pub fn quantize_rows(x: &[f32]) -> Q8Rows {
 pub(crate) fn quantize_rows_by<const BLOCK: usize>(x: &[f32]) -> Q8Rows {
     #[cfg(target_arch = "x86_64")]
     if let Some(v) = vnni::Vnni::detect() {
+        return v.quantize_rows::<BLOCK>(x);
+    } else if let Some(v) = avx2::Avx2::detect() {
         return v.quantize_rows::<BLOCK>(x);
     }
     quantize_rows_inline::<BLOCK>(x)
@@ -564,6 +578,26 @@ impl Microkernel for Portable {
     }
 }
 
+/// How many tiles ahead of the one being multiplied the x86-64 kernels prefetch.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const PREFETCH_TILES: usize = 4;
+
+/// Asks for the item `ahead` places after `item` to be brought into L1 (the tiles of a run of
+/// columns lie one after the other in memory, and the weights stream from memory once per
+/// token). A prefetch past the end of the tiles is dropped, never a fault.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+pub(crate) fn prefetch_ahead<T>(item: &T, ahead: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    let at = (item as *const T).wrapping_add(ahead).cast::<i8>();
+    for line in 0..std::mem::size_of::<T>().div_ceil(64) {
+        // SAFETY: SSE is part of x86-64, and a prefetch of any address is a hint that never
+        // faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line)) };
+    }
+}
+
 // The AVX-512 intrinsics are stable from Rust 1.89, the workspace's rust-version.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -573,10 +607,9 @@ pub(crate) mod vnni {
 
     use std::arch::x86_64::*;
 
-    use super::{Job, Microkernel, ROW_GROUP, SUBS, SUPER_BLOCK, TILE_ROWS};
-
-    /// How many tiles ahead of the one being multiplied the kernel prefetches.
-    const PREFETCH_TILES: usize = 4;
+    use super::{
+        Job, Microkernel, PREFETCH_TILES, ROW_GROUP, SUBS, SUPER_BLOCK, TILE_ROWS, prefetch_ahead,
+    };
 
     /// Proof that this CPU has AVX-512 F, BW and VNNI (private field: made by `detect`).
     #[derive(Debug, Clone, Copy)]
@@ -637,15 +670,7 @@ pub(crate) mod vnni {
         // arithmetic (and of its overflow checks in debug builds).
         let rows: [*const i8; R] = std::array::from_fn(|r| job.q.as_ptr().wrapping_add(r * k));
         for (b, tile) in job.tiles.iter().enumerate() {
-            // The weights stream from memory once per token: ask for the tile `PREFETCH_TILES`
-            // ahead now (the tiles of a run of columns lie one after the other in memory; a
-            // prefetch past the end is dropped, never a fault).
-            let ahead = (tile as *const super::Tile)
-                .wrapping_add(PREFETCH_TILES)
-                .cast::<i8>();
-            for line in 0..std::mem::size_of::<super::Tile>() / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
+            prefetch_ahead(tile, PREFETCH_TILES);
             let sums: [&[i32]; R] =
                 std::array::from_fn(|r| &job.sums[(r * supers + b) * SUBS..][..SUBS]);
             let mut x: [*const i8; R] =
@@ -720,6 +745,173 @@ pub(crate) mod vnni {
             unsafe {
                 _mm512_mask_storeu_ps(job.out.as_mut_ptr().wrapping_add(r * job.ldc), mask, *acc);
             }
+        }
+    }
+}
+
+// The AVX2, FMA and F16C intrinsics are stable, and safe inside functions with those features.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(crate) mod avx2 {
+    //! The `vpmaddubsw` kernel, for x86-64 CPUs without AVX-512 VNNI. Every function with
+    //! `#[target_feature]` is reached only through an [`Avx2`] value, which exists only where
+    //! the CPU reports AVX2, FMA and F16C.
+    //!
+    //! A tile's 64-byte line of 16 rows is taken as two halves of 8 rows, one ymm each.
+    //! `vpmaddubsw` multiplies unsigned by signed bytes and adds neighbouring products into
+    //! 16-bit lanes that saturate: with the quants (0..16) against `x` (-127..=127) a pair is at
+    //! most 2 x 15 x 127 = 3,810, and the 8 pairs a lane collects over a sub-block at most
+    //! 30,480, below 2^15. Nothing saturates: after `vpmaddwd` by ones adds each lane pair into
+    //! 32 bits, the sums are the exact `D_s` of the module doc. The float steps are the other
+    //! kernels', 8 lanes at a time, so all three agree to the bit.
+
+    use std::arch::x86_64::*;
+
+    use super::{
+        Job, Microkernel, PREFETCH_TILES, ROW_GROUP, SUBS, SUPER_BLOCK, TILE_ROWS, prefetch_ahead,
+    };
+
+    /// Proof that this CPU has AVX2, FMA and F16C (private field: made by `detect`).
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Avx2(());
+
+    impl Avx2 {
+        pub(crate) fn detect() -> Option<Self> {
+            let ok = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            ok.then_some(Self(()))
+        }
+
+        /// [`super::quantize_rows`] compiled for AVX2 (the rounding is one instruction).
+        pub(super) fn quantize_rows<const BLOCK: usize>(self, x: &[f32]) -> super::Q8Rows {
+            // SAFETY: `self` exists only on a CPU with these features.
+            unsafe { quantize_rows_256::<BLOCK>(x) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn quantize_rows_256<const BLOCK: usize>(x: &[f32]) -> super::Q8Rows {
+        super::quantize_rows_inline::<BLOCK>(x)
+    }
+
+    impl Microkernel for Avx2 {
+        fn run(&self, job: Job<'_>) {
+            job.check();
+            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
+            // `job.check()` holds.
+            unsafe {
+                match job.rows {
+                    1 => rows_x16::<1>(job),
+                    2 => rows_x16::<2>(job),
+                    3 => rows_x16::<3>(job),
+                    _ => rows_x16::<ROW_GROUP>(job),
+                }
+            }
+        }
+    }
+
+    /// Stores row `r`'s 16 lanes (two halves) of a tile column: `cols` of them, at `r * ldc`.
+    /// Shared with [`crate::q8_gemm`]'s AVX2 kernel.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn store_row(out: &mut [f32], at: usize, cols: usize, acc: [__m256; 2]) {
+        let mut lanes = [0f32; TILE_ROWS];
+        // SAFETY: 8 f32 each, into a 16-value array.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().wrapping_add(8), acc[1]);
+        }
+        out[at..at + cols].copy_from_slice(&lanes[..cols]);
+    }
+
+    /// `R` rows of `x` against one tile column: per group of 8 inputs, two 32-byte loads of 8
+    /// rows' nibbles each, unpacked to quants, multiplied against a broadcast quad of each
+    /// row's 8-bit `x` by `vpmaddubsw` and summed in 16-bit lanes for the sub-block.
+    // `s` indexes the tile's scale rows and each row's sums alike; `h` the halves.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_x16<const R: usize>(job: Job<'_>) {
+        let supers = job.tiles.len();
+        let k = supers * SUPER_BLOCK;
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let rows: [*const i8; R] = std::array::from_fn(|r| job.q.as_ptr().wrapping_add(r * k));
+        for (b, tile) in job.tiles.iter().enumerate() {
+            prefetch_ahead(tile, PREFETCH_TILES);
+            let sums: [&[i32]; R] =
+                std::array::from_fn(|r| &job.sums[(r * supers + b) * SUBS..][..SUBS]);
+            let mut x: [*const i8; R] =
+                std::array::from_fn(|r| rows[r].wrapping_add(b * SUPER_BLOCK));
+            let mut qs = tile.qs.as_ptr().cast::<__m256i>();
+            let mut total = [[_mm256_setzero_ps(); 2]; R];
+            let mut mins = [[_mm256_setzero_ps(); 2]; R];
+            for s in 0..SUBS {
+                let mut dot = [[_mm256_setzero_si256(); 2]; R];
+                for _ in 0..4 {
+                    // SAFETY: `qs` walks the tile's 64 aligned ymm-sized halves of lines (the
+                    // tile is 64-byte aligned), two per group.
+                    let w =
+                        unsafe { [_mm256_load_si256(qs), _mm256_load_si256(qs.wrapping_add(1))] };
+                    qs = qs.wrapping_add(2);
+                    let lo = [_mm256_and_si256(w[0], low), _mm256_and_si256(w[1], low)];
+                    let hi = [
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(w[0]), low),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(w[1]), low),
+                    ];
+                    for (dot, p) in dot.iter_mut().zip(x.iter_mut()) {
+                        // SAFETY: `job.check()`: each row's pointer walks its super-block's 256
+                        // values of `q`, 8 per group.
+                        let (xa, xb) = unsafe {
+                            (
+                                _mm_cvtsi128_si32(_mm_loadu_si32(p.cast())),
+                                _mm_cvtsi128_si32(_mm_loadu_si32(p.wrapping_add(4).cast())),
+                            )
+                        };
+                        *p = p.wrapping_add(8);
+                        let (xa, xb) = (_mm256_set1_epi32(xa), _mm256_set1_epi32(xb));
+                        for h in 0..2 {
+                            dot[h] = _mm256_add_epi16(dot[h], _mm256_maddubs_epi16(lo[h], xa));
+                            dot[h] = _mm256_add_epi16(dot[h], _mm256_maddubs_epi16(hi[h], xb));
+                        }
+                    }
+                }
+                let bytes = |of: &[u8; SUBS * TILE_ROWS], h: usize| {
+                    // SAFETY: 8 bytes at `16 s + 8 h` of a 128-byte array, `s < 8`, `h < 2`.
+                    let v = unsafe {
+                        _mm_loadl_epi64(of.as_ptr().wrapping_add(TILE_ROWS * s + 8 * h).cast())
+                    };
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+                };
+                let sc = [bytes(&tile.scales, 0), bytes(&tile.scales, 1)];
+                let mn = [bytes(&tile.mins, 0), bytes(&tile.mins, 1)];
+                for r in 0..R {
+                    let sum = _mm256_set1_ps(sums[r][s] as f32);
+                    for h in 0..2 {
+                        let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r][h], ones));
+                        total[r][h] = _mm256_fmadd_ps(d, sc[h], total[r][h]);
+                        mins[r][h] = _mm256_fmadd_ps(mn[h], sum, mins[r][h]);
+                    }
+                }
+            }
+            // SAFETY: 8 f16 values at `8 h` of 16.
+            let f16s = |of: &[u16; TILE_ROWS], h: usize| unsafe {
+                _mm256_cvtph_ps(_mm_loadu_si128(of.as_ptr().wrapping_add(8 * h).cast()))
+            };
+            let dv = [f16s(&tile.d, 0), f16s(&tile.d, 1)];
+            let dminv = [f16s(&tile.dmin, 0), f16s(&tile.dmin, 1)];
+            for r in 0..R {
+                let dx = _mm256_set1_ps(job.d[r * supers + b]);
+                for h in 0..2 {
+                    let scale = _mm256_mul_ps(dv[h], dx);
+                    let min = _mm256_mul_ps(dminv[h], dx);
+                    acc[r][h] = _mm256_fmadd_ps(scale, total[r][h], acc[r][h]);
+                    acc[r][h] = _mm256_fnmadd_ps(min, mins[r][h], acc[r][h]);
+                }
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            store_row(job.out, r * job.ldc, job.cols, acc);
         }
     }
 }
@@ -863,7 +1055,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_vnni_kernel_equals_the_portable_one_to_the_bit() {
+    fn the_vector_kernels_equal_the_portable_one_to_the_bit() {
         // Rows 1-4 (each group size), 5 and 9 (a partial group), 300 (past one block of 256
         // rows, and large enough to share among threads); a padded tile (40 rows).
         let cases = [
@@ -882,29 +1074,60 @@ pub(crate) mod tests {
         });
     }
 
+    #[test]
+    fn the_vector_kernels_do_not_saturate_at_the_largest_sums() {
+        // Every quant 15 and every `x` at +127 (then alternating, at -127): AVX2's 16-bit
+        // lanes collect their largest sums (8 pairs of 15 x 127 x 2 = 30,480).
+        let (n, k) = (16, 512);
+        let mut block = vec![0u8; Q4K_BLOCK_BYTES];
+        block[..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        block[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_bits().to_le_bytes());
+        block[4..16].fill(0xff); // every 6-bit scale and minimum 63
+        block[16..].fill(0xff);
+        let bytes = block.repeat(n * k / SUPER_BLOCK);
+        let q = Q4Weight::from_q4k_blocks(&bytes, n, k).unwrap();
+        let x: Vec<f32> = (0..2 * k)
+            .map(|i| if i < k || i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        assert_kernels_agree(&[(2, n, k)], |m, _, _, kernel| {
+            q.matmul(&x, m, kernel).unwrap()
+        });
+        // And they are the true ones: every weight is d sc 15 - dmin m = 456.75, and row 0 of
+        // `x` is all ones (rounded exactly: 127 x 1/127).
+        let y = q.matmul(&x, 2, Q4Kernel::best()).unwrap();
+        let want = 456.75 * k as f32;
+        assert!(
+            (y[0] - want).abs() <= 1e-5 * want,
+            "{} against {want}",
+            y[0]
+        );
+    }
+
     /// Asserts, for each `(m, n, k)` (`x` `[m, k]` against a weight `[n, k]`), that `run` gives
-    /// the same bits with the AVX-512 VNNI kernel as with the portable one (skipped on a CPU
-    /// without VNNI).
+    /// the same bits with each vector kernel this CPU runs (AVX-512 VNNI, AVX2) as with the
+    /// portable one; a kernel the CPU lacks is skipped, and said so.
     pub(crate) fn assert_kernels_agree(
         cases: &[(usize, usize, usize)],
         run: impl Fn(usize, usize, usize, Q4Kernel) -> Vec<f32>,
     ) {
-        if !Q4Kernel::Avx512Vnni.is_available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
-        }
-        for &(m, n, k) in cases {
-            let fast = run(m, n, k, Q4Kernel::Avx512Vnni);
-            let slow = run(m, n, k, Q4Kernel::Portable);
-            let differ = fast
-                .iter()
-                .zip(&slow)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(
-                differ, 0,
-                "[{m}, {k}] x [{n}, {k}]^T: {differ} outputs differ"
-            );
+        for kernel in [Q4Kernel::Avx512Vnni, Q4Kernel::Avx2] {
+            if !kernel.is_available() {
+                eprintln!("{kernel:?} skipped: this CPU lacks it");
+                continue;
+            }
+            for &(m, n, k) in cases {
+                let fast = run(m, n, k, kernel);
+                let slow = run(m, n, k, Q4Kernel::Portable);
+                let differ = fast
+                    .iter()
+                    .zip(&slow)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{kernel:?}, [{m}, {k}] x [{n}, {k}]^T: {differ} outputs differ"
+                );
+            }
         }
     }
 

@@ -1,5 +1,6 @@
-//! 8-bit linear weights on the CPU: `x W^T` with AVX-512 VNNI integer dot products
-//! (`vpdpbusd`) over candle's `q8_0` weights, tiled for the product.
+//! 8-bit linear weights on the CPU: `x W^T` with integer dot products (AVX-512 VNNI's
+//! `vpdpbusd`, or AVX2's `vpmaddubsw` on CPUs without it) over candle's `q8_0` weights, tiled
+//! for the product.
 //!
 //! candle 0.11's own `q8_0` product takes one output at a time: for each row of `x` and each
 //! output it calls a 256-bit dot product over the row's blocks, with a horizontal sum at the
@@ -20,8 +21,9 @@
 //! 32 to 8 bits (`x ≈ dx * qx`, `dx = max|x| / 127`, `qx` rounded to nearest, ties to even,
 //! as [`crate::q4_gemm`] does per super-block). Per block and output it sums exactly in
 //! integers `D = Σ_i (q_i + 128) qx_i - 128 Σ_i qx_i` (`|D| < 2^20`, exact in f32 too), then
-//! `y += (d dx) D` with one fused multiply-add. Both kernels (the AVX-512 VNNI one and the
-//! portable one) do exactly these operations in this order, so they agree to the bit. The
+//! `y += (d dx) D` with one fused multiply-add. All three kernels (AVX-512 VNNI, AVX2, whose
+//! `D` is summed as `Σ q qx` directly, and the portable one) do exactly these operations in
+//! this order, so they agree to the bit. The
 //! rounding of `x` is the only approximation beyond the weights' own and two f32 roundings a
 //! block (candle's `q8_0` product rounds `x` to its own `q8_0`, with an f16 scale).
 //!
@@ -276,9 +278,16 @@ impl Q8Weight {
                 Some(k) => Ok(matmul_with(&k, self, x, m)),
                 None => bail!("q8 linear: this CPU has no AVX-512 VNNI: use the portable kernel"),
             },
+            #[cfg(target_arch = "x86_64")]
+            Q8Kernel::Avx2 => match crate::q4_gemm::avx2::Avx2::detect() {
+                Some(k) => Ok(matmul_with(&k, self, x, m)),
+                None => {
+                    bail!("q8 linear: this CPU lacks AVX2, FMA or F16C: use the portable kernel")
+                }
+            },
             #[cfg(not(target_arch = "x86_64"))]
-            Q8Kernel::Avx512Vnni => {
-                bail!("q8 linear: AVX-512 VNNI needs an x86-64 CPU: use the portable kernel")
+            Q8Kernel::Avx512Vnni | Q8Kernel::Avx2 => {
+                bail!("q8 linear: {kernel:?} needs an x86-64 CPU: use the portable kernel")
             }
         }
     }
@@ -389,9 +398,7 @@ mod vnni {
 
     use super::{BLOCK, GROUPS, Job, Microkernel, OFFSET, ROW_GROUP};
     use crate::q4_gemm::vnni::Vnni;
-
-    /// How many tiles ahead of the one being multiplied the kernel prefetches.
-    const PREFETCH_TILES: usize = 4;
+    use crate::q4_gemm::{PREFETCH_TILES, prefetch_ahead};
 
     impl Microkernel for Vnni {
         fn run(&self, job: Job<'_>) {
@@ -420,15 +427,7 @@ mod vnni {
         // arithmetic (and of its overflow checks in debug builds).
         let mut x: [*const i8; R] = std::array::from_fn(|r| job.q.as_ptr().wrapping_add(r * k));
         for (b, tile) in job.tiles.iter().enumerate() {
-            // The weights stream from memory once per token: ask for the tile
-            // `PREFETCH_TILES` ahead now (the tiles of a column lie one after the other; a
-            // prefetch past the end is dropped, never a fault).
-            let ahead = (tile as *const super::Tile)
-                .wrapping_add(PREFETCH_TILES)
-                .cast::<i8>();
-            for line in 0..std::mem::size_of::<super::Tile>() / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
+            prefetch_ahead(tile, PREFETCH_TILES);
             let mut qs = tile.0.as_ptr().cast::<__m512i>();
             // Two chains of `vpdpbusd` per row (groups 0-3 and 4-7), summed after: one chain of
             // 8 waits on each instruction's latency (a decoded token runs one row). Integer sums
@@ -469,6 +468,99 @@ mod vnni {
             unsafe {
                 _mm512_mask_storeu_ps(job.out.as_mut_ptr().wrapping_add(r * job.ldc), mask, *acc);
             }
+        }
+    }
+}
+
+// The AVX2, FMA and F16C intrinsics are stable, and safe inside functions with those features.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    //! The `vpmaddubsw` kernel, reached only through an [`Avx2`] value, which exists only where
+    //! the CPU reports AVX2, FMA and F16C.
+    //!
+    //! `vpmaddubsw` multiplies unsigned by signed bytes and adds neighbouring products into
+    //! saturating 16-bit lanes, so the tiles' `q + 128` (up to 255) cannot go in as they are:
+    //! the kernel takes `|q|` as the unsigned side and `x` with the sign of `q` (`vpsignb`) as
+    //! the signed one. A pair is then at most 2 x 128 x 127 = 32,512, below 2^15, and `vpmaddwd`
+    //! by ones adds each lane pair into 32 bits: the sum is `Σ q qx` itself, the exact `D` of
+    //! the module doc with no correction to subtract. A tile's 64-byte line of 16 rows is taken
+    //! as two halves of 8 rows, one ymm each; the float step is the other kernels'.
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, GROUPS, Job, Microkernel, ROW_GROUP};
+    use crate::q4_gemm::avx2::{Avx2, store_row};
+    use crate::q4_gemm::{PREFETCH_TILES, prefetch_ahead};
+
+    impl Microkernel for Avx2 {
+        fn run(&self, job: Job<'_>) {
+            job.check();
+            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
+            // `job.check()` holds.
+            unsafe {
+                match job.rows {
+                    1 => rows_x16::<1>(job),
+                    2 => rows_x16::<2>(job),
+                    3 => rows_x16::<3>(job),
+                    _ => rows_x16::<ROW_GROUP>(job),
+                }
+            }
+        }
+    }
+
+    /// `R` rows of `x` against one tile column: per group of 4 inputs, two 32-byte loads of 8
+    /// rows' quants each, multiplied against a broadcast quad of each row's 8-bit `x`.
+    // `h` indexes the halves.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_x16<const R: usize>(job: Job<'_>) {
+        let k = job.blocks * BLOCK;
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut x: [*const i8; R] = std::array::from_fn(|r| job.q.as_ptr().wrapping_add(r * k));
+        for (b, tile) in job.tiles.iter().enumerate() {
+            prefetch_ahead(tile, PREFETCH_TILES);
+            let mut qs = tile.0.as_ptr().cast::<__m256i>();
+            let mut dot = [[_mm256_setzero_si256(); 2]; R];
+            for _ in 0..GROUPS {
+                // SAFETY: `qs` walks the block's 16 aligned ymm-sized halves of lines (the tile
+                // is 64-byte aligned, each block's quants 512 bytes), two per group.
+                let w = unsafe { [_mm256_load_si256(qs), _mm256_load_si256(qs.wrapping_add(1))] };
+                qs = qs.wrapping_add(2);
+                // The signed quants, and their magnitudes as unsigned bytes (128 for -128).
+                let q = [_mm256_xor_si256(w[0], flip), _mm256_xor_si256(w[1], flip)];
+                let a = [_mm256_abs_epi8(q[0]), _mm256_abs_epi8(q[1])];
+                for (dot, p) in dot.iter_mut().zip(x.iter_mut()) {
+                    // SAFETY: `job.check()`: each row's pointer walks its `k` values of `q`,
+                    // 4 per group.
+                    let xa = unsafe { _mm_cvtsi128_si32(_mm_loadu_si32(p.cast())) };
+                    *p = p.wrapping_add(4);
+                    let xa = _mm256_set1_epi32(xa);
+                    for h in 0..2 {
+                        let pairs = _mm256_maddubs_epi16(a[h], _mm256_sign_epi8(xa, q[h]));
+                        dot[h] = _mm256_add_epi32(dot[h], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            // SAFETY: 8 f16 values at `8 h` of 16.
+            let f16s = |h: usize| unsafe {
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    job.scales[b].as_ptr().wrapping_add(8 * h).cast(),
+                ))
+            };
+            let dw = [f16s(0), f16s(1)];
+            for r in 0..R {
+                let dx = _mm256_set1_ps(job.d[r * job.blocks + b]);
+                for h in 0..2 {
+                    let scale = _mm256_mul_ps(dw[h], dx);
+                    acc[r][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot[r][h]), acc[r][h]);
+                }
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            store_row(job.out, r * job.ldc, job.cols, acc);
         }
     }
 }
@@ -586,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn the_vnni_kernel_equals_the_portable_one_to_the_bit() {
+    fn the_vector_kernels_equal_the_portable_one_to_the_bit() {
         // Rows 1-4 (each group size), 5 and 9 (a partial group), 300 (past one block of 256
         // rows, and large enough to share among threads); a padded tile (40 rows); odd block
         // counts (96, 160 inputs).
@@ -605,6 +697,41 @@ mod tests {
             x[..BLOCK].fill(0.0); // a block of zeros: dx = 0
             q.matmul(&x, m, kernel).unwrap()
         });
+    }
+
+    #[test]
+    fn the_vector_kernels_do_not_saturate_at_the_largest_products() {
+        // Quants at -128 (a stored block may hold it), 127 and -127, against `x` at +-127:
+        // AVX2's pairs of products reach 2 x 128 x 127 = 32,512.
+        let (n, k) = (16, 64);
+        let mut bytes = Vec::new();
+        for row in 0..n * k / BLOCK {
+            bytes.extend_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+            bytes.extend((0..BLOCK).map(|i| [0x80u8, 0x7f, 0x81][(row + i) % 3]));
+        }
+        let q = Q8Weight::from_q8_0_blocks(&bytes, n, k).unwrap();
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| match i / k {
+                0 => 1.0,
+                1 => -1.0,
+                _ => [1.0, -1.0][i % 2],
+            })
+            .collect();
+        assert_kernels_agree(&[(3, n, k)], |m, _, _, kernel| {
+            q.matmul(&x, m, kernel).unwrap()
+        });
+        // And they are the true ones: output 0 of row 0 (`x` all ones) is 0.5 Σ q over its
+        // blocks 0 and 1.
+        let y = q.matmul(&x, 3, Q8Kernel::best()).unwrap();
+        let sum: i32 = (0..2)
+            .flat_map(|b| (0..BLOCK).map(move |i| [-128, 127, -127][(b + i) % 3]))
+            .sum();
+        let want = 0.5 * sum as f32;
+        assert!(
+            (y[0] - want).abs() <= 1e-5 * want.abs(),
+            "{} against {want}",
+            y[0]
+        );
     }
 
     #[test]

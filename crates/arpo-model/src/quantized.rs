@@ -243,7 +243,7 @@ impl Product {
             let bytes = w.storage_bytes();
             return Ok((Self::Bf16(w), bytes));
         }
-        if weight.device().is_cpu() && Q4Kernel::best() == Q4Kernel::Avx512Vnni {
+        if weight.device().is_cpu() && Q4Kernel::best() != Q4Kernel::Portable {
             match format {
                 GgmlDType::Q4K => {
                     let w = Q4Weight::from_tensor(weight)?;
