@@ -1079,7 +1079,7 @@ pub(crate) mod tests {
         // Every quant 15 and every `x` at +127 (then alternating, at -127): AVX2's 16-bit
         // lanes collect their largest sums (8 pairs of 15 x 127 x 2 = 30,480).
         let (n, k) = (16, 512);
-        let mut block = vec![0u8; Q4K_BLOCK_BYTES];
+        let mut block = [0u8; Q4K_BLOCK_BYTES];
         block[..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
         block[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_bits().to_le_bytes());
         block[4..16].fill(0xff); // every 6-bit scale and minimum 63
