@@ -3,9 +3,9 @@
 //! Decoding reads every weight once per token, so on a CPU its speed is the memory bandwidth
 //! divided by the bytes of the weights. [`Qwen2Vl::to_rollout`] builds an inference copy of a
 //! (learner's) model whose linear layers hold their weights as candle `QTensor`s: `q8_0` (8-bit,
-//! blocks of 32 with an f16 scale: 8.5 bits a weight; on a CPU with AVX-512 VNNI tiled once
-//! for our own product, [`crate::q8_gemm`], in as many bits), `q4k` (4-bit k-quants: 4.5 bits;
-//! on a CPU with AVX-512 VNNI tiled once for our own product, [`crate::q4_gemm`], 4.625 bits) or
+//! blocks of 32 with an f16 scale: 8.5 bits a weight; on an x86-64 CPU with AVX-512 VNNI or
+//! AVX2 tiled once for our own product, [`crate::q8_gemm`], in as many bits), `q4k` (4-bit k-quants: 4.5 bits;
+//! on such a CPU tiled once for our own product, [`crate::q4_gemm`], 4.625 bits) or
 //! `bf16` (16 bits: on the CPU packed for AVX-512 BF16 dot products, [`crate::bf16_gemm`],
 //! every linear including the 1176-wide patch embedding). Embeddings and norms stay as they
 //! are (f32); under `q8_0`/`q4k` a linear whose input width is not a multiple of the format's
@@ -56,12 +56,12 @@ pub enum RolloutWeights {
     /// BF16 `vdpbf16ps` where the CPU has it, a portable kernel elsewhere); on a GPU candle's
     /// bf16 `QTensor`. Every width fits (an odd one is padded).
     Bf16,
-    /// 8-bit: blocks of 32 weights with one f16 scale. On a CPU with AVX-512 VNNI the
-    /// product is our own ([`crate::q8_gemm`]), elsewhere candle's.
+    /// 8-bit: blocks of 32 weights with one f16 scale. On an x86-64 CPU with AVX-512 VNNI or
+    /// AVX2 the product is our own ([`crate::q8_gemm`]), elsewhere candle's.
     Q8_0,
     /// 4-bit k-quants (super-blocks of 256); the output projection (`lm_head`) and linears
-    /// whose width is not a multiple of 256 take `q8_0`. On a CPU with AVX-512 VNNI the
-    /// product is our own ([`crate::q4_gemm`]), elsewhere candle's.
+    /// whose width is not a multiple of 256 take `q8_0`. On an x86-64 CPU with AVX-512 VNNI
+    /// or AVX2 the product is our own ([`crate::q4_gemm`]), elsewhere candle's.
     Q4K,
 }
 
@@ -145,7 +145,7 @@ enum Product {
 
 impl QuantizedWeight {
     /// Quantizes `weight` `[out, in]` (any float dtype) to `format` (`BF16` on the CPU: packed
-    /// for [`Bf16Weight`]; `Q4K` and `Q8_0` on a CPU with AVX-512 VNNI: tiled for
+    /// for [`Bf16Weight`]; `Q4K` and `Q8_0` on a CPU with AVX-512 VNNI or AVX2: tiled for
     /// [`Q4Weight`], [`Q8Weight`]).
     pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
         let (product, bytes) = Product::new(weight, format)?;

@@ -8,7 +8,7 @@
 //!   the block maximum at 3 standard deviations of its values (the expected maximum of 32
 //!   Gaussian draws is 2.1, of 256 it is 2.9), which gives a relative RMS error of
 //!   `3 / (127 sqrt 12) = 0.0068` per operand. candle's q8_0 product also rounds the
-//!   activation to 8 bits (blocks of 32, or 256 in the AVX-512 VNNI kernels), an independent
+//!   activation to 8 bits (blocks of 32, or 256 in our 4-bit kernels), an independent
 //!   error of the same size: per linear output, `e1 = sqrt 2 * 0.0068 = 0.0096` of its RMS.
 //! - The roundings of different linears are independent and the residual stream adds their
 //!   outputs, so their variances add: after `n` quantized linears the relative RMS error of
