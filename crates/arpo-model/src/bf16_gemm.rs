@@ -558,17 +558,9 @@ mod avx512 {
 
     use super::{MR, Microkernel, NR, PairLine, Tile};
 
-    /// Proof that this CPU has AVX-512 F, BW and BF16 (private field: made by `detect`).
-    #[derive(Debug, Clone, Copy)]
-    pub(super) struct Avx512(());
-
-    impl Avx512 {
-        pub(super) fn detect() -> Option<Self> {
-            let ok = is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512bf16");
-            ok.then_some(Self(()))
-        }
+    cpu_proof! {
+        /// Proof that this CPU has AVX-512 F, BW and BF16.
+        pub(super) struct Avx512: "avx512f", "avx512bw", "avx512bf16"
     }
 
     impl Microkernel for Avx512 {

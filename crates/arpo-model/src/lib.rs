@@ -37,6 +37,26 @@
 //! # }
 //! ```
 
+/// Declares `struct $name(())`, proof that this CPU has the listed x86-64 features: the only
+/// way to make one is `$name::detect()`, which checks them at run time. Each of our kernel
+/// modules reaches its `#[target_feature]` functions only through such a value. Defined before
+/// the modules so that all of them see it.
+#[cfg(target_arch = "x86_64")]
+macro_rules! cpu_proof {
+    ($(#[$doc:meta])* $vis:vis struct $name:ident: $($feature:tt),+) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        $vis struct $name(());
+
+        impl $name {
+            $vis fn detect() -> Option<Self> {
+                let ok = $(is_x86_feature_detected!($feature))&&+;
+                ok.then_some(Self(()))
+            }
+        }
+    };
+}
+
 pub mod attention;
 pub mod bf16_gemm;
 pub mod chat;

@@ -578,6 +578,34 @@ impl Microkernel for Portable {
     }
 }
 
+/// Implements the enclosing module's `Microkernel` for the CPU proof `$proof` (a value that
+/// exists only where the CPU has the kernel's target features) with `$kernel::<R>`, `R` the
+/// job's row count (`1..=ROW_GROUP`, a constant per count). Used by every vector kernel of
+/// this module and of [`crate::q8_gemm`], each with its own `Job`, `Microkernel` and
+/// `ROW_GROUP` in scope.
+#[cfg(target_arch = "x86_64")]
+macro_rules! microkernel_by_rows {
+    ($proof:ty, $kernel:ident) => {
+        impl Microkernel for $proof {
+            fn run(&self, job: Job<'_>) {
+                job.check();
+                // SAFETY: `self` exists only on a CPU with the kernel's target features, and
+                // `job.check()` holds.
+                unsafe {
+                    match job.rows {
+                        1 => $kernel::<1>(job),
+                        2 => $kernel::<2>(job),
+                        3 => $kernel::<3>(job),
+                        _ => $kernel::<ROW_GROUP>(job),
+                    }
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use microkernel_by_rows;
+
 /// How many tiles ahead of the one being multiplied the x86-64 kernels prefetch.
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH_TILES: usize = 4;
@@ -611,17 +639,9 @@ pub(crate) mod vnni {
         Job, Microkernel, PREFETCH_TILES, ROW_GROUP, SUBS, SUPER_BLOCK, TILE_ROWS, prefetch_ahead,
     };
 
-    /// Proof that this CPU has AVX-512 F, BW and VNNI (private field: made by `detect`).
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct Vnni(());
-
-    impl Vnni {
-        pub(crate) fn detect() -> Option<Self> {
-            let ok = is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni");
-            ok.then_some(Self(()))
-        }
+    cpu_proof! {
+        /// Proof that this CPU has AVX-512 F, BW and VNNI.
+        pub(crate) struct Vnni: "avx512f", "avx512bw", "avx512vnni"
     }
 
     impl Vnni {
@@ -639,21 +659,7 @@ pub(crate) mod vnni {
         super::quantize_rows_inline::<BLOCK>(x)
     }
 
-    impl Microkernel for Vnni {
-        fn run(&self, job: Job<'_>) {
-            job.check();
-            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
-            // `job.check()` holds.
-            unsafe {
-                match job.rows {
-                    1 => rows_x16::<1>(job),
-                    2 => rows_x16::<2>(job),
-                    3 => rows_x16::<3>(job),
-                    _ => rows_x16::<ROW_GROUP>(job),
-                }
-            }
-        }
-    }
+    microkernel_by_rows!(Vnni, rows_x16);
 
     /// `R` rows of `x` against one tile column: per group of 8 inputs, one 64-byte load of
     /// 16 rows' nibbles, unpacked to two registers of quants, each multiplied against a
@@ -771,18 +777,12 @@ pub(crate) mod avx2 {
         Job, Microkernel, PREFETCH_TILES, ROW_GROUP, SUBS, SUPER_BLOCK, TILE_ROWS, prefetch_ahead,
     };
 
-    /// Proof that this CPU has AVX2, FMA and F16C (private field: made by `detect`).
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct Avx2(());
+    cpu_proof! {
+        /// Proof that this CPU has AVX2, FMA and F16C.
+        pub(crate) struct Avx2: "avx2", "fma", "f16c"
+    }
 
     impl Avx2 {
-        pub(crate) fn detect() -> Option<Self> {
-            let ok = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            ok.then_some(Self(()))
-        }
-
         /// [`super::quantize_rows`] compiled for AVX2 (the rounding is one instruction).
         pub(super) fn quantize_rows<const BLOCK: usize>(self, x: &[f32]) -> super::Q8Rows {
             // SAFETY: `self` exists only on a CPU with these features.
@@ -795,21 +795,7 @@ pub(crate) mod avx2 {
         super::quantize_rows_inline::<BLOCK>(x)
     }
 
-    impl Microkernel for Avx2 {
-        fn run(&self, job: Job<'_>) {
-            job.check();
-            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
-            // `job.check()` holds.
-            unsafe {
-                match job.rows {
-                    1 => rows_x16::<1>(job),
-                    2 => rows_x16::<2>(job),
-                    3 => rows_x16::<3>(job),
-                    _ => rows_x16::<ROW_GROUP>(job),
-                }
-            }
-        }
-    }
+    microkernel_by_rows!(Avx2, rows_x16);
 
     /// Stores row `r`'s 16 lanes (two halves) of a tile column: `cols` of them, at `r * ldc`.
     /// Shared with [`crate::q8_gemm`]'s AVX2 kernel.

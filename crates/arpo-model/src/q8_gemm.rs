@@ -400,21 +400,7 @@ mod vnni {
     use crate::q4_gemm::vnni::Vnni;
     use crate::q4_gemm::{PREFETCH_TILES, prefetch_ahead};
 
-    impl Microkernel for Vnni {
-        fn run(&self, job: Job<'_>) {
-            job.check();
-            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
-            // `job.check()` holds.
-            unsafe {
-                match job.rows {
-                    1 => rows_x16::<1>(job),
-                    2 => rows_x16::<2>(job),
-                    3 => rows_x16::<3>(job),
-                    _ => rows_x16::<ROW_GROUP>(job),
-                }
-            }
-        }
-    }
+    crate::q4_gemm::microkernel_by_rows!(Vnni, rows_x16);
 
     /// `R` rows of `x` against one tile column: per group of 4 inputs, one 64-byte load of 16
     /// rows' quants, multiplied against a broadcast quad of each row's 8-bit `x` by
@@ -493,21 +479,7 @@ mod avx2 {
     use crate::q4_gemm::avx2::{Avx2, store_row};
     use crate::q4_gemm::{PREFETCH_TILES, prefetch_ahead};
 
-    impl Microkernel for Avx2 {
-        fn run(&self, job: Job<'_>) {
-            job.check();
-            // SAFETY: `self` exists only on a CPU with the kernels' target features, and
-            // `job.check()` holds.
-            unsafe {
-                match job.rows {
-                    1 => rows_x16::<1>(job),
-                    2 => rows_x16::<2>(job),
-                    3 => rows_x16::<3>(job),
-                    _ => rows_x16::<ROW_GROUP>(job),
-                }
-            }
-        }
-    }
+    crate::q4_gemm::microkernel_by_rows!(Avx2, rows_x16);
 
     /// `R` rows of `x` against one tile column: per group of 4 inputs, two 32-byte loads of 8
     /// rows' quants each, multiplied against a broadcast quad of each row's 8-bit `x`.
